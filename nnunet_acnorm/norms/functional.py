@@ -23,11 +23,12 @@ def sparse_correlation(source_weight: Tensor, source_bias: Tensor, target_weight
     """The sparse channel correlation S (rows: target channels, columns: source channels).
 
     A[i, j] = softmax_j(-|yt[i] - ys[j]| / tau); S keeps A[i, j] where A[i, j] >= A[i, i] (ties
-    kept, no renormalisation). S carries no gradient. Computed in float32 whatever the input
-    dtype, so that autocast cannot change which entries survive.
+    kept, no renormalisation). S carries no gradient. Computed in at least float32 (half-precision
+    affines are upcast), so that precision cannot change which entries survive.
     """
-    ys = domain_indicator(source_weight.float(), source_bias.float())
-    yt = domain_indicator(target_weight.float(), target_bias.float())
+    dtype = torch.promote_types(target_weight.dtype, torch.float32)
+    ys = domain_indicator(source_weight.to(dtype), source_bias.to(dtype))
+    yt = domain_indicator(target_weight.to(dtype), target_bias.to(dtype))
     a = torch.softmax(-(yt[:, None] - ys[None, :]).abs() / tau, dim=1)
     keep = a >= a.diagonal()[:, None]
     return torch.where(keep, a, torch.zeros((), dtype=a.dtype, device=a.device))

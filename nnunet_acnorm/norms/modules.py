@@ -136,18 +136,21 @@ class _ACNorm(nn.Module):
     # -- state dict ----------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        n_errors = len(error_msgs)
         for key, value in state_dict.items():
             if key.startswith(prefix) and "." not in key[len(prefix):] and value.is_floating_point() \
                     and not torch.isfinite(value).all():
                 error_msgs.append(f"{key} contains NaN or infinite values: the checkpoint is "
                                   "corrupted or comes from a diverged run; load another one.")
         has_source = all(prefix + key in state_dict for key in SOURCE_KEYS)
+        was_set = self.source_is_set
         if has_source:
             self._mark_source(is_set=True)
-        n_errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if has_source:
+            if len(error_msgs) > n_errors and not was_set:
+                self._mark_source(is_set=False)  # a failed load leaves the source as it was
             return
         # a plain norm's state dict: its affines become both source and target
         for key in SOURCE_KEYS:
