@@ -1,0 +1,227 @@
+"""nnU-Net v2 trainers for fine-tuning: AC-Norm and the vanilla baseline, one small class per idea.
+
+- :class:`nnUNetTrainerFinetune`: vanilla fine-tuning, nnU-Net's planned network with plain norms
+  and the fine-tuning schedule (the fair baseline).
+- :class:`nnUNetTrainerACNorm`: the same, with every affine norm of the planned network as AC-Norm
+  (InstanceNorm in default plans, BatchNorm/GroupNorm where the plans say so).
+- :class:`nnUNetTrainerFinetuneBN` / :class:`nnUNetTrainerACNormBN`: the same on a BatchNorm network
+  (nnU-Net's ``nnUNetTrainerBN``), the paper's setting.
+- ``..._Xepochs``: shorter or longer schedules.
+
+Use with nnU-Net's pretraining workflow: ``nnUNetv2_train D C F -tr nnUNetTrainerACNorm
+-pretrained_weights checkpoint_final.pth``. The AC-Norm network is built with its source affines
+"not set", so its state dict has exactly the plain network's keys: nnU-Net's stock loader accepts
+a plain checkpoint of the same architecture and its norm affines become source and target.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.network_architecture.nnUNetTrainerBN import nnUNetTrainerBN
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch._dynamo import OptimizedModule
+
+from nnunet_acnorm.norms import acnorm_modules, acnorm_sync_batchnorm, convert_to_acnorm
+from nnunet_acnorm.norms.modules import SOURCE_KEYS
+from nnunet_acnorm.trainers.pretrained_check import (PretrainedWeightsError, check_pretrained_weights,
+                                                     pretrained_weights_from_argv)
+from nnunet_acnorm.trainers.schedules import WarmupPolyLRScheduler
+
+
+#: temperature of the correlation softmax (the paper's 1.0); to change it, override
+#: build_network_architecture (a static method, as nnU-Net requires) in a subclass
+ACNORM_TAU = 1.0
+
+
+class nnUNetTrainerFinetune(nnUNetTrainer):
+    """Vanilla fine-tuning: nnU-Net's network and training, with a fine-tuning schedule.
+
+    Schedule (class attributes, override in a subclass): SGD with Nesterov momentum as nnU-Net,
+    peak learning rate ``finetune_initial_lr`` = 1e-3 (nnU-Net's from-scratch 1e-2 would move the
+    pretrained weights far from where pretraining left them), reached by a linear warm-up over
+    ``warmup_fraction`` = 10 % of the epochs (the segmentation head starts random and its first,
+    large gradients would otherwise flow into the pretrained layers), then nnU-Net's poly decay to 0
+    over ``finetune_num_epochs`` = 250 epochs (a pretrained start converges in far fewer epochs than
+    the 1000 of training from scratch). ``iterations_per_epoch`` / ``val_iterations_per_epoch``
+    (None: nnU-Net's 250 / 50) exist for short demos and tests.
+    """
+
+    finetune_num_epochs: int = 250
+    finetune_initial_lr: float = 1e-3
+    warmup_fraction: float = 0.1
+    iterations_per_epoch: int | None = None
+    val_iterations_per_epoch: int | None = None
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = self.finetune_num_epochs
+        self.initial_lr = self.finetune_initial_lr
+        if self.iterations_per_epoch is not None:
+            self.num_iterations_per_epoch = self.iterations_per_epoch
+        if self.val_iterations_per_epoch is not None:
+            self.num_val_iterations_per_epoch = self.val_iterations_per_epoch
+
+    @property
+    def warmup_epochs(self) -> int:
+        return min(int(round(self.warmup_fraction * self.num_epochs)), self.num_epochs - 1)
+
+    def initialize(self):
+        super().initialize()
+        pretrained = pretrained_weights_from_argv()
+        if pretrained is not None:
+            # nnUNetv2_train -pretrained_weights: check the file before nnU-Net's loader asserts on it
+            try:
+                check_pretrained_weights(self._plain_network(), pretrained)
+            except PretrainedWeightsError as e:
+                raise SystemExit(f"{type(self).__name__}: error: {e}") from None
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,
+                                    momentum=0.99, nesterov=True)
+        lr_scheduler = WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs)
+        self.print_to_log_file(f"Fine-tuning schedule: linear warm-up over {self.warmup_epochs} epoch(s) to "
+                               f"lr {self.initial_lr}, then poly decay over {self.num_epochs} epochs")
+        return optimizer, lr_scheduler
+
+    def _plain_network(self) -> nn.Module:
+        """The network without DDP / torch.compile wrappers."""
+        mod = self.network.module if self.is_ddp else self.network
+        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+
+class _ACNormMixin:
+    """AC-Norm on top of a fine-tuning trainer; the network class comes from ``_base_builder``."""
+
+    def initialize(self):
+        super().initialize()
+        network = self._plain_network()
+        n_layers = len(acnorm_modules(network))
+        if n_layers == 0:
+            raise RuntimeError(f"{type(self).__name__}: the planned network has no affine norm layer to turn into "
+                               "AC-Norm; use nnUNetTrainerFinetune for it")
+        if self.is_ddp:
+            acnorm_sync_batchnorm(network)
+        self._check_optimizer_has_no_source_affines()
+        taus = sorted({m.tau for m in acnorm_modules(network).values()})
+        self.print_to_log_file(f"AC-Norm: {n_layers} norm layer(s), tau={taus[0] if len(taus) == 1 else taus}")
+
+    def _check_optimizer_has_no_source_affines(self) -> None:
+        source_ids = {id(getattr(m, key)) for m in acnorm_modules(self._plain_network()).values()
+                      for key in SOURCE_KEYS}
+        held = [p for group in self.optimizer.param_groups for p in group["params"] if id(p) in source_ids]
+        if held:
+            raise RuntimeError("the optimizer holds AC-Norm source affines; they must stay frozen")
+
+    def on_train_start(self):
+        super().on_train_start()
+        layers = acnorm_modules(self._plain_network())
+        unset = [name for name, m in layers.items() if not m.source_is_set]
+        if unset:
+            banner = "#" * 100
+            self.print_to_log_file(
+                f"\n{banner}\nWARNING: {len(unset)} of {len(layers)} AC-Norm layers have no source affines: this "
+                "training was started without -pretrained_weights.\nAC-Norm needs a pretrained source; the "
+                "current (random-init) affines are frozen as the source now, which makes this run a plain\n"
+                "training with an extra recalibration, not AC-Norm fine-tuning. Start it with\n"
+                "  nnUNetv2_train ... -tr " + type(self).__name__ + " -pretrained_weights /path/checkpoint_final.pth"
+                f"\n{banner}\n", add_timestamp=False)
+            for name in unset:
+                layers[name].set_source()
+        else:
+            self.print_to_log_file(f"AC-Norm: source affines of all {len(layers)} layers are set (frozen)")
+
+
+def _build_acnorm(base_builder, tau, plans_manager, configuration_manager, num_input_channels,
+                  num_output_channels, enable_deep_supervision) -> nn.Module:
+    network = base_builder(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                           enable_deep_supervision)
+    convert_to_acnorm(network, tau=tau, set_source=False)
+    return network
+
+
+class nnUNetTrainerACNorm(_ACNormMixin, nnUNetTrainerFinetune):
+    """Fine-tuning with AC-Norm: the planned network with every affine norm as AC-Norm."""
+
+    @staticmethod
+    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        return _build_acnorm(nnUNetTrainer.build_network_architecture, ACNORM_TAU,
+                             plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                             enable_deep_supervision)
+
+
+class nnUNetTrainerFinetuneBN(nnUNetTrainerFinetune):
+    """Vanilla fine-tuning of a BatchNorm network (nnU-Net's ``nnUNetTrainerBN`` architecture)."""
+
+    @staticmethod
+    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        return nnUNetTrainerBN.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                          num_output_channels, enable_deep_supervision)
+
+
+class nnUNetTrainerACNormBN(_ACNormMixin, nnUNetTrainerFinetune):
+    """The paper's setting: a BatchNorm network (as ``nnUNetTrainerBN``) with AC-BatchNorm."""
+
+    @staticmethod
+    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        return _build_acnorm(nnUNetTrainerBN.build_network_architecture, ACNORM_TAU,
+                             plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                             enable_deep_supervision)
+
+
+# -- schedule lengths (nnU-Net's _Xepochs naming) ------------------------------------------------
+class nnUNetTrainerFinetune_50epochs(nnUNetTrainerFinetune):
+    finetune_num_epochs = 50
+
+
+class nnUNetTrainerFinetune_100epochs(nnUNetTrainerFinetune):
+    finetune_num_epochs = 100
+
+
+class nnUNetTrainerFinetune_500epochs(nnUNetTrainerFinetune):
+    finetune_num_epochs = 500
+
+
+class nnUNetTrainerACNorm_50epochs(nnUNetTrainerACNorm):
+    finetune_num_epochs = 50
+
+
+class nnUNetTrainerACNorm_100epochs(nnUNetTrainerACNorm):
+    finetune_num_epochs = 100
+
+
+class nnUNetTrainerACNorm_500epochs(nnUNetTrainerACNorm):
+    finetune_num_epochs = 500
+
+
+class nnUNetTrainerFinetuneBN_50epochs(nnUNetTrainerFinetuneBN):
+    finetune_num_epochs = 50
+
+
+class nnUNetTrainerFinetuneBN_100epochs(nnUNetTrainerFinetuneBN):
+    finetune_num_epochs = 100
+
+
+class nnUNetTrainerACNormBN_50epochs(nnUNetTrainerACNormBN):
+    finetune_num_epochs = 50
+
+
+class nnUNetTrainerACNormBN_100epochs(nnUNetTrainerACNormBN):
+    finetune_num_epochs = 100
+
+
+#: every trainer of this module, by name (the shim folder exposes these to nnU-Net)
+TRAINERS = {name: obj for name, obj in dict(globals()).items()
+            if isinstance(obj, type) and issubclass(obj, nnUNetTrainer) and name.startswith("nnUNetTrainer")
+            and obj.__module__ == __name__}
+
+
+__all__ = list(TRAINERS)

@@ -1,0 +1,45 @@
+# Test-only trainers for nnUNet_extTrainer: the real trainers with a few iterations per epoch.
+# Epochs come from ACNORM_TEST_EPOCHS (default 1) so that a test can continue a run with --c.
+import os
+
+import torch
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.network_architecture.nnUNetTrainerBN import nnUNetTrainerBN
+
+from nnunet_acnorm.trainers.acnorm_trainers import (nnUNetTrainerACNorm, nnUNetTrainerACNormBN,
+                                                    nnUNetTrainerFinetune)
+
+
+def _epochs():
+    return int(os.environ.get("ACNORM_TEST_EPOCHS", "1"))
+
+
+class _Tiny:
+    # the full signature: nnU-Net records the init arguments by name
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = _epochs()
+        self.num_iterations_per_epoch = 2
+        self.num_val_iterations_per_epoch = 1
+
+
+class nnUNetTrainer_acnormTinyTest(_Tiny, nnUNetTrainer):
+    pass
+
+
+class nnUNetTrainerBN_acnormTinyTest(_Tiny, nnUNetTrainerBN):
+    pass
+
+
+class nnUNetTrainerACNorm_tinyTest(_Tiny, nnUNetTrainerACNorm):
+    pass
+
+
+class nnUNetTrainerACNormBN_tinyTest(_Tiny, nnUNetTrainerACNormBN):
+    pass
+
+
+class nnUNetTrainerFinetune_tinyTest(_Tiny, nnUNetTrainerFinetune):
+    pass

@@ -1,0 +1,137 @@
+"""Shared helpers for tests that drive nnU-Net's console scripts on tiny generated datasets.
+
+- :func:`make_tiny_dataset` writes a small nnU-Net raw dataset (NIfTI, ``dataset.json``) whose
+  labels are learnable blobs with label-specific intensities.
+- :func:`nnunet_env` gives an environment with ``nnUNet_raw/preprocessed/results`` in a tmp dir.
+- :func:`run_console` runs an installed console script (next to ``sys.executable``) in a
+  subprocess, as a user would, and fails the test with its output when it fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+TESTS_DIR = Path(__file__).resolve().parent
+#: shim folder with test-only trainers (few iterations per epoch), for nnUNet_extTrainer
+TEST_TRAINER_FOLDER = TESTS_DIR / "nnunet_ext_test_trainers"
+
+
+def make_tiny_dataset(raw_dir, dataset_id: int, n_cases: int = 6, shape=(24, 24, 24), n_channels: int = 1,
+                      n_labels: int = 2, name: str = "Tiny", spacing=(1.0, 1.0, 1.0), seed: int = 0,
+                      intensity_offset: float = 0.0) -> Path:
+    """Write ``Dataset{id:03d}_{name}`` under ``raw_dir`` and return its folder.
+
+    ``n_labels`` counts background: labels 1..n_labels-1 are boxes at random places, each with its
+    own mean intensity (plus ``intensity_offset``, to make a shifted "target domain"), on noise.
+    """
+    import SimpleITK as sitk
+
+    if n_labels < 2:
+        raise ValueError("n_labels counts background and must be >= 2")
+    rng = np.random.default_rng(seed)
+    folder = Path(raw_dir) / f"Dataset{dataset_id:03d}_{name}"
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    shape = tuple(int(s) for s in shape)
+    for case in range(n_cases):
+        seg = np.zeros(shape, dtype=np.uint8)
+        for label in range(1, n_labels):
+            size = [max(2, s // 3) for s in shape]
+            start = [int(rng.integers(0, s - z + 1)) for s, z in zip(shape, size)]
+            seg[tuple(slice(a, a + z) for a, z in zip(start, size))] = label
+        for channel in range(n_channels):
+            image = rng.normal(0.0, 1.0, shape).astype(np.float32) + intensity_offset
+            for label in range(1, n_labels):
+                image[seg == label] += 3.0 * label + channel
+            _write(sitk, image, folder / "imagesTr" / f"case_{case:03d}_{channel:04d}.nii.gz", spacing)
+        _write(sitk, seg, folder / "labelsTr" / f"case_{case:03d}.nii.gz", spacing)
+    dataset_json = {
+        "channel_names": {str(c): "MR" for c in range(n_channels)},  # z-score normalisation
+        "labels": {"background": 0, **{f"label{i}": i for i in range(1, n_labels)}},
+        "numTraining": n_cases,
+        "file_ending": ".nii.gz",
+    }
+    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    return folder
+
+
+def _write(sitk, array: np.ndarray, path: Path, spacing) -> None:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    sitk.WriteImage(image, str(path))
+
+
+def copy_test_images(dataset_folder, out_dir, cases=(0,)) -> Path:
+    """Copy some training images of a raw dataset into ``out_dir`` as an ``imagesTs``-like folder."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        for image in sorted((Path(dataset_folder) / "imagesTr").glob(f"case_{case:03d}_*.nii.gz")):
+            shutil.copy(image, out_dir / image.name)
+    return out_dir
+
+
+def nnunet_env(base_dir, training: bool = True, extra_trainer_folders=(), **extra) -> dict:
+    """os.environ plus nnU-Net folders under ``base_dir`` (created), a single thread, and, with
+    ``training``, no data-augmentation workers (``nnUNet_n_proc_DA=0``; not for planning, where it
+    crashes). ``extra_trainer_folders`` are prepended to ``nnUNet_extTrainer``."""
+    base = Path(base_dir)
+    env = dict(os.environ)
+    for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+        env[var] = str(base / sub)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", nnUNet_def_n_proc="1", PYTHONUNBUFFERED="1",
+               nnUNet_compile="false")
+    if training:
+        env["nnUNet_n_proc_DA"] = "0"
+    else:
+        env.pop("nnUNet_n_proc_DA", None)
+    if extra_trainer_folders:
+        parts = [str(f) for f in extra_trainer_folders] + [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+        env["nnUNet_extTrainer"] = os.pathsep.join(parts)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def console_script(name: str) -> str:
+    """Path of an installed console script of the running interpreter's environment."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        found = shutil.which(name)
+        if found is None:
+            raise FileNotFoundError(f"console script {name} not installed next to {sys.executable}")
+        return found
+    return str(path)
+
+
+def run_console(script: str, *args, env: dict | None = None, timeout: float = 600, check: bool = True,
+                cwd=None) -> subprocess.CompletedProcess:
+    """Run console script ``script`` with ``args``; with ``check``, fail the test (showing stdout and
+    stderr) on a non-zero exit. Returns the CompletedProcess (text output)."""
+    cmd = [console_script(script), *[str(a) for a in args]]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if check and proc.returncode != 0:
+        import pytest
+
+        pytest.fail(f"{' '.join(cmd)} exited with {proc.returncode}\n--- stdout (tail) ---\n{proc.stdout[-6000:]}"
+                    f"\n--- stderr (tail) ---\n{proc.stderr[-6000:]}", pytrace=False)
+    return proc
+
+
+def acnorm_trainer_env(base_dir, training: bool = True, **extra) -> dict:
+    """:func:`nnunet_env` with the test trainers and the plugin's trainer folder on nnUNet_extTrainer
+    (explicitly: an editable install has no start-up hook; the hook has its own test)."""
+    from nnunet_acnorm.trainers.discovery import trainer_shim_folder
+
+    env = nnunet_env(base_dir, training=training, extra_trainer_folders=(TEST_TRAINER_FOLDER,), **extra)
+    parts = [p for p in env["nnUNet_extTrainer"].split(os.pathsep) if p]
+    if trainer_shim_folder() not in parts:
+        parts.append(trainer_shim_folder())
+    env["nnUNet_extTrainer"] = os.pathsep.join(parts)
+    return env
