@@ -1,0 +1,379 @@
+"""Console scripts: ``nnUNetv2_acnorm_cls_train``, ``nnUNetv2_acnorm_cls_predict``,
+``nnUNetv2_acnorm_cls_evaluate`` (options in nnU-Net's style: ``-x value``, ``--flag``).
+
+Input problems end the command with a one-line ``error: ...`` on stderr and exit status 1; no
+result already on disk is overwritten by a failed or refused run.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+
+import numpy as np
+
+from nnunet_acnorm.classification.errors import ClassificationInputError
+
+DEFAULT_BATCH_SIZE = {2: 16, 3: 8}
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _run(main, argv):
+    try:
+        return main(argv)
+    except ClassificationInputError as e:
+        _fail(str(e))
+    except FloatingPointError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted")
+
+
+def _device(name: str):
+    import torch
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ClassificationInputError("-device cuda: no CUDA GPU is available here; use -device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ClassificationInputError("-device mps: MPS is not available here; use -device cpu")
+    if name == "cpu":
+        import multiprocessing
+        torch.set_num_threads(multiprocessing.cpu_count())
+    return torch.device(name)
+
+
+def _default_workers() -> int:
+    value = os.environ.get("nnUNet_n_proc_DA")
+    if value is not None:
+        try:
+            return max(int(value), 0)
+        except ValueError:
+            raise ClassificationInputError(f"nnUNet_n_proc_DA='{value}' is not an integer") from None
+    return min(8, os.cpu_count() or 1)
+
+
+def _fold_arg(value: str):
+    if value == "all":
+        return "all"
+    if not re.fullmatch(r"\d+", value):
+        raise argparse.ArgumentTypeError(f"fold must be an integer or 'all', got '{value}'")
+    return int(value)
+
+
+# -- train ------------------------------------------------------------------------------------------
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnUNetv2_acnorm_cls_train",
+        description="Fine-tune a pretrained classifier on one fold (AC-Norm on every BatchNorm, or "
+                    "plain fine-tuning with --vanilla). 2D: RGB PNG/JPEG/TIFF images, torchvision "
+                    "ResNet-50. 3D: NIfTI/NRRD/MHA volumes, Models Genesis or MedicalNet encoders.")
+    p.add_argument("-i", required=True, help="folder of images")
+    p.add_argument("-l", required=True, help="CSV with a header: image identifier column, label column "
+                                             "(integer classes 0..N-1)")
+    p.add_argument("-o", required=True, help="results folder: splits_final.json and fold_X/ go here")
+    p.add_argument("-f", required=True, type=_fold_arg, help="fold 0-4 of the 5-fold split, or 'all'")
+    p.add_argument("-pretrained", help="pretrained checkpoint (torchvision or MoCo v2 ResNet-50 for 2D; "
+                                       "Models Genesis or MedicalNet for 3D)")
+    p.add_argument("-pretrained_family", default=None,
+                   choices=["torchvision_resnet", "moco_v2", "genesis", "medicalnet"],
+                   help="family of -pretrained (default: recognised from the file's keys)")
+    p.add_argument("--trust_pickle", action="store_true",
+                   help="allow full unpickling of -pretrained (only for files from a trusted source)")
+    p.add_argument("--vanilla", action="store_true", help="plain fine-tuning (no AC-Norm), for comparison")
+    p.add_argument("-arch", choices=["resnet50", "genesis", "medicalnet"], default=None,
+                   help="network when training without -pretrained (only with --vanilla)")
+    p.add_argument("-depth", type=int, default=18, help="MedicalNet depth for -arch medicalnet without "
+                                                        "-pretrained (default 18)")
+    p.add_argument("-dim", "--dim", type=int, choices=[2, 3], default=None,
+                   help="2 or 3 (default: from the network, else from the image files)")
+    p.add_argument("-num_classes", type=int, default=None,
+                   help="number of classes (default: highest label + 1); labels outside are an error")
+    p.add_argument("-id_column", default=None, help="CSV column of image identifiers (default: first)")
+    p.add_argument("-label_column", default=None, help="CSV column of labels (default: second)")
+    p.add_argument("-num_epochs", type=int, default=None, help="epochs (default 100); with --c, raises "
+                                                              "the total of a finished training")
+    p.add_argument("-batch_size", type=int, default=None, help="default 16 (2D) / 8 (3D)")
+    p.add_argument("-image_size", type=int, default=512, help="2D: side of the square network input "
+                                                              "(default 512)")
+    p.add_argument("-patch_size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="3D: network input size, volumes are centre cropped/padded to it (default: "
+                        "the volumes' common shape)")
+    p.add_argument("-intensity", choices=["ct", "zscore", "none"], default=None,
+                   help="3D intensity preprocessing (default: ct for genesis, zscore for medicalnet)")
+    p.add_argument("-initial_lr", type=float, default=0.01, help="SGD (Nesterov, momentum 0.9) initial "
+                                                                "learning rate, poly decay (default 0.01)")
+    p.add_argument("-weight_decay", type=float, default=3e-5)
+    p.add_argument("-imbalance", choices=["loss", "sampling", "none"], default="loss",
+                   help="class imbalance: 'loss' = class-weighted cross-entropy (balanced weights, "
+                        "default), 'sampling' = weighted random sampling, 'none'")
+    p.add_argument("-selection_metric", choices=["kappa", "auc", "accuracy"], default="kappa",
+                   help="validation metric whose moving average picks checkpoint_best (default: "
+                        "quadratic weighted kappa)")
+    p.add_argument("-tau", type=float, default=1.0, help="AC-Norm temperature (default 1)")
+    p.add_argument("--c", action="store_true", help="continue from the fold's latest checkpoint")
+    p.add_argument("-device", choices=["cuda", "cpu", "mps"], default="cuda",
+                   help="cuda (mixed precision), cpu or mps (float32); default cuda")
+    p.add_argument("-num_workers", type=int, default=None,
+                   help="data loading processes (default: $nnUNet_n_proc_DA, else min(8, CPUs))")
+    return p
+
+
+def _train(argv) -> None:
+    import torch
+    from nnunet_acnorm.classification.dataset import (collect_cases, detect_dim, fold_cases,
+                                                      infer_num_classes, load_or_create_splits)
+    from nnunet_acnorm.classification.networks import (ARCHITECTURES, DEFAULT_INTENSITY,
+                                                       describe_pretrained)
+    from nnunet_acnorm.classification.trainer import (CHECKPOINT_NAMES, TRAINERS, ClassificationTrainer,
+                                                      ClassificationTrainer_vanilla, load_checkpoint)
+    args = train_parser().parse_args(argv)
+    device = _device(args.device)
+    fold_folder = os.path.join(args.o, f"fold_{args.f}")
+    existing = [n for n in CHECKPOINT_NAMES if os.path.isfile(os.path.join(fold_folder, n))]
+    trainer_class = ClassificationTrainer_vanilla if args.vanilla else ClassificationTrainer
+
+    checkpoint = None
+    if args.c:
+        for name in CHECKPOINT_NAMES:  # nnU-Net's order: final, latest, best
+            if name in existing:
+                checkpoint = load_checkpoint(os.path.join(fold_folder, name))
+                break
+        if checkpoint is None:
+            print(f"WARNING: --c: no checkpoint in {fold_folder}; starting a new training", flush=True)
+    elif existing:
+        raise ClassificationInputError(
+            f"{fold_folder} already holds {', '.join(existing)}: pass --c to continue that training or "
+            "choose another -o (nothing was overwritten)")
+
+    if checkpoint is not None:
+        config = dict(checkpoint["config"])
+        if config["trainer_name"] != trainer_class.__name__:
+            raise ClassificationInputError(
+                f"{fold_folder} was trained with {config['trainer_name']}; --c must keep it "
+                f"({'drop' if not args.vanilla else 'add'} --vanilla)")
+        trainer_class = TRAINERS[config["trainer_name"]]
+        if args.num_epochs is not None:
+            config["num_epochs"] = args.num_epochs
+        if args.num_workers is not None:
+            config["num_workers"] = args.num_workers
+    else:
+        if args.pretrained is None and not args.vanilla:
+            raise ClassificationInputError(
+                "AC-Norm fine-tunes a pretrained network: pass -pretrained FILE (or --vanilla -arch ... "
+                "to train a network from scratch)")
+        if args.pretrained is not None:
+            if not os.path.isfile(args.pretrained):
+                raise ClassificationInputError(f"pretrained file {args.pretrained} does not exist")
+            net = describe_pretrained(args.pretrained, args.pretrained_family, args.trust_pickle)
+            if args.arch is not None and args.arch != net["architecture"]:
+                raise ClassificationInputError(f"-arch {args.arch} does not match the pretrained "
+                                               f"'{net['pretrained_family']}' file ({net['architecture']})")
+        else:
+            if args.arch is None:
+                raise ClassificationInputError("without -pretrained, pass -arch resnet50|genesis|medicalnet")
+            dim, channels, _ = ARCHITECTURES[args.arch]
+            net = {"architecture": args.arch, "dim": dim, "in_channels": channels,
+                   "pretrained_family": None, "depth": args.depth if args.arch == "medicalnet" else None,
+                   "base_features": None}
+        if args.dim is not None and args.dim != net["dim"]:
+            raise ClassificationInputError(f"-dim {args.dim} does not fit the {net['architecture']} network "
+                                           f"({net['dim']}D)")
+        config = {**net, "num_classes": None, "image_size": args.image_size,
+                  "patch_size": list(args.patch_size) if args.patch_size else None,
+                  "intensity": args.intensity or DEFAULT_INTENSITY.get(net["architecture"]),
+                  "num_epochs": args.num_epochs if args.num_epochs is not None else 100,
+                  "batch_size": args.batch_size or DEFAULT_BATCH_SIZE[net["dim"]],
+                  "initial_lr": args.initial_lr, "weight_decay": args.weight_decay,
+                  "imbalance": args.imbalance, "selection_metric": args.selection_metric, "tau": args.tau,
+                  "pretrained_file": os.path.abspath(args.pretrained) if args.pretrained else None,
+                  "num_workers": args.num_workers if args.num_workers is not None else _default_workers()}
+    if config["num_epochs"] < 1:
+        raise ClassificationInputError("-num_epochs must be at least 1")
+
+    dim = config["dim"]
+    if not os.path.isdir(args.i):
+        raise ClassificationInputError(f"image folder {args.i} does not exist")
+    found_dim = detect_dim(args.i)
+    if found_dim != dim:
+        raise ClassificationInputError(f"{args.i} holds {found_dim}D images but the {config['architecture']} "
+                                       f"network is {dim}D")
+    cases = collect_cases(args.i, args.l, dim, args.num_classes if checkpoint is None else
+                          config["num_classes"], require_rgb=dim == 2, id_column=args.id_column,
+                          label_column=args.label_column)
+    if checkpoint is None:
+        config["num_classes"] = infer_num_classes(cases, args.num_classes)
+        if dim == 3 and config["patch_size"] is None:
+            shapes = {c.shape for c in cases}
+            if len(shapes) != 1:
+                raise ClassificationInputError(
+                    f"the volumes have {len(shapes)} different shapes (e.g. {sorted(shapes)[:2]}): pass "
+                    "-patch_size Z Y X")
+            config["patch_size"] = list(shapes.pop())
+        if dim == 3 and any(s % 8 for s in config["patch_size"]):
+            raise ClassificationInputError(
+                f"patch size {config['patch_size']} must be divisible by 8 in every axis (three 2x "
+                "downsamplings): pass -patch_size")
+    splits = load_or_create_splits(os.path.join(args.o, "splits_final.json"), cases)
+    train_cases, val_cases = fold_cases(cases, splits, args.f)
+
+    trainer = trainer_class(config, args.f, fold_folder, device)
+    if checkpoint is not None:
+        trainer.initialize_from_checkpoint(checkpoint)
+    else:
+        trainer.initialize(config["pretrained_file"], args.trust_pickle)
+    with open(os.path.join(args.o, "dataset_classification.json"), "w") as f:
+        json.dump({"dim": dim, "num_classes": config["num_classes"], "num_cases": len(cases),
+                   "labels_file": os.path.abspath(args.l), "images_folder": os.path.abspath(args.i)}, f,
+                  indent=1)
+    trainer.run_training(train_cases, val_cases)
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+
+
+def train_entry() -> None:
+    _run(_train, sys.argv[1:])
+
+
+# -- predict ----------------------------------------------------------------------------------------
+
+def predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnUNetv2_acnorm_cls_predict",
+                                description="Predict class probabilities with the ensemble of the folds "
+                                            "trained in -m (mean of their softmax outputs).")
+    p.add_argument("-i", required=True, help="folder of images")
+    p.add_argument("-o", required=True, help="output CSV: image, prediction, probability_0..N-1")
+    p.add_argument("-m", required=True, help="results folder of nnUNetv2_acnorm_cls_train (holds fold_X/)")
+    p.add_argument("-f", nargs="+", type=_fold_arg, default=None,
+                   help="folds to ensemble (default: every fold_X in -m holding -chk)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+    p.add_argument("-l", default=None, help="optional CSV whose first column lists the images to predict "
+                                            "(default: every image in -i)")
+    p.add_argument("-id_column", default=None, help="identifier column of -l (default: first)")
+    p.add_argument("-device", choices=["cuda", "cpu", "mps"], default="cuda")
+    p.add_argument("-batch_size", type=int, default=None)
+    p.add_argument("-num_workers", type=int, default=None)
+    return p
+
+
+def _predict(argv) -> None:
+    from torch.utils.data import DataLoader
+    from nnunet_acnorm.classification.data_loading import make_dataset
+    from nnunet_acnorm.classification.dataset import collect_cases
+    from nnunet_acnorm.classification.trainer import (ClassificationTrainer, load_checkpoint,
+                                                      predict_with_network, write_predictions)
+    args = predict_parser().parse_args(argv)
+    device = _device(args.device)
+    if not os.path.isdir(args.m):
+        raise ClassificationInputError(f"model folder {args.m} does not exist")
+    if args.f is None:
+        folders = sorted(glob.glob(os.path.join(args.m, "fold_*")))
+        folders = [d for d in folders if os.path.isfile(os.path.join(d, args.chk))]
+        if not folders:
+            raise ClassificationInputError(f"no fold_X folder in {args.m} holds {args.chk}; train first "
+                                           "or pass -chk")
+    else:
+        folders = [os.path.join(args.m, f"fold_{f}") for f in args.f]
+    checkpoints = [load_checkpoint(os.path.join(d, args.chk)) for d in folders]
+    config = checkpoints[0]["config"]
+    for d, c in zip(folders, checkpoints):
+        for key in ("dim", "num_classes", "image_size", "patch_size", "intensity"):
+            if c["config"].get(key) != config.get(key):
+                raise ClassificationInputError(
+                    f"{d} differs from {folders[0]} in {key} ({c['config'].get(key)} vs {config.get(key)}): "
+                    "ensemble only folds of one training set-up")
+    dim = config["dim"]
+    cases = collect_cases(args.i, args.l, dim, None, require_rgb=dim == 2, id_column=args.id_column,
+                          label_column=None, require_labels=False)
+    batch_size = args.batch_size or DEFAULT_BATCH_SIZE[dim]
+    workers = args.num_workers if args.num_workers is not None else _default_workers()
+    loader = DataLoader(make_dataset(cases, config, train=False), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, pin_memory=device.type == "cuda")
+    total = np.zeros((len(cases), int(config["num_classes"])))
+    for d, checkpoint in zip(folders, checkpoints):
+        network = ClassificationTrainer.network_from_checkpoint(checkpoint).to(device)
+        probabilities, _ = predict_with_network(network, loader, device, amp=device.type == "cuda",
+                                                desc=f"predicting ({os.path.basename(d)})")
+        total += probabilities
+    out_folder = os.path.dirname(os.path.abspath(args.o))
+    os.makedirs(out_folder, exist_ok=True)
+    write_predictions(args.o, [c.identifier for c in cases], total / len(folders))
+    print(f"{len(cases)} images predicted with {len(folders)} fold(s) "
+          f"({', '.join(os.path.basename(d) for d in folders)}): {args.o}")
+
+
+def predict_entry() -> None:
+    _run(_predict, sys.argv[1:])
+
+
+# -- evaluate ---------------------------------------------------------------------------------------
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnUNetv2_acnorm_cls_evaluate",
+                                description="Accuracy, quadratic weighted kappa, per-class and macro AUC "
+                                            "of a predictions CSV against a labels CSV.")
+    p.add_argument("-p", required=True, help="predictions CSV of nnUNetv2_acnorm_cls_predict")
+    p.add_argument("-l", required=True, help="labels CSV (identifier column, label column)")
+    p.add_argument("-o", default=None, help="summary JSON (default: next to -p, <name>_summary.json); "
+                                            "the confusion matrix goes next to it as .png")
+    p.add_argument("-id_column", default=None)
+    p.add_argument("-label_column", default=None)
+    return p
+
+
+def _read_predictions(path: str) -> tuple[dict[str, np.ndarray], int]:
+    import csv
+    if not os.path.isfile(path):
+        raise ClassificationInputError(f"predictions file {path} does not exist")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        rows = list(reader)
+    prob_columns = sorted((c for c in columns if re.fullmatch(r"probability_\d+", c)),
+                          key=lambda c: int(c.split("_")[1]))
+    if "image" not in columns or not prob_columns or \
+            [int(c.split("_")[1]) for c in prob_columns] != list(range(len(prob_columns))):
+        raise ClassificationInputError(f"{path} is not a predictions CSV (expected columns image, "
+                                       f"prediction, probability_0..N-1; found {columns})")
+    out = {}
+    for line, row in enumerate(rows, start=2):
+        try:
+            p = np.array([float(row[c]) for c in prob_columns])
+        except (TypeError, ValueError):
+            raise ClassificationInputError(f"{path} line {line}: probabilities are not numbers") from None
+        if not np.isfinite(p).all():
+            raise ClassificationInputError(f"{path} line {line}: probabilities hold NaN or infinity")
+        out[row["image"]] = p
+    return out, len(prob_columns)
+
+
+def _evaluate(argv) -> None:
+    from nnunet_acnorm.classification.dataset import parse_label, read_label_csv, strip_ending
+    from nnunet_acnorm.classification.metrics import (classification_metrics, format_metrics,
+                                                      plot_confusion_matrix, save_summary)
+    args = evaluate_parser().parse_args(argv)
+    predictions, num_classes = _read_predictions(args.p)
+    rows = read_label_csv(args.l, args.id_column, args.label_column)
+    labels, probabilities = [], []
+    for line, identifier, raw in rows:
+        key = strip_ending(identifier)
+        if key not in predictions:
+            raise ClassificationInputError(f"{args.l} line {line}: no prediction for '{key}' in {args.p}")
+        labels.append(parse_label(raw, num_classes, f"{args.l} line {line}"))
+        probabilities.append(predictions[key])
+    metrics = classification_metrics(labels, np.stack(probabilities), num_classes)
+    out = args.o or os.path.splitext(args.p)[0] + "_summary.json"
+    save_summary(metrics, out, {"predictions": os.path.abspath(args.p), "labels": os.path.abspath(args.l)})
+    plot_confusion_matrix(metrics, os.path.splitext(out)[0] + "_confusion_matrix.png",
+                          os.path.basename(args.p))
+    print(format_metrics(metrics))
+    print(f"summary: {out}")
+
+
+def evaluate_entry() -> None:
+    _run(_evaluate, sys.argv[1:])

@@ -1,0 +1,346 @@
+"""The classification trainer, in the manner of nnU-Net's ``nnUNetTrainer``.
+
+One output folder per fold holding ``checkpoint_best.pth`` (best exponential moving average of the
+selection metric on the validation cases, as nnU-Net does with its pseudo Dice),
+``checkpoint_latest.pth`` (every epoch, removed at the end), ``checkpoint_final.pth``, a
+``training_log_*.txt``, ``progress.png`` and ``validation/`` (predictions, ``summary.json``,
+confusion matrix of the final network on the fold's validation cases).
+
+Variants, one idea each (nnU-Net style):
+
+- :class:`ClassificationTrainer`: AC-Norm fine-tuning. The pretrained weights are loaded into the
+  plain network first, then every BatchNorm becomes an AC-BatchNorm whose frozen source affines are
+  the pretrained ones (``convert_to_acnorm``), as in the paper.
+- :class:`ClassificationTrainer_vanilla`: plain fine-tuning of the same network (comparison).
+
+Checkpoints hold only tensors and plain Python values: they load with
+``torch.load(weights_only=True)``. Under AC-Norm the network state holds ``source_weight`` /
+``source_bias`` of every norm; the network for prediction or continuation is rebuilt, converted
+with an unset source and loaded strictly, which restores the source.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, WeightedRandomSampler
+from tqdm import tqdm
+
+from nnunet_acnorm.classification.data_loading import make_dataset
+from nnunet_acnorm.classification.dataset import Case
+from nnunet_acnorm.classification.errors import ClassificationInputError
+from nnunet_acnorm.classification.metrics import (classification_metrics, format_metrics,
+                                                  plot_confusion_matrix, save_summary)
+from nnunet_acnorm.classification.networks import build_network, load_pretrained_weights
+from nnunet_acnorm.classification.plots import plot_progress
+from nnunet_acnorm.norms import acnorm_modules, convert_to_acnorm
+
+SELECTION_METRICS = {"kappa": "quadratic_weighted_kappa", "auc": "auc_macro", "accuracy": "accuracy"}
+IMBALANCE_SCHEMES = ("loss", "sampling", "none")
+LOG_KEYS = ("train_losses", "val_losses", "val_kappa", "val_accuracy", "val_auc_macro",
+            "ema_selection_metric", "learning_rates", "epoch_durations")
+CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+
+
+class ClassificationTrainer:
+    """AC-Norm fine-tuning of a pretrained classifier (the paper's setting: every BatchNorm)."""
+
+    def __init__(self, config: dict, fold: int | str, output_folder: str, device: torch.device,
+                 show_progress: bool = True):
+        self.config = dict(config, trainer_name=type(self).__name__)
+        self.fold = fold
+        self.output_folder = output_folder
+        self.device = device
+        self.show_progress = show_progress
+        self.num_epochs = int(config["num_epochs"])
+        self.current_epoch = 0
+        self.best_ema: float | None = None
+        self.log: dict[str, list] = {k: [] for k in LOG_KEYS}
+        self.amp = device.type == "cuda"  # mixed precision on CUDA, float32 elsewhere
+        self.network: nn.Module | None = None
+        self.optimizer = self.lr_scheduler = self.grad_scaler = self.loss = None
+        self.log_file: str | None = None
+
+    # -- one idea per variant --------------------------------------------------------------------
+    def adapt_network(self, network: nn.Module, set_source: bool = True) -> None:
+        """Turn every affine norm into AC-Norm. ``set_source=True`` after loading pretrained
+        weights (source = pretrained affines); ``False`` before loading a checkpoint of ours."""
+        report = convert_to_acnorm(network, tau=float(self.config["tau"]), set_source=set_source)
+        if set_source:
+            self.print_to_log_file(f"AC-Norm: {report}")
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def initialize(self, pretrained_file: str | None, trust_pickle: bool = False) -> None:
+        os.makedirs(self.output_folder, exist_ok=True)
+        network = build_network(self.config)
+        if pretrained_file is not None:
+            message = load_pretrained_weights(network, self.config, pretrained_file, trust_pickle)
+            self.print_to_log_file(message)
+        self.adapt_network(network, set_source=True)
+        self._finish_initialization(network)
+
+    def initialize_from_checkpoint(self, checkpoint: dict) -> None:
+        os.makedirs(self.output_folder, exist_ok=True)
+        self._finish_initialization(self.network_from_checkpoint(checkpoint, type(self)))
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+        self.current_epoch = int(checkpoint["current_epoch"])
+        self.best_ema = checkpoint["best_ema"]
+        self.log = {k: list(checkpoint["logging"][k]) for k in LOG_KEYS}
+        self.print_to_log_file(f"continuing from epoch {self.current_epoch}")
+
+    @staticmethod
+    def network_from_checkpoint(checkpoint: dict, trainer_class: type | None = None) -> nn.Module:
+        """The trained network of ``checkpoint`` (AC-Norm layers included), loaded strictly."""
+        config = checkpoint["config"]
+        trainer_class = trainer_class or TRAINERS[config["trainer_name"]]
+        network = build_network(config)
+        helper = trainer_class.__new__(trainer_class)  # adapt_network(set_source=False) uses only config
+        helper.config = config
+        helper.adapt_network(network, set_source=False)
+        try:
+            network.load_state_dict(checkpoint["network_weights"], strict=True)
+        except RuntimeError as e:
+            raise ClassificationInputError(
+                f"the checkpoint's network weights do not fit a {config['architecture']} network "
+                f"({str(e).splitlines()[0]}...); the checkpoint is corrupted or was edited") from None
+        return network
+
+    def _finish_initialization(self, network: nn.Module) -> None:
+        self.network = network.to(self.device)
+        self.optimizer = torch.optim.SGD(self.network.parameters(), lr=float(self.config["initial_lr"]),
+                                         momentum=0.9, nesterov=True,
+                                         weight_decay=float(self.config["weight_decay"]))
+        self.grad_scaler = torch.amp.GradScaler("cuda") if self.amp else None
+
+    def _learning_rate(self, epoch: int) -> float:
+        """nnU-Net's polynomial decay (exponent 0.9) over the epochs."""
+        return float(self.config["initial_lr"]) * (1 - epoch / self.num_epochs) ** 0.9
+
+    def _class_weights(self, cases: list[Case]) -> np.ndarray:
+        """'balanced' weights n / (K * n_c) of scikit-learn for the classes present (others: 1)."""
+        from sklearn.utils.class_weight import compute_class_weight
+        labels = np.array([c.label for c in cases])
+        present = np.unique(labels)
+        weights = np.ones(int(self.config["num_classes"]))
+        weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+        return weights
+
+    def _loaders(self, train_cases: list[Case], val_cases: list[Case]):
+        cfg = self.config
+        batch_size = min(int(cfg["batch_size"]), len(train_cases))
+        weights = self._class_weights(train_cases)
+        sampler = None
+        if cfg["imbalance"] == "sampling":
+            sampler = WeightedRandomSampler([float(weights[c.label]) for c in train_cases],
+                                            num_samples=len(train_cases), replacement=True)
+        loss_weights = torch.tensor(weights, dtype=torch.float32) if cfg["imbalance"] == "loss" else None
+        self.loss = nn.CrossEntropyLoss(weight=loss_weights).to(self.device)
+        self.print_to_log_file(f"class imbalance: {cfg['imbalance']}; class counts "
+                               f"{np.bincount([c.label for c in train_cases], minlength=len(weights)).tolist()}"
+                               f", class weights {np.round(weights, 3).tolist()}")
+        workers = int(cfg["num_workers"])
+        common = {"num_workers": workers, "pin_memory": self.device.type == "cuda",
+                  "persistent_workers": workers > 0}
+        train = DataLoader(make_dataset(train_cases, cfg, train=True), batch_size=batch_size,
+                           shuffle=sampler is None, sampler=sampler,
+                           drop_last=len(train_cases) > batch_size, **common)
+        val = DataLoader(make_dataset(val_cases, cfg, train=False), batch_size=batch_size, shuffle=False,
+                         **common)
+        return train, val
+
+    # -- logging ---------------------------------------------------------------------------------
+    def print_to_log_file(self, *args, also_print_to_console: bool = True) -> None:
+        if self.log_file is None:
+            os.makedirs(self.output_folder, exist_ok=True)
+            stamp = datetime.now().strftime("%Y_%m_%d_%H_%M_%S")
+            self.log_file = os.path.join(self.output_folder, f"training_log_{stamp}.txt")
+        line = f"{datetime.now()}: " + " ".join(str(a) for a in args)
+        with open(self.log_file, "a") as f:
+            f.write(line + "\n")
+        if also_print_to_console:
+            print(line, flush=True)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self, file_name: str) -> None:
+        checkpoint = {
+            "network_weights": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": {k: list(v) for k, v in self.log.items()},
+            "current_epoch": self.current_epoch,
+            "best_ema": self.best_ema,
+            "fold": self.fold,
+            "config": self.config,
+        }
+        path = os.path.join(self.output_folder, file_name)
+        torch.save(checkpoint, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    # -- training --------------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = self.loss(self.network(images), labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the training loss became {loss.item()} at epoch {self.current_epoch}: lower "
+                "-initial_lr or check the images for NaNs")
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def predict_probabilities(self, loader: DataLoader, desc: str = "validation") -> tuple[np.ndarray, float]:
+        """(softmax probabilities (N, K), mean loss over labelled cases) in eval mode."""
+        return predict_with_network(self.network, loader, self.device, self.loss, self.amp,
+                                    desc, self.show_progress)
+
+    def run_training(self, train_cases: list[Case], val_cases: list[Case]) -> dict:
+        train_loader, val_loader = self._loaders(train_cases, val_cases)
+        self.print_to_log_file(f"fold {self.fold}: {len(train_cases)} training and {len(val_cases)} "
+                               f"validation cases; {self.config['architecture']} on {self.device}, "
+                               f"{'mixed precision' if self.amp else 'float32'}; trainer "
+                               f"{type(self).__name__}")
+        key = SELECTION_METRICS[self.config["selection_metric"]]
+        while self.current_epoch < self.num_epochs:
+            start = time.time()
+            lr = self._learning_rate(self.current_epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.network.train()
+            losses = [self.train_step(x, y) for x, y in tqdm(
+                train_loader, desc=f"epoch {self.current_epoch}", disable=not self.show_progress,
+                leave=False, file=sys.stdout)]
+            probabilities, val_loss = self.predict_probabilities(val_loader)
+            metrics = classification_metrics([c.label for c in val_cases], probabilities,
+                                             int(self.config["num_classes"]))
+            value = metrics[key] if metrics[key] is not None else 0.0
+            ema = value if self.best_ema is None and not self.log["ema_selection_metric"] else \
+                0.9 * self.log["ema_selection_metric"][-1] + 0.1 * value
+            for k, v in (("train_losses", float(np.mean(losses))), ("val_losses", val_loss),
+                         ("val_kappa", metrics["quadratic_weighted_kappa"]),
+                         ("val_accuracy", metrics["accuracy"]), ("val_auc_macro", metrics["auc_macro"]),
+                         ("ema_selection_metric", ema), ("learning_rates", lr),
+                         ("epoch_durations", time.time() - start)):
+                self.log[k].append(v)
+            self.print_to_log_file(f"epoch {self.current_epoch}: train loss {self.log['train_losses'][-1]:.4f}, "
+                                   f"val loss {val_loss:.4f}, {format_metrics(metrics)}, lr {lr:.2e}, "
+                                   f"{self.log['epoch_durations'][-1]:.1f} s")
+            self.current_epoch += 1
+            if self.best_ema is None or ema > self.best_ema:
+                self.best_ema = ema
+                self.print_to_log_file(f"new best EMA {self.config['selection_metric']}: {ema:.4f}")
+                self.save_checkpoint("checkpoint_best.pth")
+            self.save_checkpoint("checkpoint_latest.pth")
+            plot_progress(self.log, os.path.join(self.output_folder, "progress.png"),
+                          self.config["selection_metric"])
+        self.save_checkpoint("checkpoint_final.pth")
+        latest = os.path.join(self.output_folder, "checkpoint_latest.pth")
+        if os.path.isfile(latest):
+            os.remove(latest)
+        return self.validate(val_loader, val_cases)
+
+    def validate(self, val_loader: DataLoader, val_cases: list[Case]) -> dict:
+        """Final network on the fold's validation cases: predictions.csv, summary.json, plot."""
+        probabilities, _ = self.predict_probabilities(val_loader, "final validation")
+        metrics = classification_metrics([c.label for c in val_cases], probabilities,
+                                         int(self.config["num_classes"]))
+        folder = os.path.join(self.output_folder, "validation")
+        os.makedirs(folder, exist_ok=True)
+        write_predictions(os.path.join(folder, "predictions.csv"), [c.identifier for c in val_cases],
+                          probabilities)
+        save_summary(metrics, os.path.join(folder, "summary.json"),
+                     {"fold": self.fold, "trainer": type(self).__name__, "checkpoint": "checkpoint_final.pth"})
+        plot_confusion_matrix(metrics, os.path.join(folder, "confusion_matrix.png"),
+                              f"fold {self.fold} validation ({type(self).__name__})")
+        self.print_to_log_file(f"final validation: {format_metrics(metrics)}")
+        return metrics
+
+    def source_affines(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {n: (m.source_weight, m.source_bias) for n, m in acnorm_modules(self.network).items()}
+
+
+class ClassificationTrainer_vanilla(ClassificationTrainer):
+    """Plain fine-tuning: the network keeps its BatchNorms (the comparison of the paper)."""
+
+    def adapt_network(self, network: nn.Module, set_source: bool = True) -> None:
+        if set_source:
+            self.print_to_log_file("vanilla fine-tuning: norms left as they are")
+
+
+TRAINERS = {cls.__name__: cls for cls in (ClassificationTrainer, ClassificationTrainer_vanilla)}
+
+
+@torch.no_grad()
+def predict_with_network(network: nn.Module, loader: DataLoader, device: torch.device,
+                         loss: nn.Module | None = None, amp: bool = False, desc: str = "predicting",
+                         show_progress: bool = True) -> tuple[np.ndarray, float]:
+    network.eval()
+    probabilities, losses, counts = [], [], []
+    for images, labels in tqdm(loader, desc=desc, disable=not show_progress, leave=False, file=sys.stdout):
+        images = images.to(device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext():
+            logits = network(images)
+        logits = logits.float()
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError("the network produced NaN or infinite outputs: the checkpoint is "
+                                     "corrupted or the images hold NaNs")
+        probabilities.append(torch.softmax(logits, 1).cpu().numpy())
+        labelled = labels >= 0
+        if loss is not None and labelled.any():
+            losses.append(loss(logits[labelled.to(device)], labels[labelled].to(device)).item())
+            counts.append(int(labelled.sum()))
+    mean_loss = float(np.average(losses, weights=counts)) if losses else float("nan")
+    return np.concatenate(probabilities), mean_loss
+
+
+def write_predictions(csv_file: str, identifiers: list[str], probabilities: np.ndarray) -> None:
+    """CSV of image, predicted class, and one probability column per class (written atomically)."""
+    tmp = csv_file + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "prediction"] + [f"probability_{k}" for k in range(probabilities.shape[1])])
+        for identifier, p in zip(identifiers, probabilities):
+            writer.writerow([identifier, int(p.argmax())] + [f"{v:.6f}" for v in p])
+    os.replace(tmp, csv_file)
+
+
+def load_checkpoint(path: str) -> dict:
+    """One of our checkpoints, read with ``weights_only=True``; clear errors for anything else."""
+    if not os.path.isfile(path):
+        raise ClassificationInputError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ClassificationInputError(
+            f"cannot load {path} as a classification checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); it is corrupted or not ours") from None
+    if not isinstance(checkpoint, dict) or not {"network_weights", "config"} <= set(checkpoint):
+        raise ClassificationInputError(f"{path} is not a checkpoint of nnUNetv2_acnorm_cls_train "
+                                       "(no 'network_weights'/'config')")
+    if checkpoint["config"].get("trainer_name") not in TRAINERS:
+        raise ClassificationInputError(f"{path} names an unknown trainer "
+                                       f"{checkpoint['config'].get('trainer_name')!r}")
+    return checkpoint
