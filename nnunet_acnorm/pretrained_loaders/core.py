@@ -1,0 +1,196 @@
+"""Declarative pretrained families (in the spirit of timm's ``pretrained_cfg`` plus one
+``checkpoint_filter_fn``) and safe checkpoint reading."""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+
+class PretrainedLoadError(ValueError):
+    """A pretrained file cannot be used; the message says what is wrong and what to do."""
+
+
+def _identity_key(key: str) -> str | None:
+    return key
+
+
+def _no_info(checkpoint: Mapping, state_dict: StateDict) -> dict:
+    return {}
+
+
+@dataclass(frozen=True)
+class PretrainedFamily:
+    """What a family's files look like and what they belong to.
+
+    Pipeline of :func:`load_pretrained`: pick the state dict (the first of ``state_dict_keys``
+    present at the top level; ``()`` = the file is the state dict) -> strip the first matching
+    prefix of ``strip_prefixes`` -> drop keys starting with any of ``drop_prefixes`` (after
+    stripping) -> ``map_key`` (None drops the key) -> ``filter_state_dict(state_dict, info)`` for
+    what needs the whole dict. ``read_info`` extracts what the import needs (depth, plans...).
+    """
+
+    name: str
+    description: str
+    #: does this raw checkpoint (top-level object) belong to the family?
+    recognise: Callable[[Any], bool]
+    #: dotted path of the network class the mapped keys belong to
+    network: str
+    spatial_dims: int
+    #: input channels of the pretrained stem (None: read from the file / plan)
+    input_channels: int | None
+    #: intensity normalisation used in pretraining (how the import sets the plans)
+    intensity_normalisation: str
+    norm_type: str
+    #: what the file provides ("encoder + decoder", "encoder")
+    loaded_parts: str
+    licence: str
+    members: tuple[str, ...] = ()
+    state_dict_keys: tuple[str, ...] = ("state_dict",)
+    strip_prefixes: tuple[str, ...] = ()
+    drop_prefixes: tuple[str, ...] = ()
+    map_key: Callable[[str], str | None] = _identity_key
+    filter_state_dict: Callable[[StateDict, dict], StateDict] | None = None
+    read_info: Callable[[Any, StateDict], dict] = _no_info
+    #: our key of the first convolution's weight (input-channel adaptation); None: from info["stem_key"]
+    stem_weight_key: str | None = None
+    #: prefixes (our names) of the encoder; an import must match at least these
+    encoder_prefixes: tuple[str, ...] = ()
+
+
+@dataclass
+class PretrainedWeights:
+    family: PretrainedFamily
+    #: keys already mapped to our network's names for that family
+    state_dict: StateDict
+    #: family-specific facts read from the file (e.g. {"depth": 18}, the nnssl adaptation plan)
+    info: dict = field(default_factory=dict)
+    path: str = ""
+
+    @property
+    def stem_weight_key(self) -> str | None:
+        return self.info.get("stem_key", self.family.stem_weight_key)
+
+    def norm_affines(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{module name: (weight, bias)} of every norm layer in the file (keys with running stats
+        or named like a norm), in our names."""
+        out = {}
+        for key, value in self.state_dict.items():
+            if not key.endswith(".weight") or value.dim() != 1:
+                continue
+            module = key[: -len(".weight")]
+            bias = self.state_dict.get(module + ".bias")
+            if bias is not None and bias.dim() == 1 and bias.shape == value.shape and _is_norm_name(
+                    module, self.state_dict):
+                out[module] = (value, bias)
+        return out
+
+
+_NORM_NAME = re.compile(r"(^|\.)(bn\d*|norm|instnorm|downsample\.1)$")
+
+
+def _is_norm_name(module: str, state_dict: StateDict) -> bool:
+    return module + ".running_mean" in state_dict or bool(_NORM_NAME.search(module))
+
+
+# numpy scalars/arrays inside nnU-Net checkpoints (logging, best EMA): data only, safe to rebuild
+def _numpy_safe_globals() -> list:
+    globs = [np.dtype, np.ndarray]
+    core = getattr(np, "_core", None) or np.core
+    globs += [core.multiarray.scalar, core.multiarray._reconstruct]
+    globs += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return globs
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
+    """torch.load with ``weights_only=True`` (numpy scalars/arrays allowed); a file that needs
+    arbitrary pickled objects is refused unless ``trust_pickle``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise PretrainedLoadError(f"{path}: no such file; give the path of a downloaded checkpoint")
+    if os.path.getsize(path) == 0:
+        raise PretrainedLoadError(f"{path}: the file is empty (interrupted download?); download it again")
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        message = str(error)
+        if "Weights only load failed" not in message:
+            raise PretrainedLoadError(f"{path}: not a readable PyTorch checkpoint ({_first_line(message)}); "
+                                      "the file is corrupted or truncated: download it again") from None
+        found = _UNSUPPORTED_GLOBAL.search(message)
+        what = f" (it pickles {found.group(1)})" if found else ""
+        if not trust_pickle:
+            raise PretrainedLoadError(
+                f"{path}: the file needs arbitrary pickled Python objects{what}, which can run code when "
+                "loaded. Only if you trust its source, pass --trust_pickle (trust_pickle=True)") from None
+    except (RuntimeError, EOFError, KeyError, OSError, ValueError, zipfile.BadZipFile, IndexError,
+            AttributeError, TypeError) as error:
+        raise PretrainedLoadError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: "
+                                  f"{_first_line(str(error))}); the file is corrupted or truncated: "
+                                  "download it again") from None
+    try:  # trusted by the user
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - any failure of an arbitrary pickle is a bad file
+        raise PretrainedLoadError(f"{path}: loading failed even with trust_pickle ({type(error).__name__}: "
+                                  f"{_first_line(str(error))})") from None
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "no details"
+    return line[:200]
+
+
+def _state_dict_of(family: PretrainedFamily, checkpoint: Any) -> Mapping | None:
+    if not family.state_dict_keys:
+        return checkpoint if isinstance(checkpoint, Mapping) else None
+    if not isinstance(checkpoint, Mapping):
+        return None
+    for key in family.state_dict_keys:
+        if isinstance(checkpoint.get(key), Mapping):
+            return checkpoint[key]
+    return None
+
+
+def tensor_items(state: Mapping) -> StateDict:
+    return {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def apply_family(family: PretrainedFamily, checkpoint: Any, path: str = "") -> PretrainedWeights:
+    raw = _state_dict_of(family, checkpoint)
+    if raw is None:
+        wanted = " or ".join(repr(k) for k in family.state_dict_keys) or "a bare state dict"
+        raise PretrainedLoadError(f"{path}: no state dict under {wanted}: not a {family.name} checkpoint")
+    raw = tensor_items(raw)
+    info = family.read_info(checkpoint, raw)
+    mapped: StateDict = {}
+    for key, value in raw.items():
+        for prefix in family.strip_prefixes:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        if any(key.startswith(p) for p in family.drop_prefixes):
+            continue
+        new_key = family.map_key(key)
+        if new_key is not None:
+            mapped[new_key] = value
+    if family.filter_state_dict is not None:
+        mapped = family.filter_state_dict(mapped, info)
+    for key, value in mapped.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise PretrainedLoadError(f"{path}: tensor {key} contains NaN or infinite values (a diverged or "
+                                      "corrupted checkpoint); use another file")
+    if not mapped:
+        raise PretrainedLoadError(f"{path}: no {family.name} weights left after mapping the keys")
+    return PretrainedWeights(family=family, state_dict=mapped, info=info, path=path)

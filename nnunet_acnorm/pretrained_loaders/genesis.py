@@ -1,0 +1,45 @@
+"""Models Genesis, Semantic Genesis and TransVW: the Models Genesis 3D U-Net (BatchNorm)."""
+from __future__ import annotations
+
+from nnunet_acnorm.pretrained_loaders._recognise import any_key_starts, has_tensor, state_under
+from nnunet_acnorm.pretrained_loaders.core import PretrainedFamily
+
+GENESIS_ENCODER = ("down_tr64.", "down_tr128.", "down_tr256.", "down_tr512.")
+
+
+def _recognise(checkpoint) -> bool:
+    state = state_under(checkpoint, "state_dict")
+    if state is None:
+        return False
+    return any(has_tensor(state, p + "down_tr64.ops.0.conv1.weight", 5) for p in ("module.", ""))
+
+
+def _read_info(checkpoint, state) -> dict:
+    for prefix in ("module.", ""):
+        stem = state.get(prefix + "down_tr64.ops.0.conv1.weight")
+        if stem is not None:
+            return {"input_channels": int(stem.shape[1]), "base_features": int(stem.shape[0]),
+                    "has_decoder": any_key_starts(state, prefix + "up_tr64.")}
+    return {}
+
+
+GENESIS = PretrainedFamily(
+    name="genesis",
+    description="Models Genesis / Semantic Genesis / TransVW 3D U-Net (self-supervised on chest CT)",
+    members=("Genesis_Chest_CT.pt", "semantic_genesis_chest_ct.pt", "TransVW_chest_ct.pt"),
+    recognise=_recognise,
+    network="nnunet_acnorm.networks.genesis_unet3d.GenesisUNet3D",
+    spatial_dims=3,
+    input_channels=1,
+    intensity_normalisation="ct_window[-1000,1000]->[0,1]",
+    norm_type="BatchNorm3d",
+    loaded_parts="encoder + decoder",
+    licence="code MIT; weights from the authors on request (research use; check their terms)",
+    state_dict_keys=("state_dict",),
+    strip_prefixes=("module.",),
+    # out_tr: pretext head; clc_out / projection_head / prototypes: Semantic Genesis, TransVW heads
+    drop_prefixes=("out_tr.", "clc_out.", "projection_head", "prototypes"),
+    read_info=_read_info,
+    stem_weight_key="down_tr64.ops.0.conv1.weight",
+    encoder_prefixes=GENESIS_ENCODER,
+)
