@@ -307,3 +307,23 @@ def test_wrong_input_dims():
         ACBatchNorm3d(2)(torch.randn(2, 2, 3, 3))
     with pytest.raises(ValueError, match="channels"):
         ACInstanceNorm2d(2)(torch.randn(2, 3, 3, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cls", [ACBatchNorm3d, ACInstanceNorm3d, lambda c: ACGroupNorm(4, c)])
+def test_cuda_autocast_matches_float32(cls, amp_dtype):
+    torch.manual_seed(0)
+    conv = nn.Conv3d(2, 8, 3, padding=1).float().cuda()
+    module = cls(8).float().cuda()
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.normal_()
+    module.set_source()
+    x = torch.randn(2, 2, 8, 8, 8, dtype=torch.float32, device="cuda")
+    reference = module(conv(x))
+    with torch.autocast("cuda", dtype=amp_dtype):
+        y = module(conv(x))
+    y.float().sum().backward()
+    assert module.weight.grad.dtype == torch.float32 and torch.isfinite(module.weight.grad).all()
+    torch.testing.assert_close(y.float(), reference, rtol=0.05, atol=0.05)

@@ -1,0 +1,164 @@
+"""Fused AC-Norm vs the two-pass formula vs the plain norm: forward+backward time and peak memory.
+
+All variants run interleaved in one process, on the same inputs, and are reported as ratios to
+the plain norm (this machine is shared and noisy: absolute times mean little, ratios measured
+side by side do). Each time is the best of the repeats: load from other processes only ever adds
+time, so the minimum is the least noisy estimate of what a step costs. Two measurements per shape:
+
+- block: Conv + norm, the unit nnU-Net stacks (what a training step pays);
+- norm: the normalization layer alone (the overhead at its most visible).
+
+The two-pass variant is written from the paper's formula as the public reference does: two
+normalization calls (target affines, recalibrated affines) added; for BatchNorm it also updates the
+running statistics twice.
+
+    python benchmarks/benchmark_norm_layers.py            # nnU-Net 3D and fundus 2D shapes
+    python benchmarks/benchmark_norm_layers.py --quick    # small shapes, a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # silence the profiler's per-run log lines
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunet_acnorm.norms import ACNORM_FOR_PLAIN
+from nnunet_acnorm.norms.functional import sparse_correlation
+
+
+class TwoPassACNorm(nn.Module):
+    """The formula computed as published: norm(x; gt, bt) + norm(x; S gt, S bt)."""
+
+    def __init__(self, plain: nn.Module):
+        super().__init__()
+        self.plain = plain
+        self.register_buffer("source_weight", plain.weight.detach().clone())
+        self.register_buffer("source_bias", plain.bias.detach().clone())
+
+    def forward(self, x):
+        p = self.plain
+        s = sparse_correlation(self.source_weight, self.source_bias, p.weight, p.bias)
+        w2, b2 = s @ p.weight, s @ p.bias
+        if isinstance(p, nn.modules.batchnorm._BatchNorm):
+            bn = lambda w, b: F.batch_norm(x, p.running_mean, p.running_var, w, b, p.training,  # noqa: E731
+                                           p.momentum, p.eps)
+            return bn(p.weight, p.bias) + bn(w2, b2)
+        return (F.instance_norm(x, None, None, p.weight, p.bias, True, 0.1, p.eps)
+                + F.instance_norm(x, None, None, w2, b2, True, 0.1, p.eps))
+
+
+def make_variants(norm_cls, channels, dim, with_conv):
+    conv_cls = nn.Conv3d if dim == 3 else nn.Conv2d
+
+    def norm():
+        torch.manual_seed(0)
+        m = norm_cls(channels, affine=True)
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_()
+        return m
+
+    def wrap(layer):
+        if not with_conv:
+            return layer
+        torch.manual_seed(1)
+        return nn.Sequential(conv_cls(channels, channels, 3, padding=1, bias=True), layer)
+
+    plain = wrap(norm())
+    fused = wrap(ACNORM_FOR_PLAIN[norm_cls].from_norm(norm()))
+    two_pass = wrap(TwoPassACNorm(norm()))
+    return {"plain": plain, "AC-Norm fused": fused, "AC-Norm two-pass": two_pass}
+
+
+def step(module, x):
+    x = x.detach().requires_grad_(True)
+    module(x).sum().backward()
+
+
+def peak_memory_bytes(module, x, device):
+    """Peak memory allocated during one forward+backward, above what was allocated before."""
+    module.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(module, x)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(module, x)
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for e in events:
+        current += e.cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def measure(variants, x, device, repeats):
+    times = {name: [] for name in variants}
+    for module in variants.values():
+        module.to(device).train()
+        step(module, x)  # warm-up
+    for _ in range(repeats):
+        for name, module in variants.items():  # interleaved: noise hits all variants alike
+            module.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step(module, x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    memory = {name: peak_memory_bytes(m, x, device) for name, m in variants.items()}
+    return {name: min(t) for name, t in times.items()}, memory
+
+
+SHAPES = {
+    "3D nnU-Net (2x32x64^3)": (3, (2, 32, 64, 64, 64)),
+    "2D fundus (2x64x256^2)": (2, (2, 64, 256, 256)),
+}
+QUICK_SHAPES = {
+    "3D small (2x16x24^3)": (3, (2, 16, 24, 24, 24)),
+    "2D small (2x16x64^2)": (2, (2, 16, 64, 64)),
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per variant")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    repeats = args.repeats or (3 if args.quick else 7)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+
+    print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"best of {repeats} interleaved repeats\n")
+    print("| shape | norm | measured | time: fused / plain | time: fused / two-pass | "
+          "memory: fused / plain | memory: fused / two-pass | plain: ms, MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape_name, (dim, shape) in shapes.items():
+        for norm_name, norm_cls in (("BN", nn.BatchNorm3d if dim == 3 else nn.BatchNorm2d),
+                                    ("IN", nn.InstanceNorm3d if dim == 3 else nn.InstanceNorm2d)):
+            for with_conv in (True, False):
+                torch.manual_seed(0)
+                x = torch.randn(shape, device=device)
+                variants = make_variants(norm_cls, shape[1], dim, with_conv)
+                t, m = measure(variants, x, device, repeats)
+                fused, plain, two = "AC-Norm fused", "plain", "AC-Norm two-pass"
+                print(f"| {shape_name} | {norm_name} | {'conv+norm' if with_conv else 'norm only'} | "
+                      f"{t[fused] / t[plain]:.3f} | {t[fused] / t[two]:.3f} | "
+                      f"{m[fused] / m[plain]:.3f} | {m[fused] / m[two]:.3f} | "
+                      f"{t[plain] * 1e3:.0f}, {m[plain] / 2**20:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
