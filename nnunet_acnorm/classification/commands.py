@@ -73,7 +73,7 @@ def train_parser() -> argparse.ArgumentParser:
         prog="nnUNetv2_acnorm_cls_train",
         description="Fine-tune a pretrained classifier on one fold (AC-Norm on every BatchNorm, or "
                     "plain fine-tuning with --vanilla). 2D: RGB PNG/JPEG/TIFF images, torchvision "
-                    "ResNet-50. 3D: NIfTI/NRRD/MHA volumes, Models Genesis or MedicalNet encoders.")
+                    "ResNet (ResNet-50). 3D: NIfTI/NRRD/MHA volumes, Models Genesis or MedicalNet encoders.")
     p.add_argument("-i", required=True, help="folder of images")
     p.add_argument("-l", required=True, help="CSV with a header: image identifier column, label column "
                                              "(integer classes 0..N-1)")
@@ -87,10 +87,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust_pickle", action="store_true",
                    help="allow full unpickling of -pretrained (only for files from a trusted source)")
     p.add_argument("--vanilla", action="store_true", help="plain fine-tuning (no AC-Norm), for comparison")
-    p.add_argument("-arch", choices=["resnet50", "genesis", "medicalnet"], default=None,
+    p.add_argument("-arch", choices=["resnet", "genesis", "medicalnet"], default=None,
                    help="network when training without -pretrained (only with --vanilla)")
-    p.add_argument("-depth", type=int, default=18, help="MedicalNet depth for -arch medicalnet without "
-                                                        "-pretrained (default 18)")
+    p.add_argument("-depth", type=int, default=None, help="ResNet depth for -arch resnet (default 50) or "
+                                                          "medicalnet (default 18) without -pretrained")
     p.add_argument("-dim", "--dim", type=int, choices=[2, 3], default=None,
                    help="2 or 3 (default: from the network, else from the image files)")
     p.add_argument("-num_classes", type=int, default=None,
@@ -177,11 +177,11 @@ def _train(argv) -> None:
                                                f"'{net['pretrained_family']}' file ({net['architecture']})")
         else:
             if args.arch is None:
-                raise ClassificationInputError("without -pretrained, pass -arch resnet50|genesis|medicalnet")
+                raise ClassificationInputError("without -pretrained, pass -arch resnet|genesis|medicalnet")
             dim, channels, _ = ARCHITECTURES[args.arch]
+            depth = {"resnet": args.depth or 50, "medicalnet": args.depth or 18}.get(args.arch)
             net = {"architecture": args.arch, "dim": dim, "in_channels": channels,
-                   "pretrained_family": None, "depth": args.depth if args.arch == "medicalnet" else None,
-                   "base_features": None}
+                   "pretrained_family": None, "depth": depth, "base_features": None, "shortcut_type": None}
         if args.dim is not None and args.dim != net["dim"]:
             raise ClassificationInputError(f"-dim {args.dim} does not fit the {net['architecture']} network "
                                            f"({net['dim']}D)")

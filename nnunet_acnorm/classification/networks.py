@@ -1,7 +1,8 @@
 """Classification networks and their pretrained weights.
 
-- ``resnet50`` (2D, RGB): torchvision's ResNet-50 with a new ``fc`` (2048 -> n); weights from a
-  torchvision ImageNet file or a MoCo v2 file (family ``torchvision_resnet`` / ``moco_v2``).
+- ``resnet`` (2D, RGB): torchvision's ResNet (depth 50 by default; 18/34/101/152 too) with a new
+  ``fc`` (2048 -> n for ResNet-50); weights from a torchvision ImageNet file or a MoCo v2 file
+  (family ``torchvision_resnet`` / ``moco_v2``; the depth is read from the file).
 - ``genesis`` (3D, 1 channel): the Models Genesis encoder (``down_tr64 ... down_tr512``) with the
   authors' head ``classifier`` = GAP, Linear(512, 1024), ReLU, Linear(1024, n) (family ``genesis``:
   Models Genesis, Semantic Genesis, TransVW; the decoder of the file is not used).
@@ -20,21 +21,22 @@ from nnunet_acnorm.networks.genesis_unet3d import GenesisClassifier3D
 from nnunet_acnorm.networks.medicalnet_resnet import MedicalNetResNet3D
 
 #: pretrained family -> (architecture, dim, input channels)
-FAMILY_ARCHITECTURES = {"torchvision_resnet": ("resnet50", 2, 3), "moco_v2": ("resnet50", 2, 3),
+FAMILY_ARCHITECTURES = {"torchvision_resnet": ("resnet", 2, 3), "moco_v2": ("resnet", 2, 3),
                         "genesis": ("genesis", 3, 1), "medicalnet": ("medicalnet", 3, 1)}
 #: architecture -> (dim, input channels, prefix of the head trained from scratch)
-ARCHITECTURES = {"resnet50": (2, 3, "fc."), "genesis": (3, 1, "classifier."),
+ARCHITECTURES = {"resnet": (2, 3, "fc."), "genesis": (3, 1, "classifier."),
                  "medicalnet": (3, 1, "classifier.")}
 #: the intensity scheme each 3D architecture was pretrained with
 DEFAULT_INTENSITY = {"genesis": "ct", "medicalnet": "zscore"}
+RESNET_DEPTHS = (18, 34, 50, 101, 152)
 
 
 class MedicalNetClassifier3D(MedicalNetResNet3D):
     """MedicalNet encoder (file key names at the top level) + GAP + Linear(out_channels, n)."""
 
     def __init__(self, depth: int = 18, num_classes: int = 2, input_channels: int = 1,
-                 base_features: int = 64) -> None:
-        super().__init__(depth, input_channels, base_features=base_features)
+                 base_features: int = 64, shortcut_type: str | None = None) -> None:
+        super().__init__(depth, input_channels, shortcut_type=shortcut_type, base_features=base_features)
         self.classifier = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(1),
                                         nn.Linear(self.out_channels, num_classes))
 
@@ -45,15 +47,19 @@ class MedicalNetClassifier3D(MedicalNetResNet3D):
 def build_network(config: dict) -> nn.Module:
     """The plain (BatchNorm) network of ``config``, randomly initialised."""
     architecture, n = config["architecture"], int(config["num_classes"])
-    if architecture == "resnet50":
+    if architecture == "resnet":
         import torchvision
-        return torchvision.models.resnet50(weights=None, num_classes=n)
+        depth = int(config.get("depth") or 50)
+        if depth not in RESNET_DEPTHS:
+            raise ClassificationInputError(f"2D ResNet depth must be one of {RESNET_DEPTHS}, got {depth}")
+        return getattr(torchvision.models, f"resnet{depth}")(weights=None, num_classes=n)
     if architecture == "genesis":
         return GenesisClassifier3D(input_channels=1, num_classes=n,
                                    base_features=int(config.get("base_features") or 32))
     if architecture == "medicalnet":
         return MedicalNetClassifier3D(depth=int(config["depth"]), num_classes=n,
-                                      base_features=int(config.get("base_features") or 64))
+                                      base_features=int(config.get("base_features") or 64),
+                                      shortcut_type=config.get("shortcut_type"))
     raise ClassificationInputError(f"unknown architecture '{architecture}' (choose from {sorted(ARCHITECTURES)})")
 
 
@@ -79,12 +85,21 @@ def describe_pretrained(path: str, family: str | None, trust_pickle: bool) -> di
     state = weights.state_dict
     info = dict(weights.info or {})
     out = {"architecture": architecture, "dim": dim, "in_channels": channels, "pretrained_family": name,
-           "depth": None, "base_features": None}
-    if architecture == "genesis":
+           "depth": None, "base_features": None, "shortcut_type": None}
+    stem = state.get(weights.stem_weight_key or "")
+    if stem is not None and int(stem.shape[1]) != channels:
+        raise ClassificationInputError(f"{path}: the stem takes {int(stem.shape[1])} input channels; the "
+                                       f"{architecture} classifier takes {channels}")
+    if architecture == "resnet":
+        if info.get("depth") not in RESNET_DEPTHS:
+            raise ClassificationInputError(f"{path}: not a torchvision ResNet of depth {RESNET_DEPTHS}")
+        out["depth"] = int(info["depth"])
+    elif architecture == "genesis":
         out["base_features"] = int(state["down_tr64.ops.0.conv1.weight"].shape[0])
     elif architecture == "medicalnet":
         out["depth"] = int(info["depth"])
         out["base_features"] = int(state["conv1.weight"].shape[0])
+        out["shortcut_type"] = info.get("shortcut_type")
     return out
 
 
