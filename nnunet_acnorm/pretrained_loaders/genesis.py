@@ -11,15 +11,21 @@ def _recognise(checkpoint) -> bool:
     state = state_under(checkpoint, "state_dict")
     if state is None:
         return False
-    return any(has_tensor(state, p + "down_tr64.ops.0.conv1.weight", 5) for p in ("module.", ""))
+    # the stem, or (a decoder-only file, refused later by the import) the last decoder stage
+    return any(has_tensor(state, p + key, 5) for p in ("module.", "")
+               for key in ("down_tr64.ops.0.conv1.weight", "up_tr64.ops.0.conv1.weight"))
 
 
 def _read_info(checkpoint, state) -> dict:
     for prefix in ("module.", ""):
         stem = state.get(prefix + "down_tr64.ops.0.conv1.weight")
-        if stem is not None:
-            return {"input_channels": int(stem.shape[1]), "base_features": int(stem.shape[0]),
+        last = state.get(prefix + "up_tr64.ops.1.conv1.weight")
+        if stem is not None or last is not None:
+            info = {"base_features": int(stem.shape[0]) if stem is not None else int(last.shape[0]) // 2,
                     "has_decoder": any_key_starts(state, prefix + "up_tr64.")}
+            if stem is not None:
+                info["input_channels"] = int(stem.shape[1])
+            return info
     return {}
 
 
