@@ -1,0 +1,350 @@
+"""The target side of the ranking: an nnU-Net dataset's plans, fixed batches, loss and optimiser,
+and each candidate checkpoint turned into the AC-Norm network that ``nnUNetTrainerACNorm`` would
+fine-tune.
+
+Everything here mirrors what ``nnUNetv2_train -tr nnUNetTrainerACNorm -pretrained_weights`` does,
+without creating a trainer (whose constructor writes folders and logs into ``nnUNet_results``):
+
+- network: ``nnUNetTrainerACNorm.build_network_architecture`` from the plans (AC-Norm with the
+  source "not set"; loading the plain pretrained affines sets source = target);
+- weights: every key except the segmentation head (``.seg_layers.``), as nnU-Net's loader;
+- loss: nnU-Net's ``DC_and_CE_loss`` (``DC_and_BCE_loss`` for regions) with its deep-supervision
+  weights;
+- optimiser: the fine-tuning trainer's SGD (Nesterov, momentum 0.99) at its peak learning rate;
+- batches: nnU-Net's ``nnUNetDataLoader`` with the validation transforms (no augmentation), the
+  cases in a seeded order and the crops from a seeded RNG, so every candidate sees the same cases
+  and crops (same positions where the candidates' plans share spacing and patch size).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnunet_acnorm.pretrained_loaders import FAMILIES, PretrainedLoadError, detect_family, read_checkpoint
+from nnunet_acnorm.pretrained_loaders.core import apply_family
+
+#: keys nnU-Net's -pretrained_weights loader does not transfer
+HEAD_KEY_PART = ".seg_layers."
+_ALIAS_PARTS = (".all_modules.",)
+_ALIAS_PREFIXES = ("decoder.encoder.",)
+
+
+class RankingError(ValueError):
+    """The ranking as a whole cannot run (bad target, bad options): one line for the user."""
+
+
+class CandidateSkipped(ValueError):
+    """This candidate cannot be ranked on this target; the message says why (the others go on)."""
+
+
+@dataclass
+class TargetTask:
+    dataset_name: str
+    configuration: str
+    plans_identifier: str
+    plans: dict
+    dataset_json: dict
+    preprocessed_folder: str
+
+    @property
+    def num_input_channels(self) -> int:
+        return len(self.dataset_json.get("channel_names", self.dataset_json.get("modality", {})))
+
+
+def load_target(dataset: str, configuration: str, plans_identifier: str = "nnUNetPlans") -> TargetTask:
+    """The target dataset's plans and dataset.json from ``nnUNet_preprocessed`` (clear errors)."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    if nnUNet_preprocessed is None:
+        raise RankingError("nnUNet_preprocessed is not set; set the nnU-Net environment variables")
+    try:
+        dataset_name = maybe_convert_to_dataset_name(dataset)
+    except RuntimeError as e:
+        raise RankingError(f"dataset {dataset}: {str(e).splitlines()[0]}") from None
+    folder = os.path.join(nnUNet_preprocessed, dataset_name)
+    plans_file = os.path.join(folder, plans_identifier + ".json")
+    dataset_json_file = os.path.join(folder, "dataset.json")
+    for needed in (plans_file, dataset_json_file):
+        if not os.path.isfile(needed):
+            raise RankingError(f"{needed} not found: run nnUNetv2_plan_and_preprocess -d {dataset} -c {configuration} "
+                               "first (or pass -p with existing plans)")
+    with open(plans_file) as f:
+        plans = json.load(f)
+    with open(dataset_json_file) as f:
+        dataset_json = json.load(f)
+    configs = plans.get("configurations", {})
+    if configuration not in configs:
+        raise RankingError(f"configuration {configuration!r} is not in {plans_file} (has: {', '.join(configs)})")
+    target = TargetTask(dataset_name, configuration, plans_identifier, plans, dataset_json, folder)
+    manager = _managers(target.plans, configuration, dataset_json)[1]
+    if manager.previous_stage_name is not None:
+        raise RankingError(f"configuration {configuration} is a cascade stage; rank with its first stage "
+                           "(e.g. 3d_fullres or 3d_lowres)")
+    return target
+
+
+def _managers(plans: dict, configuration: str, dataset_json: dict):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(configuration)
+    label_manager = plans_manager.get_label_manager(dataset_json)
+    return plans_manager, configuration_manager, label_manager
+
+
+# -- batches --------------------------------------------------------------------------------------
+def deep_supervision_scales(configuration_manager) -> list[list[float]]:
+    """nnU-Net's deep supervision scales (``nnUNetTrainer._get_deep_supervision_scales``)."""
+    return list(list(i) for i in 1 / np.cumprod(np.vstack(configuration_manager.pool_op_kernel_sizes), axis=0))[:-1]
+
+
+def case_order(identifiers: list[str], n_batches: int, batch_size: int, seed: int) -> list[list[str]]:
+    """The cases of each batch: a seeded permutation of all cases, repeated as often as needed."""
+    rng = np.random.RandomState(seed)
+    needed = n_batches * batch_size
+    order: list[str] = []
+    while len(order) < needed:
+        order.extend(identifiers[i] for i in rng.permutation(len(identifiers)))
+    return [order[b * batch_size:(b + 1) * batch_size] for b in range(n_batches)]
+
+
+def epoch_steps(target: TargetTask, plans: dict | None = None) -> int:
+    """Steps of one pass over the target's cases: ceil(cases / batch size)."""
+    plans = plans or target.plans
+    _, cm, _ = _managers(plans, target.configuration, target.dataset_json)
+    folder = os.path.join(target.preprocessed_folder, cm.data_identifier)
+    return max(1, math.ceil(len(_dataset(folder, target).identifiers) / cm.batch_size))
+
+
+def _dataset(folder: str, target: TargetTask):
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        raise CandidateSkipped(f"preprocessed data {folder} not found: run nnUNetv2_preprocess for these plans")
+    return infer_dataset_class(folder)(folder)
+
+
+def fixed_batches(target: TargetTask, plans: dict, n_batches: int, seed: int) -> list[dict]:
+    """``n_batches`` batches ({"data", "target"}) of the target for the configuration in ``plans``:
+    the same seed gives the same cases and crops."""
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    _, cm, lm = _managers(plans, target.configuration, target.dataset_json)
+    dataset = _dataset(os.path.join(target.preprocessed_folder, cm.data_identifier), target)
+    transforms = nnUNetTrainer.get_validation_transforms(
+        deep_supervision_scales(cm), is_cascaded=False, foreground_labels=lm.foreground_labels,
+        regions=lm.foreground_regions if lm.has_regions else None, ignore_label=lm.ignore_label)
+    loader = nnUNetDataLoader(dataset, cm.batch_size, cm.patch_size, cm.patch_size, lm,
+                              oversample_foreground_percent=0.33, transforms=transforms)
+    batches_of_cases = case_order(list(dataset.identifiers), n_batches, cm.batch_size, seed)
+    state = np.random.get_state()
+    np.random.seed(seed)  # nnU-Net's crop positions come from the global numpy RNG
+    try:
+        batches = []
+        for cases in batches_of_cases:
+            loader.get_indices = lambda cases=cases: list(cases)
+            batch = loader.generate_train_batch()
+            batch["keys"] = list(cases)
+            batches.append(batch)
+    finally:
+        np.random.set_state(state)
+    return batches
+
+
+# -- loss and optimiser -----------------------------------------------------------------------------
+def build_loss(plans: dict, target: TargetTask) -> nn.Module:
+    """nnU-Net's training loss for these plans, with its deep-supervision weights."""
+    from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    _, cm, lm = _managers(plans, target.configuration, target.dataset_json)
+    if lm.has_regions:
+        loss = DC_and_BCE_loss({}, {"batch_dice": cm.batch_dice, "do_bg": True, "smooth": 1e-5, "ddp": False},
+                               use_ignore_label=lm.ignore_label is not None, dice_class=MemoryEfficientSoftDiceLoss)
+    else:
+        loss = DC_and_CE_loss({"batch_dice": cm.batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                              weight_ce=1, weight_dice=1, ignore_label=lm.ignore_label,
+                              dice_class=MemoryEfficientSoftDiceLoss)
+    weights = np.array([1 / (2 ** i) for i in range(len(deep_supervision_scales(cm)))])
+    weights[-1] = 0
+    return DeepSupervisionWrapper(loss, weights / weights.sum())
+
+
+def finetune_optimizer(network: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
+    """The fine-tuning trainer's optimiser (SGD, Nesterov, momentum 0.99, weight decay 3e-5) at
+    its peak learning rate (``nnUNetTrainerFinetune.finetune_initial_lr``) unless ``lr`` is given."""
+    from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerFinetune
+
+    lr = nnUNetTrainerFinetune.finetune_initial_lr if lr is None else lr
+    return torch.optim.SGD(network.parameters(), lr, weight_decay=3e-5, momentum=0.99, nesterov=True)
+
+
+def nnunet_train_step(network: nn.Module, loss: nn.Module, optimizer: torch.optim.Optimizer,
+                      device: torch.device):
+    """One step as ``nnUNetTrainer.train_step`` (forward, loss, backward, clip to 12, SGD step)."""
+
+    def step(batch: dict) -> float:
+        data = batch["data"].to(device)
+        target = batch["target"]
+        target = [t.to(device) for t in target] if isinstance(target, list) else target.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        output = network(data)
+        value = loss(output, target)
+        if not torch.isfinite(value):
+            raise CandidateSkipped("the loss is not finite on the target batches (NaN/inf weights or a diverging "
+                                   "step); try a smaller --lr")
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+        optimizer.step()
+        return float(value.detach())
+
+    return step
+
+
+# -- candidates -------------------------------------------------------------------------------------
+@dataclass
+class PreparedCandidate:
+    path: str
+    family: str
+    plans: dict
+    plans_identifier: str
+    network: nn.Module
+    loaded_keys: int
+    notes: list[str] = field(default_factory=list)
+    #: the checkpoint to fine-tune from with nnUNetv2_train -pretrained_weights
+    pretrained_weights: str = ""
+
+
+def _canonical(keys) -> list[str]:
+    return [k for k in keys if not k.startswith(_ALIAS_PREFIXES) and not any(p in k for p in _ALIAS_PARTS)]
+
+
+def build_acnorm_network(plans: dict, target: TargetTask, seed: int) -> nn.Module:
+    """The network ``nnUNetTrainerACNorm`` builds for these plans (deep supervision on)."""
+    from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNorm
+
+    plans_manager, cm, lm = _managers(plans, target.configuration, target.dataset_json)
+    torch.manual_seed(seed)  # the fresh segmentation head is the same for every candidate of an architecture
+    return nnUNetTrainerACNorm.build_network_architecture(plans_manager, cm, target.num_input_channels,
+                                                          lm.num_segmentation_heads, True)
+
+
+def load_into(network: nn.Module, weights: dict[str, torch.Tensor], path: str) -> int:
+    """nnU-Net's -pretrained_weights rule: every key except the head must be in ``weights`` with
+    the same shape. Raises :class:`CandidateSkipped` naming the first misfit."""
+    own = network.state_dict()
+    chosen = {}
+    for key in _canonical(own):
+        if HEAD_KEY_PART in key:
+            continue
+        if key not in weights:
+            raise CandidateSkipped(f"does not fit the planned network: key {key} is missing in the file")
+        value = weights[key]
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise CandidateSkipped(f"does not fit the planned network: {key} has shape {tuple(value.shape)} in the "
+                                   f"file, {tuple(own[key].shape)} in the network")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CandidateSkipped(f"tensor {key} contains NaN or infinite values (corrupted or diverged checkpoint)")
+        chosen[key] = value
+    network.load_state_dict(chosen, strict=False)
+    return len(chosen)
+
+
+def _stem_input_channels(weights) -> int | None:
+    key = weights.stem_weight_key
+    if key and key in weights.state_dict and weights.state_dict[key].dim() >= 3:
+        return int(weights.state_dict[key].shape[1])
+    return weights.info.get("input_channels", weights.family.input_channels)
+
+
+def _file_tag(path: str) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:10]
+
+
+def prepare_candidate(path: str, target: TargetTask, seed: int, family: str | None = None,
+                      trust_pickle: bool = False, adapt_input_channels: bool = False,
+                      log: io.StringIO | None = None) -> PreparedCandidate:
+    """The AC-Norm network of ``path`` on the target, source affines = the file's affines.
+
+    nnU-Net v2 checkpoints that fit the target plans are used as they are. Any other 3D file goes
+    through ``nnUNetv2_acnorm_import`` (plans for its network, preprocessing if the intensity
+    normalisation changes, an nnU-Net checkpoint); its plans are named
+    ``<plans>__rank_<family>_<file hash>`` and reused by later rankings of the same file.
+    """
+    try:
+        checkpoint = read_checkpoint(path, trust_pickle=trust_pickle)
+        if family is not None:
+            if family not in FAMILIES:
+                raise CandidateSkipped(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+            fam = FAMILIES[family]
+        else:
+            fam = detect_family(checkpoint, path)
+        weights = apply_family(fam, checkpoint, path)
+    except PretrainedLoadError as e:
+        raise CandidateSkipped(str(e).replace(f"{path}: ", "", 1)) from None
+    if fam.spatial_dims != len(target.plans["configurations"][target.configuration]["patch_size"]):
+        raise CandidateSkipped(f"a {fam.spatial_dims}D {fam.name} network ({fam.description}) does not fit the "
+                               f"{target.configuration} configuration")
+    stem_channels = _stem_input_channels(weights)
+    if stem_channels is not None and stem_channels != target.num_input_channels and not adapt_input_channels:
+        raise CandidateSkipped(f"pretrained on {stem_channels} input channel(s), the target has "
+                               f"{target.num_input_channels}; pass --adapt_input_channels to rank it with an adapted "
+                               "stem (as nnUNetv2_acnorm_import does)")
+    notes: list[str] = []
+    if fam.name == "nnunet_v2":
+        network = build_acnorm_network(target.plans, target, seed)
+        try:
+            raw = checkpoint["network_weights"]
+            loaded = load_into(network, raw, path)
+            return PreparedCandidate(path, fam.name, target.plans, target.plans_identifier, network, loaded,
+                                     ["fits the target plans as it is"], os.path.abspath(path))
+        except CandidateSkipped as e:
+            notes.append(f"target plans: {e}; imported with its own architecture")
+    return _prepare_by_import(path, fam.name, target, seed, trust_pickle, notes, log)
+
+
+def _prepare_by_import(path: str, family: str, target: TargetTask, seed: int, trust_pickle: bool,
+                       notes: list[str], log) -> PreparedCandidate:
+    from nnunet_acnorm.pretrained_loaders.import_command import ImportError_, run_import
+
+    plans_name = f"{target.plans_identifier}__rank_{family}_{_file_tag(path)}"
+    plans_file = os.path.join(target.preprocessed_folder, plans_name + ".json")
+    checkpoint_file = os.path.join(target.preprocessed_folder, "acnorm_pretrained",
+                                   f"{plans_name}__{target.configuration}.pth")
+    reused = os.path.isfile(plans_file) and os.path.isfile(checkpoint_file)
+    if not reused:
+        out = log if log is not None else io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):
+                run_import(target.dataset_name, target.configuration, path, family=family, trust_pickle=trust_pickle,
+                           source_plans=target.plans_identifier, plans_name=plans_name, output=checkpoint_file,
+                           num_processes=1, preprocess=True, overwrite=True)
+        except (ImportError_, PretrainedLoadError) as e:
+            raise CandidateSkipped(str(e).replace(f"{path}: ", "", 1)) from None
+    with open(plans_file) as f:
+        plans = json.load(f)
+    imported = read_checkpoint(checkpoint_file)
+    network = build_acnorm_network(plans, target, seed)
+    loaded = load_into(network, imported["network_weights"], checkpoint_file)
+    info: dict[str, Any] = imported.get("acnorm_import", {})
+    fresh = [k for k in info.get("fresh_keys", []) if HEAD_KEY_PART not in k]
+    notes.append(("reused" if reused else "imported") + f" as plans {plans_name}"
+                 + (f"; {len(fresh)} non-head tensors start fresh (not in the file)" if fresh else ""))
+    return PreparedCandidate(path, family, plans, plans_name, network, loaded, notes, checkpoint_file)

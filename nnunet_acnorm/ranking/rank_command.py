@@ -1,0 +1,138 @@
+"""``nnUNetv2_acnorm_rank``: rank pretrained checkpoints for an nnU-Net dataset by AC-Corr.
+
+    nnUNetv2_acnorm_rank -d 501 -c 3d_fullres -i a.pth b.pth c.pth [--steps 1 | --epoch]
+                         [--layers deepest|all|NAME ...] [-o OUTDIR] [-device cpu|cuda] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from nnunet_acnorm.pretrained_loaders import FAMILIES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnUNetv2_acnorm_rank",
+        description="Rank pretrained checkpoints for fine-tuning on an nnU-Net dataset by AC-Corr: each candidate "
+                    "becomes an AC-Norm network (source = its pretrained affines), is fine-tuned for a few steps on "
+                    "the same seeded batches, and scored by the sum of its sparse correlation matrix S.")
+    p.add_argument("-d", dest="dataset", required=True, help="target dataset name or id")
+    p.add_argument("-c", dest="configuration", required=True, help="configuration, e.g. 3d_fullres")
+    p.add_argument("-i", dest="candidates", nargs="+", required=True, help="candidate checkpoint files")
+    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="target plans identifier (default nnUNetPlans)")
+    how_long = p.add_mutually_exclusive_group()
+    how_long.add_argument("--steps", type=int, default=1, help="fine-tuning steps per candidate (default 1)")
+    how_long.add_argument("--epoch", action="store_true",
+                          help="one pass over the target's cases instead (ceil(cases / batch size) steps)")
+    p.add_argument("--layers", nargs="+", default=["deepest"],
+                   help="norm layers: 'deepest' (default: the deepest encoder norm), 'all', or layer names")
+    p.add_argument("-o", dest="output", default=None,
+                   help="output folder (default nnUNet_results/<dataset>/acnorm_ranking__<plans>__<configuration>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier ranking in -o")
+    p.add_argument("-device", dest="device", default="cpu", choices=("cpu", "cuda"), help="device (default cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the batches and the fresh heads (default 0)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of the steps (default: the fine-tuning trainer's peak, 1e-3)")
+    p.add_argument("--tau", type=float, default=1.0, help="temperature of the correlation (default 1.0)")
+    p.add_argument("--logme", action="store_true",
+                   help="also compute LogME on the deepest encoder norm's features at labelled voxels")
+    p.add_argument("-f", dest="family", choices=sorted(FAMILIES), default=None,
+                   help="force the family of every candidate (default: detected per file)")
+    p.add_argument("--trust_pickle", action="store_true",
+                   help="allow files that need arbitrary pickled Python objects (only for trusted files)")
+    p.add_argument("--adapt_input_channels", action="store_true",
+                   help="rank candidates pretrained on another number of input channels with an adapted stem "
+                        "(default: skip them)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _layers_arg(values: list[str]):
+    if values in (["deepest"], ["all"]):
+        return values[0]
+    if "deepest" in values or "all" in values:
+        raise ValueError("--layers takes 'deepest', 'all', or layer names, not a mix")
+    return values
+
+
+def _default_output(dataset_name: str, plans: str, configuration: str) -> str | None:
+    from nnunetv2.paths import nnUNet_results
+
+    if nnUNet_results is None:
+        return None
+    return os.path.join(nnUNet_results, dataset_name, f"acnorm_ranking__{plans}__{configuration}")
+
+
+def rank_entry(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    prog = "nnUNetv2_acnorm_rank"
+
+    def fail(message: str) -> None:
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+    if args.steps < 1:
+        fail(f"--steps must be >= 1, got {args.steps}")
+    if not args.tau > 0:
+        fail(f"--tau must be > 0, got {args.tau}")
+    if args.lr is not None and not args.lr > 0:
+        fail(f"--lr must be > 0, got {args.lr}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            fail("-device cuda: no CUDA device is available; use -device cpu")
+    try:
+        layers = _layers_arg(args.layers)
+    except ValueError as e:
+        fail(str(e))
+
+    from nnunet_acnorm.ranking.nnunet_target import RankingError, load_target
+    from nnunet_acnorm.ranking.rank import existing_results, format_table, rank_candidates, write_results
+
+    try:
+        target = load_target(args.dataset, args.configuration, args.plans)
+    except RankingError as e:
+        fail(str(e))
+    output = args.output or _default_output(target.dataset_name, args.plans, args.configuration)
+    if output is None:
+        fail("nnUNet_results is not set: pass -o OUTDIR")
+    present = existing_results(output) if os.path.isdir(output) else []
+    if present and not args.overwrite:  # checked before the work, not after
+        fail(f"{output} already holds results of an earlier ranking ({', '.join(present)}); pass --overwrite to "
+             "replace them or -o for another folder")
+
+    logs: dict[str, str] = {}
+    ranking = rank_candidates(args.candidates, target, steps="epoch" if args.epoch else args.steps, layers=layers,
+                              seed=args.seed, device=args.device, lr=args.lr, tau=args.tau, with_logme=args.logme,
+                              family=args.family, trust_pickle=args.trust_pickle,
+                              adapt_input_channels=args.adapt_input_channels, progress=not args.no_progress, logs=logs)
+    written = write_results(ranking, output, overwrite=args.overwrite)
+    os.makedirs(os.path.join(output, "logs"), exist_ok=True)
+    for name, text in logs.items():
+        if text:
+            with open(os.path.join(output, "logs", name.replace(os.sep, "_") + ".txt"), "w") as f:
+                f.write(text)
+
+    print(f"\nAC-Corr ranking on {target.dataset_name} {target.configuration} (plans {target.plans_identifier}); "
+          f"{ranking.steps} step(s) per candidate, layers: {ranking.layers}, seed {ranking.seed}")
+    print(format_table(ranking))
+    print(f"\n{ranking.direction_note}.")
+    epoch = ranking.epoch_seconds()
+    if epoch is not None:
+        per_candidate = sum(c.seconds for c in ranking.ranked) / len(ranking.ranked)
+        print(f"Cost: {per_candidate:.1f} s per candidate (including preparation) vs about {epoch:.0f} s for one "
+              f"nnU-Net fine-tuning epoch (250 iterations at the measured step time)")
+    best = ranking.ranked[0] if ranking.ranked else None
+    if best is not None:
+        print(f"Best: {best.name}. Fine-tune it with:\n  nnUNetv2_train {args.dataset} {args.configuration} FOLD "
+              f"-p {best.plans_identifier} -tr nnUNetTrainerACNorm -pretrained_weights {best.pretrained_weights}")
+    print(f"Results: {', '.join(written)}")
+    if not ranking.ranked:
+        fail("no candidate could be ranked (see the reasons above)")
+
+
+if __name__ == "__main__":
+    rank_entry()
