@@ -38,17 +38,10 @@ def load_network_weights(fname: str) -> dict:
     if not os.path.isfile(fname):
         raise PretrainedWeightsError(f"pretrained weights file not found: {fname}")
     try:
-        # nnU-Net checkpoints hold numpy values in their logs, which weights_only=True refuses;
-        # nnU-Net's own loader reads the file with weights_only=False right after this check.
-        checkpoint = torch.load(fname, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise PretrainedWeightsError(
-            f"cannot read pretrained weights {fname} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "pass a checkpoint_final.pth written by nnUNetv2_train") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("network_weights"), dict):
-        raise PretrainedWeightsError(
-            f"{fname} is not an nnU-Net checkpoint (no 'network_weights' entry); pass a checkpoint "
-            "written by nnUNetv2_train, or convert other formats with nnUNetv2_acnorm_import")
+        checkpoint = load_nnunet_checkpoint(fname)
+    except (ValueError, FileNotFoundError) as e:
+        raise PretrainedWeightsError(f"{e}; pass a checkpoint_final.pth written by nnUNetv2_train, or convert "
+                                     "other formats with nnUNetv2_acnorm_import") from None
     return checkpoint["network_weights"]
 
 
@@ -79,3 +72,32 @@ def check_pretrained_weights(network: nn.Module, fname: str) -> dict:
                 f"{fname}: key '{key}' contains NaN or infinite values; the checkpoint is corrupted or "
                 "comes from a diverged run")
     return pretrained
+
+
+def _numpy_checkpoint_globals() -> list:
+    """numpy objects nnU-Net checkpoints hold (in their training logs): safe to unpickle."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    allowed = [core.multiarray.scalar, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return allowed
+
+
+def load_nnunet_checkpoint(fname: str) -> dict:
+    """Load an nnU-Net checkpoint with ``weights_only=True`` (plus the numpy scalars and dtypes its
+    logs hold), so a tampered file cannot run code. Raises ValueError/FileNotFoundError with one clear line."""
+    if not os.path.isfile(fname):
+        raise FileNotFoundError(f"checkpoint not found: {fname}")
+    try:
+        with torch.serialization.safe_globals(_numpy_checkpoint_globals()):
+            checkpoint = torch.load(fname, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load checkpoint {fname} safely ({first[:300]}); it is corrupted or not a "
+                         "checkpoint written by nnUNetv2_train") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("network_weights"), dict):
+        raise ValueError(f"{fname} is not an nnU-Net checkpoint (no 'network_weights' entry)")
+    return checkpoint

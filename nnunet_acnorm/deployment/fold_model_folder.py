@@ -1,0 +1,315 @@
+"""``nnUNetv2_acnorm_fold``: turn a trained AC-Norm model folder into one for stock ``nnUNetTrainer``.
+
+Every AC-Norm layer is folded into the plain norm of its type with weight (I+S)γt and bias (I+S)βt
+(:func:`nnunet_acnorm.fold_acnorm`), which computes the same outputs at inference. The new folder
+holds, for every fold and checkpoint, the folded weights with ``trainer_name = 'nnUNetTrainer'``,
+a ``plans.json`` whose ``norm_op`` is the folded norm type (for example BatchNorm3d for
+``nnUNetTrainerACNormBN``) and whose plans name is ``<plans>ACNormFolded``, and the dataset files.
+Stock nnU-Net predicts with it, with the plugin not installed:
+
+    nnUNetv2_predict -i in -o out -d D -c C -f 0 -tr nnUNetTrainer -p nnUNetPlansACNormFolded
+    nnUNetv2_predict_from_modelfolder -i in -o out -m <folded folder> -f 0
+
+Before writing anything, each checkpoint's folded weights are loaded strictly into the network
+that stock ``nnUNetTrainer`` builds from the new plans, and both networks are run on the same
+random input; the largest softmax-probability difference is printed and stored in
+``acnorm_fold.json``. The output is written to a temporary folder and renamed at the end; an
+existing output folder is never touched without ``--overwrite``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import pydoc
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FOLDED_PLANS_SUFFIX = "ACNormFolded"
+STOCK_TRAINER = "nnUNetTrainer"
+
+
+class FoldError(ValueError):
+    """The model folder cannot be folded; the message says why and what to do."""
+
+
+@dataclass
+class FoldReport:
+    output_folder: Path
+    plans_identifier: str
+    configuration: str
+    checkpoints: list[str] = field(default_factory=list)
+    max_probability_difference: float = 0.0
+    norm_op: str = ""
+
+
+def default_output_folder(model_folder: Path) -> Path:
+    trainer, plans, configuration = _split_model_folder_name(model_folder)
+    return model_folder.parent / f"{STOCK_TRAINER}__{plans}{FOLDED_PLANS_SUFFIX}__{configuration}"
+
+
+def _split_model_folder_name(model_folder: Path) -> tuple[str, str, str]:
+    parts = model_folder.name.split("__")
+    if len(parts) != 3:
+        raise FoldError(f"{model_folder} is not an nnU-Net model folder (expected a name like "
+                        "nnUNetTrainerACNorm__nnUNetPlans__3d_fullres)")
+    return parts[0], parts[1], parts[2]
+
+
+def _find_trainer_class(trainer_name: str):
+    from nnunet_acnorm.trainers.acnorm_trainers import TRAINERS
+
+    if trainer_name in TRAINERS:
+        return TRAINERS[trainer_name]
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    try:
+        return recursive_find_trainer_class_by_name(trainer_name)
+    except RuntimeError:
+        raise FoldError(f"trainer {trainer_name} (named in the checkpoint) cannot be found; add its folder to "
+                        "nnUNet_extTrainer") from None
+
+
+def _checkpoints(model_folder: Path, names: list[str] | None) -> list[Path]:
+    folds = sorted(p for p in model_folder.glob("fold_*") if p.is_dir())
+    if not folds:
+        raise FoldError(f"{model_folder} has no fold_* folders: nothing was trained there")
+    found = []
+    for fold in folds:
+        wanted = names or sorted(p.name for p in fold.glob("checkpoint_*.pth"))
+        for name in wanted:
+            if (fold / name).is_file():
+                found.append(fold / name)
+    if not found:
+        raise FoldError(f"no checkpoint ({', '.join(names) if names else 'checkpoint_*.pth'}) in the fold "
+                        f"folders of {model_folder}")
+    return found
+
+
+def _dotted(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+def fold_model_folder(model_folder, output_folder=None, overwrite: bool = False,
+                      checkpoint_names: list[str] | None = None, seed: int = 0, log=print) -> FoldReport:
+    """Write the folded copy of ``model_folder`` (see the module docstring); returns a report."""
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_acnorm.norms import acnorm_modules, fold_acnorm
+    from nnunet_acnorm.trainers.pretrained_check import load_nnunet_checkpoint
+
+    model_folder = Path(model_folder).resolve()
+    if not model_folder.is_dir():
+        raise FoldError(f"model folder not found: {model_folder}")
+    for name in ("plans.json", "dataset.json"):
+        if not (model_folder / name).is_file():
+            raise FoldError(f"{model_folder} has no {name}: not a trained nnU-Net model folder")
+    _, plans_identifier, _ = _split_model_folder_name(model_folder)
+    output_folder = Path(output_folder).resolve() if output_folder else default_output_folder(model_folder)
+    if output_folder == model_folder:
+        raise FoldError("the output folder must differ from the model folder")
+    if output_folder.exists() and not overwrite:
+        raise FoldError(f"output folder {output_folder} exists; pass --overwrite to replace it")
+    checkpoints = _checkpoints(model_folder, checkpoint_names)
+
+    plans = json.loads((model_folder / "plans.json").read_text())
+    dataset_json = json.loads((model_folder / "dataset.json").read_text())
+    plans_manager = PlansManager(copy.deepcopy(plans))
+    new_plans = copy.deepcopy(plans)
+    new_plans["plans_name"] = plans_identifier + FOLDED_PLANS_SUFFIX
+
+    report = FoldReport(output_folder, new_plans["plans_name"], "")
+    folded_checkpoints: list[tuple[Path, dict]] = []
+    generator = torch.Generator().manual_seed(seed)
+    for path in checkpoints:
+        try:
+            checkpoint = load_nnunet_checkpoint(str(path))
+        except (ValueError, FileNotFoundError) as e:
+            raise FoldError(str(e)) from None
+        configuration = checkpoint.get("init_args", {}).get("configuration")
+        if configuration not in plans["configurations"]:
+            raise FoldError(f"{path}: configuration {configuration!r} is not in {model_folder / 'plans.json'}")
+        report.configuration = configuration
+        configuration_manager = plans_manager.get_configuration(configuration)
+        n_in = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+        n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+        trainer_class = _find_trainer_class(checkpoint["trainer_name"])
+        network = trainer_class.build_network_architecture(plans_manager, configuration_manager, n_in, n_out,
+                                                           enable_deep_supervision=False)
+        layers = acnorm_modules(network)
+        if not layers:
+            raise FoldError(f"{path}: trainer {checkpoint['trainer_name']} has no AC-Norm layers; its model folder "
+                            "already works with stock nnU-Net")
+        try:
+            network.load_state_dict(checkpoint["network_weights"], strict=True)
+        except RuntimeError as e:
+            raise FoldError(f"{path}: the weights do not fit the network of {checkpoint['trainer_name']}: "
+                            f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+        unset = [n for n, m in layers.items() if not m.source_is_set]
+        if unset:
+            log(f"warning: {path}: {len(unset)} AC-Norm layer(s) have no source affines (the checkpoint was "
+                "written before training started); folding with source = target")
+        network.eval()
+        fold_acnorm(network)
+        norm_types = {type(m) for m in network.modules()
+                      if type(m).__name__ in {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d",
+                                              "InstanceNorm2d", "InstanceNorm3d", "GroupNorm"}}
+        _set_norm_op(new_plans, configuration, configuration_manager, norm_types, network)
+        report.norm_op = new_plans["configurations"][configuration]["architecture"]["arch_kwargs"]["norm_op"]
+
+        # the stock trainer must rebuild exactly this network from the new plans
+        stock = nnUNetTrainer.build_network_architecture(
+            PlansManager(copy.deepcopy(new_plans)), PlansManager(copy.deepcopy(new_plans)).get_configuration(configuration),
+            n_in, n_out, enable_deep_supervision=False)
+        folded_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        try:
+            stock.load_state_dict(folded_state, strict=True)
+        except RuntimeError as e:
+            raise FoldError(f"{path}: the folded weights do not load into stock nnUNetTrainer's network: {e}") from None
+        stock.eval()
+        difference = _max_probability_difference(trainer_class, plans_manager, configuration_manager, n_in, n_out,
+                                                 checkpoint["network_weights"], stock, generator)
+        report.max_probability_difference = max(report.max_probability_difference, difference)
+        relative = path.relative_to(model_folder)
+        report.checkpoints.append(str(relative))
+        log(f"{relative}: folded {len(layers)} AC-Norm layer(s); largest softmax difference to the AC-Norm "
+            f"network on a random input: {difference:.2e}")
+        new_checkpoint = dict(checkpoint)
+        new_checkpoint.update(network_weights=folded_state, trainer_name=STOCK_TRAINER, optimizer_state=None,
+                              grad_scaler_state=None)
+        init_args = dict(checkpoint.get("init_args", {}))
+        if "plans" in init_args:
+            init_args["plans"] = copy.deepcopy(new_plans)
+        new_checkpoint["init_args"] = init_args
+        folded_checkpoints.append((relative, new_checkpoint))
+
+    _write_output(model_folder, output_folder, overwrite, new_plans, folded_checkpoints, report)
+    return report
+
+
+def _set_norm_op(new_plans: dict, configuration: str, configuration_manager, norm_types: set, network) -> None:
+    if len(norm_types) != 1:
+        raise FoldError(f"the folded network mixes norm types {sorted(t.__name__ for t in norm_types)}; a plans "
+                        "file describes one norm_op, so stock nnU-Net cannot rebuild it")
+    norm_type = next(iter(norm_types))
+    config = new_plans["configurations"][configuration]
+    if "architecture" not in config:  # inherited: write the resolved architecture into this configuration
+        config["architecture"] = {"network_class_name": configuration_manager.network_arch_class_name,
+                                  "arch_kwargs": copy.deepcopy(configuration_manager.network_arch_init_kwargs),
+                                  "_kw_requires_import": list(configuration_manager.network_arch_init_kwargs_req_import)}
+    arch_kwargs = config["architecture"]["arch_kwargs"]
+    current = pydoc.locate(arch_kwargs.get("norm_op") or "")
+    if current is not norm_type:
+        example = next(m for m in network.modules() if type(m) is norm_type)
+        arch_kwargs["norm_op"] = _dotted(norm_type)
+        arch_kwargs["norm_op_kwargs"] = {"eps": example.eps, "affine": True}
+        if "norm_op" not in config["architecture"].get("_kw_requires_import", []):
+            config["architecture"].setdefault("_kw_requires_import", []).append("norm_op")
+
+
+def _max_probability_difference(trainer_class, plans_manager, configuration_manager, n_in, n_out, weights,
+                                stock, generator) -> float:
+    import torch
+
+    acnorm = trainer_class.build_network_architecture(plans_manager, configuration_manager, n_in, n_out,
+                                                      enable_deep_supervision=False)
+    acnorm.load_state_dict(weights, strict=True)
+    acnorm.eval()
+    patch = [min(int(p), 64) for p in configuration_manager.patch_size]  # small and valid for the network
+    divisor = [1] * len(patch)
+    strides = configuration_manager.network_arch_init_kwargs.get("strides") or []
+    for stride in strides:
+        stride = stride if isinstance(stride, (list, tuple)) else [stride] * len(patch)
+        divisor = [d * int(s) for d, s in zip(divisor, stride)]
+    patch = [max(d, (p // d) * d) for p, d in zip(patch, divisor)]
+    x = torch.randn((1, n_in, *patch), generator=generator)
+    with torch.no_grad():
+        p_acnorm = torch.softmax(acnorm(x), 1)
+        p_stock = torch.softmax(stock(x), 1)
+    return float((p_acnorm - p_stock).abs().max())
+
+
+def _write_output(model_folder: Path, output_folder: Path, overwrite: bool, new_plans: dict,
+                  folded_checkpoints: list, report: FoldReport) -> None:
+    import torch
+
+    output_folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_folder.parent / f".{output_folder.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        for name in ("dataset.json", "dataset_fingerprint.json"):
+            if (model_folder / name).is_file():
+                shutil.copy2(model_folder / name, staging / name)
+        (staging / "plans.json").write_text(json.dumps(new_plans, indent=4))
+        for fold in sorted({rel.parent for rel, _ in folded_checkpoints}):
+            # training logs and validation results travel along (find_best_configuration reads them)
+            shutil.copytree(model_folder / fold, staging / fold, ignore=shutil.ignore_patterns("*.pth"))
+        for relative, checkpoint in folded_checkpoints:
+            torch.save(checkpoint, staging / relative)
+        (staging / "acnorm_fold.json").write_text(json.dumps({
+            "folded_from": str(model_folder), "plans_identifier": report.plans_identifier,
+            "configuration": report.configuration, "norm_op": report.norm_op, "checkpoints": report.checkpoints,
+            "max_probability_difference_random_input": report.max_probability_difference}, indent=2))
+        if output_folder.exists():
+            if not overwrite:  # appeared meanwhile
+                raise FoldError(f"output folder {output_folder} exists; pass --overwrite to replace it")
+            shutil.rmtree(output_folder)
+        staging.rename(output_folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def fold_entry(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="nnUNetv2_acnorm_fold",
+        description="Fold the AC-Norm layers of a trained model folder into plain norms, for stock nnU-Net "
+                    "inference without the plugin (nnUNetv2_predict -tr nnUNetTrainer -p <plans>ACNormFolded).")
+    parser.add_argument("-d", help="dataset name or id (with -c, -tr, -p: the model folder in nnUNet_results)")
+    parser.add_argument("-c", help="configuration, e.g. 3d_fullres")
+    parser.add_argument("-tr", default="nnUNetTrainerACNorm", help="trainer (default: nnUNetTrainerACNorm)")
+    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    parser.add_argument("-i", help="the model folder itself (instead of -d/-c/-tr/-p)")
+    parser.add_argument("-o", help="output model folder (default: nnUNetTrainer__<plans>ACNormFolded__<config> "
+                                   "next to the model folder)")
+    parser.add_argument("-chk", nargs="+", help="checkpoint file names (default: every checkpoint_*.pth)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = parser.parse_args(argv)
+    try:
+        if args.i:
+            model_folder = Path(args.i)
+        else:
+            if not (args.d and args.c):
+                raise FoldError("give the model folder with -i, or -d DATASET -c CONFIGURATION [-tr] [-p]")
+            results = os.environ.get("nnUNet_results")
+            if not results:
+                raise FoldError("nnUNet_results is not set; set it or pass the model folder with -i")
+            from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+            try:
+                dataset_name = maybe_convert_to_dataset_name(args.d)
+            except RuntimeError as e:
+                raise FoldError(f"dataset {args.d} not found: {str(e).splitlines()[0]}") from None
+            model_folder = Path(results) / dataset_name / f"{args.tr}__{args.p}__{args.c}"
+        report = fold_model_folder(model_folder, args.o, overwrite=args.overwrite, checkpoint_names=args.chk)
+    except FoldError as e:
+        print(f"nnUNetv2_acnorm_fold: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"\nFolded model written to {report.output_folder}\n"
+          f"  norm_op: {report.norm_op}; checkpoints: {', '.join(report.checkpoints)}\n"
+          f"  largest softmax difference to the AC-Norm network (random input): {report.max_probability_difference:.2e}\n"
+          f"Predict with stock nnU-Net (no plugin needed):\n"
+          f"  nnUNetv2_predict_from_modelfolder -i INPUT -o OUTPUT -m {report.output_folder}\n"
+          f"  or: nnUNetv2_predict -i INPUT -o OUTPUT -d DATASET -c {report.configuration} -tr {STOCK_TRAINER} "
+          f"-p {report.plans_identifier} -f FOLDS")
+
+
+if __name__ == "__main__":
+    fold_entry()
