@@ -1,0 +1,227 @@
+"""Fast tests of the trainer pieces: schedule, discovery hook, pretrained-weights check, BN trainer."""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnunet_acnorm.trainers.discovery import trainer_shim_folder, with_trainer_folder
+from nnunet_acnorm.trainers.schedules import WarmupPolyLRScheduler
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_warmup_then_poly_schedule():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    sched = WarmupPolyLRScheduler(opt, peak_lr=1e-3, max_epochs=100, warmup_epochs=10)
+    lrs = []
+    for epoch in range(100):
+        sched.step(epoch)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])), "linear warm-up rises"
+    assert lrs[0] == pytest.approx(1e-3 / 11) and lrs[10] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(lrs[10:-1], lrs[11:])), "poly decay falls"
+    assert 0 < lrs[-1] < 1e-4
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        WarmupPolyLRScheduler(opt, 1e-3, max_epochs=5, warmup_epochs=5)
+
+
+def test_schedule_attributes_are_overridable():
+    from nnunet_acnorm.trainers.acnorm_trainers import (TRAINERS, nnUNetTrainerACNorm, nnUNetTrainerACNorm_50epochs,
+                                                        nnUNetTrainerFinetune)
+
+    assert nnUNetTrainerACNorm_50epochs.finetune_num_epochs == 50
+    assert nnUNetTrainerACNorm.finetune_initial_lr == nnUNetTrainerFinetune.finetune_initial_lr == 1e-3
+    for name in ("nnUNetTrainerACNorm", "nnUNetTrainerACNormBN", "nnUNetTrainerFinetune", "nnUNetTrainerFinetuneBN"):
+        assert name in TRAINERS
+
+
+def test_with_trainer_folder_appends_once_and_keeps_user_folders():
+    folder = trainer_shim_folder()
+    assert with_trainer_folder(None) == folder
+    value = with_trainer_folder(os.pathsep.join(["/a", "/b"]))
+    assert value.split(os.pathsep) == ["/a", "/b", folder]
+    assert with_trainer_folder(value) == value
+
+
+def test_start_up_hook_appends_without_clobbering(tmp_path):
+    """_nnunet_acnorm_env (run by the .pth at interpreter start) next to a package copy."""
+    (tmp_path / "nnunet_acnorm" / "trainers" / "nnunet_ext").mkdir(parents=True)
+    (tmp_path / "_nnunet_acnorm_env.py").write_text((REPO / "_nnunet_acnorm_env.py").read_text())
+    folder = str(tmp_path / "nnunet_acnorm" / "trainers" / "nnunet_ext")
+    code = "import _nnunet_acnorm_env, os, sys; print(os.environ.get('nnUNet_extTrainer', '')); " \
+           "print('torch' in sys.modules)"
+    for preset, expected in ((None, [folder]), ("/mine", ["/mine", folder]),
+                             (os.pathsep.join(["/mine", folder]), ["/mine", folder])):
+        env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
+        if preset is not None:
+            env["nnUNet_extTrainer"] = preset
+        out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+        assert out[0].split(os.pathsep) == expected
+        assert out[1] == "False", "the start-up hook must not import torch"
+
+
+def test_trainer_path_command_prints_the_shim_folder():
+    from tests.nnunet_fixtures import run_console
+
+    out = run_console("nnUNetv2_acnorm_trainer_path").stdout.strip()
+    assert out == trainer_shim_folder() and Path(out).is_dir()
+    shims = list(Path(out).glob("*.py"))
+    assert shims and not (Path(out) / "__init__.py").exists()
+    env = dict(os.environ, nnUNet_extTrainer="/mine")
+    appended = run_console("nnUNetv2_acnorm_trainer_path", "--append", env=env).stdout.strip()
+    assert appended.split(os.pathsep) == ["/mine", out]
+
+
+def test_nnunet_finds_the_real_classes_through_the_shim_folder():
+    code = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"
+            "from nnunet_acnorm.trainers import acnorm_trainers as m\n"
+            "for n in ('nnUNetTrainerACNorm', 'nnUNetTrainerACNormBN', 'nnUNetTrainerFinetune', "
+            "'nnUNetTrainerACNorm_100epochs'):\n"
+            "    assert f(n) is getattr(m, n), n\n"
+            "print('ok')\n")
+    env = dict(os.environ, nnUNet_extTrainer=trainer_shim_folder())
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+# -- networks built from plans, in process -----------------------------------------------------
+def _plans(norm="torch.nn.modules.instancenorm.InstanceNorm3d") -> dict:
+    return {
+        "dataset_name": "Dataset999_X", "plans_name": "nnUNetPlans", "original_median_spacing_after_transp": [1, 1, 1],
+        "original_median_shape_after_transp": [16, 16, 16], "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {},
+        "configurations": {"3d_fullres": {
+            "data_identifier": "x", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
+            "patch_size": [16, 16, 16], "median_image_size_in_voxels": [16, 16, 16], "spacing": [1, 1, 1],
+            "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
+            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
+            "resampling_fn_data_kwargs": {}, "resampling_fn_seg_kwargs": {},
+            "resampling_fn_probabilities": "resample_data_or_seg_to_shape", "resampling_fn_probabilities_kwargs": {},
+            "batch_dice": False,
+            "architecture": {
+                "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                "arch_kwargs": {"n_stages": 3, "features_per_stage": [4, 8, 16],
+                                "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": [[3, 3, 3]] * 3,
+                                "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "n_conv_per_stage": [2, 2, 2],
+                                "n_conv_per_stage_decoder": [2, 2], "conv_bias": True, "norm_op": norm,
+                                "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
+                                "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+                                "nonlin_kwargs": {"inplace": True}},
+                "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}}}
+
+
+def _build(trainer_class, plans=None):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(copy.deepcopy(plans or _plans()))
+    return trainer_class.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 3)
+
+
+def test_acnorm_network_loads_plain_checkpoint_through_stock_loader(tmp_path):
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_acnorm.norms import ACInstanceNorm3d, acnorm_modules
+    from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNorm
+
+    plain = _build(nnUNetTrainer)
+    with torch.no_grad():
+        for m in plain.modules():
+            if isinstance(m, torch.nn.InstanceNorm3d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    torch.save({"network_weights": plain.state_dict()}, tmp_path / "pre.pth")
+    net = _build(nnUNetTrainerACNorm)
+    assert set(net.state_dict()) == set(plain.state_dict()), "unset sources add no keys"
+    load_pretrained_weights(net, str(tmp_path / "pre.pth"))
+    layers = acnorm_modules(net)
+    assert layers and all(isinstance(m, ACInstanceNorm3d) and m.source_is_set for m in layers.values())
+    ref = plain.state_dict()
+    for name, m in layers.items():
+        assert torch.equal(m.source_weight, ref[name + ".weight"]) and torch.equal(m.weight, ref[name + ".weight"])
+    # a fresh network loads the (now larger) state dict strictly: what --c, --val and predict do
+    fresh = _build(nnUNetTrainerACNorm)
+    fresh.load_state_dict(net.state_dict(), strict=True)
+    assert all(m.source_is_set for m in acnorm_modules(fresh).values())
+
+
+def test_bn_trainer_builds_acbatchnorm_and_folds_to_batchnorm(tmp_path):
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    from nnunetv2.training.nnUNetTrainer.variants.network_architecture.nnUNetTrainerBN import nnUNetTrainerBN
+
+    from nnunet_acnorm.norms import ACBatchNorm3d, acnorm_modules, fold_acnorm
+    from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNormBN, nnUNetTrainerFinetuneBN
+
+    plain = _build(nnUNetTrainerBN)
+    plain.train()
+    plain(torch.randn(2, 1, 16, 16, 16))  # give the running statistics values
+    torch.save({"network_weights": plain.state_dict()}, tmp_path / "bn.pth")
+    net = _build(nnUNetTrainerACNormBN)
+    assert all(isinstance(m, ACBatchNorm3d) for m in acnorm_modules(net).values())
+    load_pretrained_weights(net, str(tmp_path / "bn.pth"))
+    baseline = _build(nnUNetTrainerFinetuneBN)
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in baseline.modules())
+    net.eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        before = net(x)[0]
+        fold_acnorm(net)
+        after = net(x)[0]
+    assert torch.allclose(before, after, atol=1e-5)
+    assert not acnorm_modules(net)
+
+
+def test_pretrained_check_names_key_and_both_shapes(tmp_path):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNorm
+    from nnunet_acnorm.trainers.pretrained_check import (PretrainedWeightsError, check_pretrained_weights,
+                                                         pretrained_weights_from_argv)
+
+    net = _build(nnUNetTrainerACNorm)
+    other = _plans()
+    other["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] = [8, 16, 32]
+    torch.save({"network_weights": _build(nnUNetTrainer, other).state_dict()}, tmp_path / "wide.pth")
+    with pytest.raises(PretrainedWeightsError, match=r"first mismatching key '.*' has shape \(8, 1, 3, 3, 3\) in the "
+                                                      r"checkpoint but \(4, 1, 3, 3, 3\) in the network"):
+        check_pretrained_weights(net, str(tmp_path / "wide.pth"))
+    deeper = _plans()
+    arch = deeper["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    arch.update(n_stages=2, features_per_stage=[4, 8], kernel_sizes=[[3, 3, 3]] * 2, strides=[[1, 1, 1], [2, 2, 2]],
+                n_conv_per_stage=[2, 2], n_conv_per_stage_decoder=[2])
+    torch.save({"network_weights": _build(nnUNetTrainer, deeper).state_dict()}, tmp_path / "shallow.pth")
+    with pytest.raises(PretrainedWeightsError, match="is missing in the checkpoint"):
+        check_pretrained_weights(net, str(tmp_path / "shallow.pth"))
+    nan = _build(nnUNetTrainer).state_dict()
+    first_key = next(iter(nan))
+    nan[first_key] = torch.full_like(nan[first_key], float("nan"))
+    torch.save({"network_weights": nan}, tmp_path / "nan.pth")
+    with pytest.raises(PretrainedWeightsError, match="NaN"):
+        check_pretrained_weights(net, str(tmp_path / "nan.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(PretrainedWeightsError, match="cannot load checkpoint"):
+        check_pretrained_weights(net, str(tmp_path / "junk.pth"))
+    assert pretrained_weights_from_argv(["x", "-pretrained_weights", "a.pth"]) == "a.pth"
+    assert pretrained_weights_from_argv(["x", "-pretrained_weights=b.pth"]) == "b.pth"
+    assert pretrained_weights_from_argv(["x", "--c"]) is None
+
+
+def test_untrusted_checkpoint_is_not_executed(tmp_path):
+    from nnunet_acnorm.trainers.pretrained_check import load_nnunet_checkpoint
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"network_weights": {}, "x": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="cannot load checkpoint"):
+        load_nnunet_checkpoint(str(tmp_path / "evil.pth"))
+    assert not (tmp_path / "pwned").exists()
