@@ -171,23 +171,14 @@ def _check_finite(value: Tensor, what: str) -> None:
                          "Check the pretrained checkpoint.")
 
 
-class _ACBatchNorm(_ACNorm):
-    """AC-Norm over batch statistics; running statistics updated once per training step.
+class _ACNormWithRunningStats(_ACNorm):
+    """Shared state of the norms that can track running statistics (BatchNorm, InstanceNorm)."""
 
-    Not a subclass of ``torch.nn.modules.batchnorm._BatchNorm``, so that
-    ``nn.SyncBatchNorm.convert_sync_batchnorm`` (nnU-Net's DDP set-up) cannot replace it by a plain
-    SyncBatchNorm. :func:`nnunet_acnorm.acnorm_sync_batchnorm` switches on synchronised
-    statistics instead.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, tau: float = 1.0,
-                 device=None, dtype=None) -> None:
+    def __init__(self, num_features: int, eps: float, momentum: float | None, affine: bool,
+                 track_running_stats: bool, tau: float, device, dtype) -> None:
         super().__init__(num_features, eps, affine, tau, device, dtype)
         self.momentum = momentum
         self.track_running_stats = track_running_stats
-        self.sync_batch_stats = False
-        self.process_group = None
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=dtype))
             self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=dtype))
@@ -206,36 +197,6 @@ class _ACBatchNorm(_ACNorm):
         return {**super()._kwargs_from_plain(norm), "momentum": norm.momentum,
                 "track_running_stats": norm.track_running_stats}
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        raise NotImplementedError
-
-    def _normalize(self, input: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
-        use_batch_stats = self.training or self.running_mean is None
-        track = not self.training or self.track_running_stats
-        running_mean = self.running_mean if track else None
-        running_var = self.running_var if track else None
-        if self.training and self._world_size() > 1:
-            return torch.nn.modules._functions.SyncBatchNorm.apply(
-                input, weight, bias, running_mean, running_var, self.eps, factor,
-                self.process_group or dist.group.WORLD, self._world_size())
-        return F.batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats,
-                            factor, self.eps)
-
-    def _world_size(self) -> int:
-        """Ranks to synchronise statistics over: 1 unless switched on, distributed and on a GPU."""
-        if not (self.sync_batch_stats and dist.is_available() and dist.is_initialized()):
-            return 1
-        if self.weight.device.type == "cpu":
-            _warn_cpu_sync()
-            return 1
-        return dist.get_world_size(self.process_group or dist.group.WORLD)
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # checkpoints written before torch 0.4.1 (and some re-saved ones) lack num_batches_tracked
@@ -250,15 +211,53 @@ class _ACBatchNorm(_ACNorm):
                 f"track_running_stats={self.track_running_stats}")
 
 
-_cpu_sync_warned = False
+class _ACBatchNorm(_ACNormWithRunningStats):
+    """AC-Norm over batch statistics; running statistics updated once per training step.
 
+    Not a subclass of ``torch.nn.modules.batchnorm._BatchNorm``, so that
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` (nnU-Net's DDP set-up) cannot replace it by a plain
+    SyncBatchNorm. :func:`nnunet_acnorm.acnorm_sync_batchnorm` switches on synchronised
+    statistics instead.
+    """
 
-def _warn_cpu_sync() -> None:
-    global _cpu_sync_warned
-    if not _cpu_sync_warned:
-        _cpu_sync_warned = True
-        warnings.warn("AC-BatchNorm: synchronised batch statistics need a GPU (as torch's "
-                      "SyncBatchNorm does); on CPU each rank normalises with its own batch.")
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, tau: float = 1.0,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, tau, device, dtype)
+        self.sync_batch_stats = False
+        self.process_group = None
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        raise NotImplementedError
+
+    def _normalize(self, input: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or self.running_mean is None
+        track = not self.training or self.track_running_stats
+        running_mean = self.running_mean if track else None
+        running_var = self.running_var if track else None
+        world_size = self._world_size() if self.training else 1
+        if world_size > 1:  # the autograd function behind nn.SyncBatchNorm, with our affine
+            return torch.nn.modules._functions.SyncBatchNorm.apply(
+                input, weight, bias, running_mean, running_var, self.eps, factor,
+                self.process_group or dist.group.WORLD, world_size)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats,
+                            factor, self.eps)
+
+    def _world_size(self) -> int:
+        """Ranks to synchronise statistics over: 1 unless switched on, distributed and on a GPU."""
+        if not (self.sync_batch_stats and dist.is_available() and dist.is_initialized()):
+            return 1
+        if self.weight.device.type == "cpu":
+            warnings.warn("AC-BatchNorm: synchronised batch statistics need a GPU (as torch's "
+                          "SyncBatchNorm does); on CPU each rank normalises with its own batch.")
+            return 1
+        return dist.get_world_size(self.process_group or dist.group.WORLD)
 
 
 class ACBatchNorm1d(_ACBatchNorm):
@@ -285,7 +284,7 @@ class ACBatchNorm3d(_ACBatchNorm):
             raise ValueError(f"ACBatchNorm3d expects 5D input (got {input.dim()}D)")
 
 
-class _ACInstanceNorm(_ACNorm):
+class _ACInstanceNorm(_ACNormWithRunningStats):
     """AC-Norm over per-sample, per-channel statistics (train and eval alike)."""
 
     #: input dims of a batched input
@@ -294,26 +293,7 @@ class _ACInstanceNorm(_ACNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = False, tau: float = 1.0,
                  device=None, dtype=None) -> None:
-        super().__init__(num_features, eps, affine, tau, device, dtype)
-        self.momentum = momentum
-        self.track_running_stats = track_running_stats
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=dtype))
-            self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=dtype))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-
-    def _plain_kwargs(self) -> dict:
-        return {**super()._plain_kwargs(), "momentum": self.momentum,
-                "track_running_stats": self.track_running_stats}
-
-    @classmethod
-    def _kwargs_from_plain(cls, norm: nn.Module) -> dict:
-        return {**super()._kwargs_from_plain(norm), "momentum": norm.momentum,
-                "track_running_stats": norm.track_running_stats}
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, tau, device, dtype)
 
     def _normalize(self, input: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         if input.dim() == self.batched_dim - 1:  # unbatched input
@@ -328,10 +308,6 @@ class _ACInstanceNorm(_ACNorm):
         momentum = 0.1 if self.momentum is None else self.momentum
         return F.instance_norm(input, self.running_mean, self.running_var, weight, bias,
                                use_input_stats, momentum, self.eps)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, track_running_stats={self.track_running_stats}"
-
 
 class ACInstanceNorm1d(_ACInstanceNorm):
     plain_norm_class = nn.InstanceNorm1d
