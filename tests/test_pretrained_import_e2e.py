@@ -1,0 +1,194 @@
+"""nnUNetv2_acnorm_import through the real console scripts: for each 3D family a checkpoint in the
+published format -> import -> nnUNetv2_train (AC-Norm, one tiny run, -pretrained_weights) ->
+nnUNetv2_predict; the trained network's AC-Norm source affines equal the file's norm affines.
+Plus the command's refusals (bad files, 2D families, decoder-only files) and stem adaptation.
+
+One tiny CT dataset is planned and preprocessed once for the module.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_acnorm.pretrained_loaders import load_pretrained
+from tests import checkpoint_factories as cf
+from tests.nnunet_fixtures import acnorm_trainer_env, copy_test_images, make_tiny_dataset, run_console
+
+pytestmark = pytest.mark.integration
+DATASET = 561
+TRAINER = "nnUNetTrainerACNorm_tinyTest"  # nnUNetTrainerACNorm with 2 iterations per epoch, 1 epoch
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    import SimpleITK as sitk
+
+    base = tmp_path_factory.mktemp("import_e2e")
+    env_plan = acnorm_trainer_env(base, training=False)
+    folder = make_tiny_dataset(Path(env_plan["nnUNet_raw"]), DATASET, n_cases=4, shape=(24, 24, 24),
+                               name="TinyCT")
+    # a CT dataset: intensities in Hounsfield-like units, channel named CT
+    for image in (folder / "imagesTr").glob("*.nii.gz"):
+        img = sitk.ReadImage(str(image))
+        arr = sitk.GetArrayFromImage(img) * 120.0 - 300.0
+        out = sitk.GetImageFromArray(arr.astype(np.float32))
+        out.CopyInformation(img)
+        sitk.WriteImage(out, str(image))
+    meta = json.loads((folder / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "CT"}
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    run_console("nnUNetv2_plan_and_preprocess", "-d", DATASET, "-c", "3d_fullres", "-np", "1",
+                "--verify_dataset_integrity", env=env_plan)
+    # fold 0: 3 training cases, 1 validation case (nnU-Net's default 5-fold split needs 5 cases)
+    pre = Path(env_plan["nnUNet_preprocessed"]) / f"Dataset{DATASET:03d}_TinyCT"
+    (pre / "splits_final.json").write_text(json.dumps(
+        [{"train": ["case_001", "case_002", "case_003"], "val": ["case_000"]}]))
+    test_images = copy_test_images(folder, base / "imagesTs", cases=(0,))
+    return {"base": base, "env_plan": env_plan, "env_train": acnorm_trainer_env(base, training=True),
+            "raw": folder, "images": test_images,
+            "pre": Path(env_plan["nnUNet_preprocessed"]) / f"Dataset{DATASET:03d}_TinyCT"}
+
+
+def _import(ws, file, *extra, check=True):
+    return run_console("nnUNetv2_acnorm_import", "-d", DATASET, "-c", "3d_fullres", "-i", file, *extra,
+                       env=ws["env_plan"], check=check)
+
+
+def _printed(stdout: str, label: str) -> str:
+    return next(line.split(": ", 1)[1].strip() for line in stdout.splitlines() if line.startswith(label + ":"))
+
+
+FACTORIES = {
+    "genesis": lambda p: cf.save_genesis_checkpoint(p / "Genesis_Chest_CT.pt", base_features=4),
+    "suprem": lambda p: cf.save_suprem_checkpoint(p / "supervised_suprem_unet_2100.pth", base_features=4),
+    "nnunet_v2": lambda p: cf.save_nnunet_v2_checkpoint(p / "checkpoint_final.pth", num_classes=5),
+    "nnunet_v1": lambda p: cf.save_nnunet_v1_checkpoint(p / "Genesis_Chest_CT_nnUNet.model"),
+    "nnssl": lambda p: cf.save_nnssl_checkpoint(p / "nnssl_simclr.pth", encoder_only=True),
+    "medicalnet": lambda p: cf.save_medicalnet_checkpoint(p / "resnet_10.pth", depth=10, base_features=8),
+}
+
+
+@pytest.mark.parametrize("family", list(FACTORIES))
+def test_import_train_predict(workspace, tmp_path, family):
+    ws = workspace
+    source_plans = ws["pre"] / "nnUNetPlans.json"
+    source_before = source_plans.read_text()
+    file = FACTORIES[family](tmp_path)
+    out = _import(ws, file).stdout
+    assert f"family {family}" in out
+    plans_name, checkpoint = _printed(out, "Plans identifier"), _printed(out, "Pretrained checkpoint")
+    assert source_plans.read_text() == source_before  # the source plans stay untouched
+    plans = json.loads((ws["pre"] / f"{plans_name}.json").read_text())
+    config = plans["configurations"]["3d_fullres"]
+    weights = load_pretrained(file)
+    written = torch.load(checkpoint, weights_only=True)
+    assert set(written["acnorm_import"]["loaded_keys"]) <= set(weights.state_dict)
+    assert f"Loaded {len(written['acnorm_import']['loaded_keys'])} tensors from the file" in out
+
+    # the checkpoint holds every key of the planned network (what -pretrained_weights demands)
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    arch = config["architecture"]
+    net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                 1, 2, deep_supervision=True)
+    net.load_state_dict(written["network_weights"], strict=True)
+
+    run_console("nnUNetv2_train", DATASET, "3d_fullres", "0", "-p", plans_name, "-tr", TRAINER,
+                "-pretrained_weights", checkpoint, "-device", "cpu", env=ws["env_train"])
+    model_dir = Path(ws["env_train"]["nnUNet_results"]) / f"Dataset{DATASET:03d}_TinyCT" / \
+        f"{TRAINER}__{plans_name}__3d_fullres"
+    trained = torch.load(model_dir / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    affines = weights.norm_affines()
+    assert affines
+    for module, (weight, bias) in affines.items():
+        assert torch.equal(trained[module + ".source_weight"], weight), module
+        assert torch.equal(trained[module + ".source_bias"], bias), module
+    # the target affines trained away from the source (the run did update them)
+    assert any(not torch.equal(trained[m + ".weight"], w) for m, (w, _) in affines.items())
+
+    pred_dir = tmp_path / "pred"
+    run_console("nnUNetv2_predict", "-i", ws["images"], "-o", pred_dir, "-d", DATASET, "-c", "3d_fullres",
+                "-f", "0", "-p", plans_name, "-tr", TRAINER, "-device", "cpu", "--disable_tta", "-npp", "1",
+                "-nps", "1", env=ws["env_train"])
+    import SimpleITK as sitk
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / "case_000.nii.gz")))
+    assert seg.shape == (24, 24, 24) and set(np.unique(seg)) <= {0, 1}
+
+
+def test_genesis_plans_window_and_preprocessing(workspace, tmp_path):
+    ws = workspace
+    file = cf.save_genesis_checkpoint(tmp_path / "TransVW_chest_ct.pt", "transvw", base_features=4)
+    out = _import(ws, file, "-pl", "nnUNetPlans_transvw").stdout
+    config = json.loads((ws["pre"] / "nnUNetPlans_transvw.json").read_text())["configurations"]["3d_fullres"]
+    assert config["normalization_schemes"] == ["NoNormalization"]
+    assert config["architecture"]["arch_kwargs"]["input_window"] == [-1000.0, 1000.0]
+    assert all(p % 8 == 0 for p in config["patch_size"])
+    assert "Preprocessing Dataset561_TinyCT" in out
+    data = ws["pre"] / config["data_identifier"]
+    assert config["data_identifier"] == "nnUNetPlans_transvw_3d_fullres" and any(data.iterdir())
+    assert "out_tr (2), decoder.seg_layers (4)" in out  # what starts fresh, by part
+    # a second import to the same plans name refuses to overwrite
+    again = _import(ws, file, "-pl", "nnUNetPlans_transvw", check=False)
+    assert again.returncode == 1 and "exists; pass --overwrite" in again.stderr
+
+
+def test_stem_adapted_for_two_channel_dataset(workspace, tmp_path):
+    """A 2-channel dataset: the 1-channel stem is repeated and divided by 2 (documented)."""
+    ws = workspace
+    pre = Path(ws["env_plan"]["nnUNet_preprocessed"]) / "Dataset562_TwoChannel"
+    pre.mkdir()
+    plans = json.loads((ws["pre"] / "nnUNetPlans.json").read_text())
+    plans["dataset_name"] = "Dataset562_TwoChannel"
+    cfg = plans["configurations"]["3d_fullres"]
+    cfg["normalization_schemes"], cfg["use_mask_for_norm"] = ["ZScoreNormalization"] * 2, [False, False]
+    (pre / "nnUNetPlans.json").write_text(json.dumps(plans))
+    meta = json.loads((ws["pre"] / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "T1", "1": "T2"}
+    (pre / "dataset.json").write_text(json.dumps(meta))
+    file = cf.save_nnunet_v1_checkpoint(tmp_path / "v1.model")
+    proc = run_console("nnUNetv2_acnorm_import", "-d", "562", "-c", "3d_fullres", "-i", file,
+                       env=ws["env_plan"])
+    assert "1 -> 2 input channels" in proc.stdout and "Preprocessing: not needed" in proc.stdout
+    written = torch.load(_printed(proc.stdout, "Pretrained checkpoint"), weights_only=True)["network_weights"]
+    v1 = cf.nnunet_v1_state_dict()["conv_blocks_context.0.blocks.0.conv.weight"]
+    stem = written["encoder.stages.0.0.convs.0.conv.weight"]
+    assert stem.shape[1] == 2
+    assert torch.allclose(stem, v1.repeat(1, 2, 1, 1, 1) / 2)
+
+
+def _bad(ws, file, *extra):
+    proc = _import(ws, file, *extra, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    return proc.stderr.strip()
+
+
+def test_import_refusals(workspace, tmp_path):
+    ws = workspace
+    unknown = tmp_path / "other.pt"
+    torch.save({"model": {"w": torch.zeros(2)}}, unknown)
+    assert "no known pretrained family" in _bad(ws, unknown) and "tried genesis, suprem" in _bad(ws, unknown)
+
+    good = Path(cf.save_genesis_checkpoint(tmp_path / "Genesis_Chest_CT.pt", base_features=4))
+    truncated = tmp_path / "Genesis_truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    assert "Genesis_truncated.pt" in _bad(ws, truncated) and "corrupted or truncated" in _bad(ws, truncated)
+
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"epoch": 1, "state_dict": cf.genesis_state_dict(4), "optimizer_state_dict": {},
+                "config": Path("/some/path")}, pickled)
+    assert "--trust_pickle" in _bad(ws, pickled)
+
+    decoder_only = tmp_path / "decoder_only.pt"
+    state = {k: v for k, v in cf.genesis_state_dict(4).items() if k.startswith("up_tr")}
+    torch.save({"epoch": 1, "state_dict": state, "optimizer_state_dict": {}}, decoder_only)
+    message = _bad(ws, decoder_only)
+    assert "not even the encoder matched" in message and "28 of 28 encoder tensors" in message
+
+    moco = cf.save_moco_v2_checkpoint(tmp_path / "moco.pth.tar", arch="resnet18", queue_size=16)
+    assert "2D moco_v2" in _bad(ws, moco) and "nnUNetv2_acnorm_cls_train" in _bad(ws, moco)
+    assert "does not look like a nnssl" in _bad(ws, good, "-f", "nnssl")
+    # nothing was written by the refused imports
+    assert not list(ws["pre"].glob("nnUNetPlans__moco*.json"))
