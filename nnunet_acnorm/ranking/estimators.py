@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_acnorm.ac_corr import LayerSelection, ac_corr_from_model, select_layers
+from nnunet_acnorm.ac_corr import ACCorr, LayerSelection, ac_corr_from_affines, select_layers
 from nnunet_acnorm.norms import acnorm_modules
 from nnunet_acnorm.ranking.logme import logme
 
@@ -49,20 +49,30 @@ def ac_corr_after_steps(model: nn.Module, train_step: Callable[[dict], float], b
         if not module.source_is_set:
             module.set_source()  # the affines it holds now (the pretrained ones) are the source
     chosen = select_layers(list(modules), layers)
-    start = ac_corr_from_model(model, chosen, tau)
+    start = ac_corr_in_float64(modules, chosen, tau)
     model.train()
     losses = [train_step(batches[i % len(batches)]) for i in range(steps)]
-    after = ac_corr_from_model(model, chosen, tau)
+    after = ac_corr_in_float64(modules, chosen, tau)
     with torch.no_grad():
         matrices = {name: _sparse_correlation(modules[name], tau) for name in chosen}
     return ACCorrMeasurement(after.score, after.per_layer, start.score, start.per_layer, steps, losses, matrices)
 
 
+@torch.no_grad()
+def ac_corr_in_float64(modules: dict, chosen: Sequence[str], tau: float = 1.0) -> ACCorr:
+    """AC-Corr of AC-Norm ``modules`` (name -> module) over ``chosen``, computed in float64 so
+    that the small change after one step is not lost in float32 rounding."""
+    source = {n: tuple(t.double() for t in modules[n]._source()) for n in chosen}
+    target = {n: (modules[n].weight.double(), modules[n].bias.double()) for n in chosen}
+    return ac_corr_from_affines(source, target, list(chosen), tau)
+
+
 def _sparse_correlation(module, tau: float) -> np.ndarray:
     from nnunet_acnorm.norms.functional import sparse_correlation
 
-    source_weight, source_bias = module._source()
-    return sparse_correlation(source_weight, source_bias, module.weight, module.bias, tau).double().cpu().numpy()
+    source_weight, source_bias = (t.double() for t in module._source())
+    return sparse_correlation(source_weight, source_bias, module.weight.double(), module.bias.double(),
+                              tau).cpu().numpy()
 
 
 def _segmentation(batch: dict) -> torch.Tensor:
