@@ -42,9 +42,6 @@ def _device(name: str):
         raise ClassificationInputError("-device cuda: no CUDA GPU is available here; use -device cpu")
     if name == "mps" and not torch.backends.mps.is_available():
         raise ClassificationInputError("-device mps: MPS is not available here; use -device cpu")
-    if name == "cpu":
-        import multiprocessing
-        torch.set_num_threads(multiprocessing.cpu_count())
     return torch.device(name)
 
 
