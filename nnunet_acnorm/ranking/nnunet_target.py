@@ -66,7 +66,7 @@ def load_target(dataset: str, configuration: str, plans_identifier: str = "nnUNe
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    if nnUNet_preprocessed is None:
+    if not nnUNet_preprocessed:  # nnU-Net's lazy path object: false when the variable is unset
         raise RankingError("nnUNet_preprocessed is not set; set the nnU-Net environment variables")
     try:
         dataset_name = maybe_convert_to_dataset_name(dataset)

@@ -60,7 +60,7 @@ def _layers_arg(values: list[str]):
 def _default_output(dataset_name: str, plans: str, configuration: str) -> str | None:
     from nnunetv2.paths import nnUNet_results
 
-    if nnUNet_results is None:
+    if not nnUNet_results:  # nnU-Net's lazy path object: false when the variable is unset
         return None
     return os.path.join(nnUNet_results, dataset_name, f"acnorm_ranking__{plans}__{configuration}")
 

@@ -1,0 +1,146 @@
+"""nnUNetv2_acnorm_rank through the real console script on a tiny generated nnU-Net dataset, with
+candidates of three families (nnU-Net v2, Models Genesis, nnssl) and three that do not fit (other
+input channels, unknown family, corrupt file); plus the in-process ranking's determinism and the
+AC-Corr it reports against a direct computation.
+
+One tiny MR dataset is planned and preprocessed once for the module (MR: the imports of the
+Genesis and nnssl candidates keep the dataset's z-score normalisation, so nothing is preprocessed
+again).
+"""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import checkpoint_factories as cf
+from tests.nnunet_fixtures import make_tiny_dataset, nnunet_env, run_console
+
+pytestmark = pytest.mark.integration
+DATASET = 581
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    base = tmp_path_factory.mktemp("rank")
+    env_plan = nnunet_env(base, training=False)
+    make_tiny_dataset(Path(env_plan["nnUNet_raw"]), DATASET, n_cases=4, shape=(20, 20, 20), n_labels=3,
+                      name="TinyRank")
+    run_console("nnUNetv2_plan_and_preprocess", "-d", DATASET, "-c", "3d_fullres", "-np", "1", env=env_plan)
+    pre = Path(env_plan["nnUNet_preprocessed"]) / f"Dataset{DATASET:03d}_TinyRank"
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    c = base / "candidates"
+    files = {
+        "nnunet_v2": cf.save_nnunet_v2_checkpoint(c / "nnunet" / "checkpoint_final.pth", architecture=arch, seed=1),
+        "genesis": cf.save_genesis_checkpoint(c / "Genesis_Chest_CT.pt", base_features=4, seed=2),
+        "nnssl": cf.save_nnssl_checkpoint(c / "nnssl_mae.pth", seed=3),
+        "two_channels": cf.save_nnunet_v2_checkpoint(c / "two" / "checkpoint_final.pth", architecture=arch,
+                                                     input_channels=2, seed=4),
+    }
+    torch.save({"model": {"w": torch.zeros(2)}}, c / "unknown.pth")
+    files["unknown"] = str(c / "unknown.pth")
+    (c / "corrupt.pth").write_bytes(Path(files["nnunet_v2"]).read_bytes()[:4096])
+    files["corrupt"] = str(c / "corrupt.pth")
+    return {"base": base, "env": nnunet_env(base, training=True), "pre": pre, "files": files}
+
+
+def test_rank_command_ranks_three_families_and_skips_misfits(workspace, tmp_path):
+    ws, files = workspace, workspace["files"]
+    out = tmp_path / "ranking"
+    order = ["nnunet_v2", "corrupt", "genesis", "unknown", "nnssl", "two_channels"]
+    proc = run_console("nnUNetv2_acnorm_rank", "-d", DATASET, "-c", "3d_fullres", "-i", *[files[k] for k in order],
+                       "--steps", "2", "--logme", "-o", out, "-device", "cpu", "--seed", "3", env=ws["env"])
+    stdout = proc.stdout
+    assert "AC-Corr ranking on Dataset581_TinyRank" in stdout
+    assert "direction: higher AC-Corr" in stdout and "Cost:" in stdout
+    assert "AC-Corr:" in proc.stderr and "candidate" in proc.stderr  # the tqdm progress bar
+
+    result = json.loads((out / "ranking.json").read_text())
+    by_family = {c["family"]: c for c in result["candidates"] if c["status"] == "ranked"}
+    assert set(by_family) == {"nnunet_v2", "genesis", "nnssl"}
+    assert sorted(c["rank"] for c in by_family.values()) == [1, 2, 3]
+    scores = [c["ac_corr"] for c in sorted(by_family.values(), key=lambda c: c["rank"])]
+    assert scores == sorted(scores, reverse=True)  # higher AC-Corr first, the direction the tool states
+    assert by_family["genesis"]["per_layer"].keys() == {"down_tr512.ops.1.bn1"}
+    for c in by_family.values():
+        assert c["steps"] == 2 and len(c["losses"]) == 2 and c["seconds"] > 0
+        assert len(c["per_layer"]) == 1 and c["ac_corr"] > 0 and c["ac_corr_at_start"] > 0
+        assert c["logme"] is not None
+    assert "fits the target plans as it is" in by_family["nnunet_v2"]["notes"][0]
+    assert by_family["genesis"]["plans_identifier"].startswith("nnUNetPlans__rank_genesis_")
+
+    skipped = {Path(c["path"]).name if "two" not in c["path"] else "two": c["reason"]
+               for c in result["candidates"] if c["status"] == "skipped"}
+    assert "input channel" in skipped["two"] and "--adapt_input_channels" in skipped["two"]
+    assert "no known pretrained family" in skipped["unknown.pth"]
+    assert "corrupted or truncated" in skipped["corrupt.pth"]
+    for name in ("corrupt.pth", "unknown.pth"):
+        assert f"skipped: {name}" in stdout
+
+    rows = list(csv.DictReader((out / "ranking.csv").open()))
+    assert len(rows) == 6 and [r["rank"] for r in rows[:3]] == ["1", "2", "3"]
+    assert {r["status"] for r in rows[3:]} == {"skipped"}
+    for png in ("ranking.png", "sparse_correlations.png"):
+        assert (out / png).stat().st_size > 1000
+    import numpy as np
+    matrices = np.load(out / "sparse_correlations.npz")
+    for c in by_family.values():
+        (layer,) = c["per_layer"]
+        assert matrices[f"{c['name']}::{layer}"].sum() == pytest.approx(c["per_layer"][layer], rel=1e-9)
+
+    # an earlier ranking is never replaced silently: refused before any work, files untouched
+    before = (out / "ranking.json").read_bytes()
+    again = run_console("nnUNetv2_acnorm_rank", "-d", DATASET, "-c", "3d_fullres", "-i", files["nnunet_v2"],
+                        "-o", out, env=ws["env"], check=False)
+    assert again.returncode != 0 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    assert (out / "ranking.json").read_bytes() == before
+
+
+def test_rank_command_errors_are_one_line(workspace, tmp_path):
+    ws = workspace
+    bad_dataset = run_console("nnUNetv2_acnorm_rank", "-d", "599", "-c", "3d_fullres", "-i", ws["files"]["nnunet_v2"],
+                              "-o", tmp_path / "x", env=ws["env"], check=False)
+    assert bad_dataset.returncode != 0 and "Traceback" not in bad_dataset.stderr
+    assert "nnUNetv2_acnorm_rank: error: dataset 599" in bad_dataset.stderr
+    bad_layer = run_console("nnUNetv2_acnorm_rank", "-d", DATASET, "-c", "3d_fullres", "-i",
+                            ws["files"]["nnunet_v2"], "--layers", "no.such.layer", "-o", tmp_path / "y",
+                            "--no_progress", env=ws["env"], check=False)
+    assert bad_layer.returncode != 0 and "Traceback" not in bad_layer.stderr
+    assert "no.such.layer" in bad_layer.stdout and "no candidate could be ranked" in bad_layer.stderr
+
+
+def test_seeded_ranking_is_deterministic_and_equals_a_direct_computation(workspace, monkeypatch):
+    ws = workspace
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, ws["env"][var])
+    from nnunet_acnorm.ac_corr import ac_corr_from_state_dicts
+    from nnunet_acnorm.ranking.nnunet_target import load_target
+    from nnunet_acnorm.ranking.rank import rank_candidates
+
+    target = load_target(str(DATASET), "3d_fullres")
+    files = [ws["files"]["nnunet_v2"], ws["files"]["unknown"]]
+    first = rank_candidates(files, target, steps=1, seed=5, progress=False)
+    second = rank_candidates(files, target, steps=1, seed=5, progress=False)
+    (a,), (b,) = first.ranked, second.ranked
+    assert a.ac_corr == b.ac_corr and a.per_layer == b.per_layer and a.losses == b.losses
+    assert [c.status for c in first.candidates] == ["ranked", "skipped"]
+    other_seed = rank_candidates(files[:1], target, steps=1, seed=6, progress=False).ranked[0]
+    assert other_seed.losses != a.losses  # the seed does choose the batches
+
+    # the reported AC-Corr equals AC-Corr computed directly from the pretrained and the updated affines
+    from nnunet_acnorm.ranking.nnunet_target import (build_loss, finetune_optimizer, fixed_batches,
+                                                     nnunet_train_step, prepare_candidate)
+    prepared = prepare_candidate(files[0], target, seed=5)
+    pretrained = {k: v.clone() for k, v in torch.load(files[0], weights_only=False)["network_weights"].items()}
+    torch.manual_seed(5)
+    step = nnunet_train_step(prepared.network, build_loss(target.plans, target), finetune_optimizer(prepared.network),
+                             torch.device("cpu"))
+    prepared.network.train()
+    for batch in fixed_batches(target, target.plans, 1, seed=5):
+        step(batch)
+    finetuned = {k: v for k, v in prepared.network.state_dict().items() if not k.endswith(("source_weight",
+                                                                                           "source_bias"))}
+    direct = ac_corr_from_state_dicts(pretrained, finetuned, layers=list(a.per_layer))
+    assert direct.score == pytest.approx(a.ac_corr, rel=1e-5)
