@@ -172,3 +172,15 @@ def test_norm_features_at_labels_uses_the_source_affines_and_caps_per_class():
     all_features = expected.movedim(1, -1).reshape(-1, 3).double().numpy()
     for row in features:  # every sampled row is one of the plain layer's feature vectors
         assert np.abs(all_features - row).sum(axis=1).min() < 1e-5
+
+
+def test_untrained_affines_are_flagged_because_s_is_full_by_construction():
+    model = OneNorm(4)  # weight 1, bias 0: every domain indicator is 0, every entry ties with the diagonal
+    convert_to_acnorm(model)
+    measured = ac_corr_after_steps(model, lambda b: 0.0, [{}], steps=1)
+    assert measured.score == pytest.approx(4.0) and measured.degenerate_layers == ["norm"]
+    trained = OneNorm(4)
+    with torch.no_grad():
+        trained.norm.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    convert_to_acnorm(trained)
+    assert ac_corr_after_steps(trained, lambda b: 0.0, [{}], steps=1).degenerate_layers == []

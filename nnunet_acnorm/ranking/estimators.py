@@ -31,6 +31,9 @@ class ACCorrMeasurement:
     losses: list[float] = field(default_factory=list)
     #: S of each chosen layer after the steps (C x C, numpy)
     sparse_correlations: dict[str, np.ndarray] = field(default_factory=dict)
+    #: chosen layers whose source domain indicators are all equal (e.g. untrained affines 1, 0):
+    #: every entry of a row ties with the diagonal, so S is full and the sum is C by construction
+    degenerate_layers: list[str] = field(default_factory=list)
 
 
 def ac_corr_after_steps(model: nn.Module, train_step: Callable[[dict], float], batches: Sequence[dict],
@@ -50,12 +53,22 @@ def ac_corr_after_steps(model: nn.Module, train_step: Callable[[dict], float], b
             module.set_source()  # the affines it holds now (the pretrained ones) are the source
     chosen = select_layers(list(modules), layers)
     start = ac_corr_in_float64(modules, chosen, tau)
+    degenerate = [name for name in chosen if _indicator_spread(modules[name]) < 1e-6]
     model.train()
     losses = [train_step(batches[i % len(batches)]) for i in range(steps)]
     after = ac_corr_in_float64(modules, chosen, tau)
     with torch.no_grad():
         matrices = {name: _sparse_correlation(modules[name], tau) for name in chosen}
-    return ACCorrMeasurement(after.score, after.per_layer, start.score, start.per_layer, steps, losses, matrices)
+    return ACCorrMeasurement(after.score, after.per_layer, start.score, start.per_layer, steps, losses, matrices,
+                             degenerate)
+
+
+@torch.no_grad()
+def _indicator_spread(module) -> float:
+    from nnunet_acnorm.norms.functional import domain_indicator
+
+    indicator = domain_indicator(*(t.double() for t in module._source()))
+    return float(indicator.max() - indicator.min())
 
 
 @torch.no_grad()

@@ -165,6 +165,11 @@ def rank_candidates(paths: Sequence[str], target: TargetTask, steps: int | str =
             result.per_layer, result.per_layer_at_start = measured.per_layer, measured.per_layer_at_start
             result.steps, result.losses = measured.steps, measured.losses
             result.sparse_correlations = measured.sparse_correlations
+            if measured.degenerate_layers:
+                result.notes.append(
+                    f"all source affines of {', '.join(measured.degenerate_layers)} give the same domain indicator "
+                    "(untrained values?): S is full there and AC-Corr = C by construction, not evidence of "
+                    "transferability")
         except CandidateSkipped as e:
             result.reason = str(e)
         except (ValueError, RuntimeError) as e:  # a network/plans problem of this candidate only
@@ -253,6 +258,10 @@ def format_table(ranking: Ranking, max_layers: int = 4) -> str:
         lines.append(f"({len(layer_names) - max_layers} more layer(s) in ranking.csv)")
     if not rows:
         lines.append("(no candidate could be ranked)")
+    for c in ranking.ranked:
+        for note in c.notes:
+            if "by construction" in note:
+                lines.append(f"warning: {c.name}: {note}")
     for c in ranking.skipped:
         lines.append(f"skipped: {c.name}: {c.reason}")
     return "\n".join(lines)
