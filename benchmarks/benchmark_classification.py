@@ -1,0 +1,106 @@
+"""Training throughput of the classification trainer: AC-Norm vs vanilla fine-tuning.
+
+Both variants run the trainer's real ``train_step`` (forward, class-weighted cross-entropy,
+backward, gradient clipping, SGD step; autocast + GradScaler on CUDA) on the same random batches,
+interleaved in one process (vanilla, AC-Norm, vanilla, AC-Norm, ...) so that machine load affects
+both alike. Data loading is left out: it is the same for both. Prints a Markdown table of
+training images per second (median over repeats) and the ratio AC-Norm / vanilla.
+
+    python benchmarks/benchmark_classification.py                       # small CPU defaults
+    python benchmarks/benchmark_classification.py --arch resnet --depth 50 --size 224 --batch_size 32 --device cuda
+    python benchmarks/benchmark_classification.py --arch genesis --size 64 --base_features 32 --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nnunet_acnorm.classification.trainer import (ClassificationTrainer,  # noqa: E402
+                                                  ClassificationTrainer_vanilla)
+
+
+def make_trainer(cls, args, folder: str, device: torch.device):
+    dim = 2 if args.arch == "resnet" else 3
+    config = {"architecture": args.arch, "dim": dim, "depth": args.depth, "base_features": args.base_features,
+              "shortcut_type": None, "num_classes": args.num_classes, "num_epochs": 1, "initial_lr": 1e-3,
+              "weight_decay": 3e-5, "tau": 1.0, "batch_size": args.batch_size, "imbalance": "loss",
+              "selection_metric": "kappa", "num_workers": 0}
+    trainer = cls(config, 0, os.path.join(folder, cls.__name__), device, show_progress=False)
+    trainer.print_to_log_file = lambda *a, **k: None
+    torch.manual_seed(0)
+    trainer.initialize(pretrained_file=None)  # random weights: the speed does not depend on them
+    trainer.loss = torch.nn.CrossEntropyLoss(weight=torch.ones(args.num_classes)).to(device)
+    trainer.network.train()
+    return trainer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", choices=["resnet", "genesis", "medicalnet"], default="resnet")
+    p.add_argument("--depth", type=int, default=None, help="ResNet depth (default 18 for a quick CPU run; "
+                                                           "50 is the paper's 2D network) / MedicalNet depth (10)")
+    p.add_argument("--base_features", type=int, default=None, help="3D width (Genesis 32, MedicalNet 64 "
+                                                                   "published; default 8 for CPU)")
+    p.add_argument("--size", type=int, default=None, help="image side (2D, default 64) / cube side (3D, default 32)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--num_classes", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="timed training steps per repeat and variant")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.depth is None:
+        args.depth = {"resnet": 18, "medicalnet": 10}.get(args.arch)
+    if args.base_features is None and args.arch != "resnet":
+        args.base_features = 8
+    size = args.size or (64 if args.arch == "resnet" else 32)
+    shape = (args.batch_size, 3, size, size) if args.arch == "resnet" else (args.batch_size, 1, size, size, size)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(shape, generator=generator)
+    labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=generator)
+
+    with tempfile.TemporaryDirectory() as folder:
+        trainers = {"vanilla": make_trainer(ClassificationTrainer_vanilla, args, folder, device),
+                    "AC-Norm": make_trainer(ClassificationTrainer, args, folder, device)}
+        for trainer in trainers.values():  # warm-up (allocations, cuDNN autotuning)
+            for _ in range(2):
+                trainer.train_step(images, labels)
+        rates: dict[str, list[float]] = {name: [] for name in trainers}
+        for _ in range(args.repeats):
+            for name, trainer in trainers.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    trainer.train_step(images, labels)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                rates[name].append(args.steps * args.batch_size / (time.perf_counter() - start))
+
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    ratios = [a / v for a, v in zip(rates["AC-Norm"], rates["vanilla"])]
+    net = f"{args.arch}{args.depth or ''}" + (f" (width {args.base_features})" if args.base_features else "")
+    print(f"\nTraining throughput, {net}, input {tuple(shape[1:])}, batch {args.batch_size}, "
+          f"{args.device}{' (mixed precision)' if device.type == 'cuda' else ' (float32)'}, "
+          f"{args.repeats} interleaved repeats x {args.steps} steps, torch threads {torch.get_num_threads()}\n")
+    print("| fine-tuning | images/s (median) | min | max |")
+    print("|---|---|---|---|")
+    for name in ("vanilla", "AC-Norm"):
+        print(f"| {name} | {median[name]:.2f} | {min(rates[name]):.2f} | {max(rates[name]):.2f} |")
+    print(f"\nAC-Norm / vanilla throughput: {statistics.median(ratios):.3f} (median of per-repeat ratios; "
+          f"range {min(ratios):.3f}-{max(ratios):.3f})")
+
+
+if __name__ == "__main__":
+    main()
