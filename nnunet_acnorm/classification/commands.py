@@ -132,6 +132,8 @@ def _train(argv) -> None:
                                                       ClassificationTrainer_vanilla, load_checkpoint)
     args = train_parser().parse_args(argv)
     device = _device(args.device)
+    if args.f != "all" and not 0 <= args.f < 5:
+        raise ClassificationInputError(f"-f {args.f}: the splits have folds 0..4 (or use -f all)")
     fold_folder = os.path.join(args.o, f"fold_{args.f}")
     existing = [n for n in CHECKPOINT_NAMES if os.path.isfile(os.path.join(fold_folder, n))]
     trainer_class = ClassificationTrainer_vanilla if args.vanilla else ClassificationTrainer
@@ -154,7 +156,7 @@ def _train(argv) -> None:
         if config["trainer_name"] != trainer_class.__name__:
             raise ClassificationInputError(
                 f"{fold_folder} was trained with {config['trainer_name']}; --c must keep it "
-                f"({'drop' if not args.vanilla else 'add'} --vanilla)")
+                f"({'drop' if args.vanilla else 'add'} --vanilla)")
         trainer_class = TRAINERS[config["trainer_name"]]
         if args.num_epochs is not None:
             config["num_epochs"] = args.num_epochs
