@@ -114,3 +114,11 @@ def test_medicalnet_forward_shapes():
     assert [tuple(o.shape) for o in outs] == [(2, 3, 16, 16, 8), (2, 3, 8, 8, 4), (2, 3, 4, 4, 2)]
     with pytest.raises(ValueError, match="depth"):
         MedicalNetResNet3D(26)
+
+
+@pytest.mark.parametrize("path", ["nnunet_acnorm.networks.genesis_unet3d.GenesisUNet3D",
+                                  "nnunet_acnorm.networks.medicalnet_resnet.MedicalNetUNet3D"])
+def test_plans_dotted_paths_resolve(path):
+    """nnU-Net builds plans' networks with pydoc.locate (a package attribute shadowing a submodule breaks it)."""
+    import pydoc
+    assert pydoc.locate(path) is not None and pydoc.locate(path).__name__ == path.rsplit(".", 1)[1]

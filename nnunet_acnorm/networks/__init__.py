@@ -1,7 +1,10 @@
 """Networks for pretrained families whose architecture nnU-Net lacks (buildable from plans by
-dotted path), with the published attribute names so the published state dicts load."""
+dotted path), with the published attribute names so the published state dicts load.
+
+Do not export names equal to a submodule's name: nnU-Net resolves the plans' dotted paths with
+``pydoc.locate``, which would find the attribute instead of the module."""
 from nnunet_acnorm.networks.genesis_unet3d import (GenesisClassifier3D, GenesisEncoder3D, GenesisUNet3D)
-from nnunet_acnorm.networks.medicalnet_resnet import (MedicalNetResNet3D, MedicalNetUNet3D, medicalnet_resnet)
+from nnunet_acnorm.networks.medicalnet_resnet import (MedicalNetResNet3D, MedicalNetUNet3D, build_medicalnet_resnet)
 
 __all__ = ["GenesisEncoder3D", "GenesisUNet3D", "GenesisClassifier3D", "MedicalNetResNet3D",
-           "MedicalNetUNet3D", "medicalnet_resnet"]
+           "MedicalNetUNet3D", "build_medicalnet_resnet"]

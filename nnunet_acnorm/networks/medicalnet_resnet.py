@@ -150,7 +150,7 @@ class MedicalNetResNet3D(nn.Module):
         return self.encode(x)[-1]
 
 
-def medicalnet_resnet(depth: int, **kwargs) -> MedicalNetResNet3D:
+def build_medicalnet_resnet(depth: int, **kwargs) -> MedicalNetResNet3D:
     return MedicalNetResNet3D(depth=depth, **kwargs)
 
 

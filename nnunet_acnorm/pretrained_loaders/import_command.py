@@ -260,9 +260,6 @@ def run_import(dataset: str, configuration: str, file: str, family: str | None =
 
     plans_file = os.path.join(folder, plans_name + ".json")
     checkpoint_file = output or os.path.join(folder, "acnorm_pretrained", f"{plans_name}__{configuration}.pth")
-    for existing in (plans_file, checkpoint_file):
-        if os.path.exists(existing) and not overwrite:
-            raise ImportError_(f"{existing} exists; pass --overwrite to replace it, or -o / -pl for new names")
 
     num_inputs = len(dataset_json["channel_names"])
     label_manager = plans_manager.get_label_manager(dataset_json)
@@ -275,6 +272,9 @@ def run_import(dataset: str, configuration: str, file: str, family: str | None =
         raise ImportError_(f"cannot build the {fam.name} network from the planned architecture "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     transfer = transfer_weights(weights, network, num_inputs)
+    for existing in (plans_file, checkpoint_file):
+        if os.path.exists(existing) and not overwrite:
+            raise ImportError_(f"{existing} exists; pass --overwrite to replace it, or -o / -pl for new names")
 
     os.makedirs(os.path.dirname(os.path.abspath(checkpoint_file)), exist_ok=True)
     torch.save({"network_weights": transfer.state_dict,
