@@ -119,6 +119,7 @@ class Runner:
                                     text=True)
             for line in proc.stdout:
                 fh.write(line)
+                fh.flush()
                 if "Epoch " in line and "time" not in line or "Pseudo dice" in line or "train_loss" in line:
                     print("      " + line.split(": ", 1)[-1].rstrip(), flush=True)
             proc.wait()

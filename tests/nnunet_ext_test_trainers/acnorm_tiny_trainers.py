@@ -26,7 +26,10 @@ class _Tiny:
 
 
 class nnUNetTrainer_acnormTinyTest(_Tiny, nnUNetTrainer):
-    pass
+    """The source model: its validation is not needed."""
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.print_to_log_file("validation skipped (test trainer)")
 
 
 class nnUNetTrainerBN_acnormTinyTest(_Tiny, nnUNetTrainerBN):
@@ -34,7 +37,11 @@ class nnUNetTrainerBN_acnormTinyTest(_Tiny, nnUNetTrainerBN):
 
 
 class nnUNetTrainerACNorm_tinyTest(_Tiny, nnUNetTrainerACNorm):
-    pass
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if os.environ.get("ACNORM_TEST_SKIP_VALIDATION") == "1":
+            self.print_to_log_file("validation skipped (test trainer)")
+            return
+        super().perform_actual_validation(save_probabilities)
 
 
 class nnUNetTrainerACNormBN_tinyTest(_Tiny, nnUNetTrainerACNormBN):
