@@ -116,8 +116,8 @@ def bn_affines_of_file(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]
 @pytest.fixture(scope="module")
 def data2d(tmp_path_factory):
     root = tmp_path_factory.mktemp("cls2d")
-    make_rgb_dataset(root / "train", root / "train.csv", 20, seed=0)
-    make_rgb_dataset(root / "test", root / "test.csv", 12, seed=1)
+    make_rgb_dataset(root / "train", root / "train.csv", 40, seed=0)
+    make_rgb_dataset(root / "test", root / "test.csv", 20, seed=1)
     make_rgb_dataset(root / "pretraining", root / "pretraining.csv", 16, seed=2)
     checkpoint = save_torchvision_resnet_checkpoint(root / "resnet18-f37072fd.pth", arch="resnet18")
     import torchvision
@@ -134,7 +134,7 @@ def trained2d(data2d):
     root, checkpoint = data2d
     results = root / "results"
     common = ("-i", root / "train", "-l", root / "train.csv", "-o", results, "-f", 0, "-image_size", 32,
-              "-batch_size", 8)
+              "-batch_size", 4)
     first = train(*common, "-pretrained", checkpoint, "-num_epochs", 1)
     second = train(*common, "--c", "-num_epochs", 2)
     return root, results, first, second
@@ -150,7 +150,7 @@ def test_2d_train_continue_outputs(trained2d):
         assert (fold / name).is_file(), name
     assert not (fold / "checkpoint_latest.pth").exists()
     splits = json.loads((results / "splits_final.json").read_text())
-    assert len(splits) == 5 and sorted(splits[0]["train"] + splits[0]["val"]) == [f"img{i:03d}" for i in range(20)]
+    assert len(splits) == 5 and sorted(splits[0]["train"] + splits[0]["val"]) == [f"img{i:03d}" for i in range(40)]
     assert "continuing from epoch 1" in second.stdout and "epoch 1:" in second.stdout
     assert "epoch 0:" not in second.stdout
     checkpoint = torch.load(fold / "checkpoint_final.pth", weights_only=True)
@@ -159,7 +159,7 @@ def test_2d_train_continue_outputs(trained2d):
     summary = json.loads((fold / "validation/summary.json").read_text())
     for key in ("accuracy", "quadratic_weighted_kappa", "auc_per_class", "auc_macro", "confusion_matrix"):
         assert key in summary
-    assert summary["num_cases"] == 4 and np.sum(summary["confusion_matrix"]) == 4
+    assert summary["num_cases"] == 8 and np.sum(summary["confusion_matrix"]) == 8
     logs = list(fold.glob("training_log_*.txt"))
     assert logs and any("AC-Norm: 20 norm layer(s) converted" in p.read_text() for p in logs)
 
@@ -169,7 +169,7 @@ def test_2d_predict_evaluate_beats_chance(trained2d):
     predictions = root / "predictions" / "test.csv"
     run("nnUNetv2_acnorm_cls_predict", "-i", root / "test", "-m", results, "-o", predictions, "-device", "cpu")
     rows = read_csv(predictions)
-    assert [r["image"] for r in rows] == [f"img{i:03d}" for i in range(12)]
+    assert [r["image"] for r in rows] == [f"img{i:03d}" for i in range(20)]
     probabilities = np.array([[float(r["probability_0"]), float(r["probability_1"])] for r in rows])
     np.testing.assert_allclose(probabilities.sum(1), 1, atol=1e-4)
     result = run("nnUNetv2_acnorm_cls_evaluate", "-p", predictions, "-l", root / "test.csv")
@@ -177,7 +177,7 @@ def test_2d_predict_evaluate_beats_chance(trained2d):
     assert (root / "predictions" / "test_summary_confusion_matrix.png").is_file()
     assert "quadratic weighted kappa" in result.stdout
     # the colour signal is trivial: far above chance (0.5) after two short epochs
-    assert summary["accuracy"] >= 0.75, summary
+    assert summary["accuracy"] >= 0.7, summary
     assert summary["auc_macro"] >= 0.9, summary
 
 
@@ -289,7 +289,7 @@ def test_bad_input_evaluate_missing_prediction(bad_inputs, data2d, tmp_path):
 def data3d(tmp_path_factory):
     root = tmp_path_factory.mktemp("cls3d")
     make_volume_dataset(root / "train", root / "train.csv", 40, seed=0)
-    make_volume_dataset(root / "test", root / "test.csv", 10, seed=1)
+    make_volume_dataset(root / "test", root / "test.csv", 16, seed=1)
     return root
 
 
@@ -322,7 +322,7 @@ def test_3d_genesis_train_continue_predict_evaluate(data3d):
     run("nnUNetv2_acnorm_cls_predict", "-i", root / "test", "-m", results, "-o", predictions, "-device", "cpu")
     run("nnUNetv2_acnorm_cls_evaluate", "-p", predictions, "-l", root / "test.csv", "-o", root / "g.json")
     summary = json.loads((root / "g.json").read_text())
-    assert summary["num_cases"] == 10
+    assert summary["num_cases"] == 16
     # a dense blob vs none: far above chance (0.5)
     assert summary["auc_macro"] >= 0.9 and summary["accuracy"] >= 0.7, summary
 
@@ -342,7 +342,7 @@ def test_3d_medicalnet_vanilla_two_folds_ensemble(data3d):
     result = run("nnUNetv2_acnorm_cls_predict", "-i", root / "test", "-m", results, "-o",
                  root / "mn_test.csv", "-device", "cpu")
     assert "2 fold(s) (fold_0, fold_2)" in result.stdout
-    assert len(read_csv(root / "mn_test.csv")) == 10
+    assert len(read_csv(root / "mn_test.csv")) == 16
 
 
 # -- in-process: pretrained files and metrics -------------------------------------------------------
