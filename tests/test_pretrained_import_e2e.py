@@ -227,7 +227,7 @@ def test_import_refusals(workspace, tmp_path):
     state = {k: v for k, v in cf.genesis_state_dict(4).items() if k.startswith("up_tr")}
     torch.save({"epoch": 1, "state_dict": state, "optimizer_state_dict": {}}, decoder_only)
     message = _bad(ws, decoder_only, "-pl", "nnUNetPlans_decoder_only")
-    assert "not even the encoder matched" in message and "28 of 28 encoder tensors" in message
+    assert "not even the encoder matched" in message and "56 of 56 encoder tensors" in message  # 8 LUConvs x 7 tensors
 
     moco = cf.save_moco_v2_checkpoint(tmp_path / "moco.pth.tar", arch="resnet18", queue_size=16)
     message = _bad(ws, moco)
