@@ -23,8 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 
-def _run(cmd, env, timeout=600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=timeout)
+def _run(cmd, env, cwd, timeout=600) -> subprocess.CompletedProcess:
+    # cwd outside the repository: `python -c` puts the cwd first on sys.path
+    proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
 
@@ -40,7 +41,7 @@ def test_pip_install_registers_trainers_without_setup_step(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k not in ("nnUNet_extTrainer", "PYTHONPATH")}
     _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-build-isolation",
-          "--no-index", "-q", REPO], env)
+          "--no-index", "-q", REPO], env, tmp_path)
     installed_shims = purelib / "nnunet_acnorm" / "trainers" / "nnunet_ext"
     assert (purelib / "nnunet_acnorm_ext_trainers.pth").is_file()
     assert installed_shims.is_dir()
@@ -52,16 +53,16 @@ def test_pip_install_registers_trainers_without_setup_step(tmp_path):
             "for name in ('nnUNetTrainerACNorm', 'nnUNetTrainerACNormBN', 'nnUNetTrainerFinetune'):\n"
             "    cls = find(name)\n"
             "    print('FOUND', name, sys.modules[cls.__module__].__file__)\n")
-    out = _run([python, "-c", code], env).stdout
+    out = _run([python, "-c", code], env, tmp_path).stdout
     assert f"VAR {installed_shims}" in out
     found = [line.split()[-1] for line in out.splitlines() if line.startswith("FOUND")]
     assert len(found) == 3 and all(path.startswith(str(purelib)) for path in found), out[-3000:]
 
     # the user's own folders are kept (appended after them)
     out = _run([python, "-c", "import os; print(os.environ['nnUNet_extTrainer'])"],
-               {**env, "nnUNet_extTrainer": "/my/trainers"}).stdout.strip()
+               {**env, "nnUNet_extTrainer": "/my/trainers"}, tmp_path).stdout.strip()
     assert out.split(os.pathsep) == ["/my/trainers", str(installed_shims)]
 
     # the explicit way: the console script installed with the package prints the same folder
-    printed = _run([env_dir / "bin" / "nnUNetv2_acnorm_trainer_path"], env).stdout.strip()
+    printed = _run([env_dir / "bin" / "nnUNetv2_acnorm_trainer_path"], env, tmp_path).stdout.strip()
     assert printed == str(installed_shims)
