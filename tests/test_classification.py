@@ -370,6 +370,24 @@ def test_moco_v2_resnet50_loads_and_converts(tmp_path):
         assert network(torch.randn(1, 3, 32, 32)).shape == (1, 5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_mixed_precision_train_step(tmp_path, data2d):
+    from nnunet_acnorm.classification.trainer import ClassificationTrainer
+    _, checkpoint = data2d
+    config = {"architecture": "resnet", "dim": 2, "depth": 18, "num_classes": 2, "tau": 1.0,
+              "initial_lr": 0.01, "weight_decay": 3e-5, "num_epochs": 1, "pretrained_family": None}
+    trainer = ClassificationTrainer(config, 0, str(tmp_path), torch.device("cuda"), show_progress=False)
+    trainer.initialize(str(checkpoint))
+    trainer.loss = torch.nn.CrossEntropyLoss().cuda()
+    assert trainer.amp and trainer.grad_scaler is not None
+    trainer.network.train()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    assert all(np.isfinite(trainer.train_step(images, labels)) for _ in range(3))
+    trainer.save_checkpoint("checkpoint_latest.pth")
+    saved = torch.load(tmp_path / "checkpoint_latest.pth", weights_only=True)
+    assert saved["grad_scaler_state"] and saved["network_weights"]["bn1.source_weight"].device.type == "cpu"
+
+
 def test_metrics_against_hand_computed_values():
     from nnunet_acnorm.classification.metrics import classification_metrics
     labels = [0, 1, 2, 2]

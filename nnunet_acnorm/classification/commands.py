@@ -363,7 +363,8 @@ def _evaluate(argv) -> None:
         key = strip_ending(identifier)
         if key not in predictions:
             raise ClassificationInputError(f"{args.l} line {line}: no prediction for '{key}' in {args.p}")
-        labels.append(parse_label(raw, num_classes, f"{args.l} line {line}"))
+        labels.append(parse_label(raw, num_classes, f"{args.l} line {line}",
+                                  hint=f"the predictions have {num_classes} classes"))
         probabilities.append(predictions[key])
     metrics = classification_metrics(labels, np.stack(probabilities), num_classes)
     out = args.o or os.path.splitext(args.p)[0] + "_summary.json"

@@ -105,7 +105,8 @@ def read_label_csv(csv_file: str, id_column: str | None = None, label_column: st
     return out
 
 
-def parse_label(raw: str | None, num_classes: int | None, where: str) -> int:
+def parse_label(raw: str | None, num_classes: int | None, where: str,
+                hint: str = "fix the CSV or pass the right -num_classes") -> int:
     if raw is None or raw == "":
         raise ClassificationInputError(f"{where}: empty label")
     try:
@@ -119,8 +120,7 @@ def parse_label(raw: str | None, num_classes: int | None, where: str) -> int:
     if value < 0 or (num_classes is not None and value >= num_classes):
         declared = f"0..{num_classes - 1}" if num_classes is not None else "0 or above"
         raise ClassificationInputError(
-            f"{where}: label {value} is outside the declared classes {declared}; fix the CSV or "
-            f"pass the right -num_classes")
+            f"{where}: label {value} is outside the declared classes {declared}; {hint}")
     return value
 
 

@@ -40,7 +40,7 @@ from nnunet_acnorm.classification.metrics import (classification_metrics, format
                                                   plot_confusion_matrix, save_summary)
 from nnunet_acnorm.classification.networks import build_network, load_pretrained_weights
 from nnunet_acnorm.classification.plots import plot_progress
-from nnunet_acnorm.norms import acnorm_modules, convert_to_acnorm
+from nnunet_acnorm.norms import convert_to_acnorm
 
 SELECTION_METRICS = {"kappa": "quadratic_weighted_kappa", "auc": "auc_macro", "accuracy": "accuracy"}
 IMBALANCE_SCHEMES = ("loss", "sampling", "none")
@@ -277,9 +277,6 @@ class ClassificationTrainer:
                               f"fold {self.fold} validation ({type(self).__name__})")
         self.print_to_log_file(f"final validation: {format_metrics(metrics)}")
         return metrics
-
-    def source_affines(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {n: (m.source_weight, m.source_bias) for n, m in acnorm_modules(self.network).items()}
 
 
 class ClassificationTrainer_vanilla(ClassificationTrainer):
