@@ -21,6 +21,9 @@ DEFAULT_BATCH_SIZE = {2: 16, 3: 8}
 
 
 def _fail(message: str) -> None:
+    if "Original Traceback" in message:  # raised in a DataLoader worker: keep the error's own line
+        last = message.strip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if ": " in last else last
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
 
