@@ -130,13 +130,13 @@ def cuda_peak(setup: Setup, x, targets, device) -> int | None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--patch", type=int, nargs="+", default=[32, 32, 32])
-    parser.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--patch", type=int, nargs="+", default=[24, 24, 24])
+    parser.add_argument("--features", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--classes", type=int, default=3)
     parser.add_argument("--plans", help="an nnU-Net plans.json instead of the built-in PlainConvUNet")
     parser.add_argument("--configuration", default="3d_fullres", help="configuration of --plans")
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps per repetition")
+    parser.add_argument("--steps", type=int, default=2, help="timed training steps per repetition")
     parser.add_argument("--repetitions", type=int, default=5, help="interleaved repetitions")
     parser.add_argument("--inference-batches", type=int, default=5)
     parser.add_argument("--device", default="cpu")
