@@ -39,11 +39,12 @@ def recalibrated_affine(source_weight: Tensor, source_bias: Tensor, target_weigh
     """The one affine that AC-Norm applies to x-hat: ((I + S) gamma_t, (I + S) beta_t).
 
     Gradients flow to the target affines through both the identity and the S term; S itself is
-    a constant. Written as an elementwise product and a sum (not ``S @ v``) so that autocast,
-    which would run a matrix-vector product in half precision, leaves the affine in float32.
+    a constant. Two fused matrix-vector products (``addmv``), with autocast switched off for them
+    so that the affine stays in the parameters' precision.
     """
     s = sparse_correlation(source_weight, source_bias, target_weight, target_bias, tau)
     s = s.to(target_weight.dtype)
-    weight = target_weight + (s * target_weight[None, :]).sum(dim=1)
-    bias = target_bias + (s * target_bias[None, :]).sum(dim=1)
+    with torch.autocast(target_weight.device.type, enabled=False):
+        weight = torch.addmv(target_weight, s, target_weight)
+        bias = torch.addmv(target_bias, s, target_bias)
     return weight, bias
