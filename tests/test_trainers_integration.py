@@ -213,13 +213,12 @@ def test_fold_bad_input(pipeline, tmp_path, capsys):
 
 
 def test_training_without_pretrained_weights_warns_loudly(pipeline, monkeypatch):
-    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
     from nnunet_acnorm.norms import acnorm_modules
     from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNorm
 
     pre = Path(pipeline["env"]["nnUNet_preprocessed"]) / "Dataset912_TinyTarget"
-    monkeypatch.setattr(trainer_module, "nnUNet_preprocessed", str(pre.parent))
-    monkeypatch.setattr(trainer_module, "nnUNet_results", str(pipeline["base"] / "results_nowarm"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(pre.parent))  # nnU-Net reads these at use time
+    monkeypatch.setenv("nnUNet_results", str(pipeline["base"] / "results_nowarm"))
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     monkeypatch.setattr(sys, "argv", ["nnUNetv2_train"])
     plans = json.loads((pre / "nnUNetPlans.json").read_text())
