@@ -31,10 +31,8 @@ Prints a Markdown table; writes JSON, CSV and a scatter plot to ``--out``.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
-import os
 import sys
 import time
 from pathlib import Path

@@ -5,12 +5,20 @@ import pytest
 import torch
 from torch import nn
 
-from nnunet_acnorm import (ACBatchNorm1d, ACBatchNorm2d, ACBatchNorm3d, ACGroupNorm, ACInstanceNorm1d,
-                           ACInstanceNorm2d, ACInstanceNorm3d)
+from nnunet_acnorm import (ACBatchNorm1d, ACBatchNorm2d, ACBatchNorm3d, ACGroupNorm, ACInstanceNorm2d,
+                           ACInstanceNorm3d)
 from nnunet_acnorm.norms import ACNORM_FOR_PLAIN
 from tests import reference_acnorm as ref
 
-torch.set_default_dtype(torch.float64)  # tight comparisons; float32 is covered separately
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """Tight comparisons in float64 (float32 and autocast are covered separately); restored after."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _plain(kind, c):
@@ -242,6 +250,7 @@ def test_unbatched_instance_norm_input():
 
 
 def test_float32_autocast_and_compile():
+    torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
     module = ACBatchNorm2d.from_norm(nn.BatchNorm2d(8).float()).float()
     conv = nn.Conv2d(3, 8, 3).float()

@@ -126,7 +126,7 @@ def test_import_train_predict(workspace, tmp_path, family):
 
 
 @pytest.mark.parametrize("family", list(FACTORIES))
-def test_imported_checkpoint_sets_acnorm_sources(workspace, tmp_path, family):
+def test_imported_checkpoint_sets_acnorm_sources(workspace, tmp_path, family, monkeypatch):
     """Every family: import (in-process, no preprocessing) -> nnUNetTrainerACNorm's network built from
     the new plans -> nnU-Net's own -pretrained_weights loader -> AC-Norm sources = the file's affines."""
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
@@ -137,15 +137,9 @@ def test_imported_checkpoint_sets_acnorm_sources(workspace, tmp_path, family):
     from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNorm
 
     file = FACTORIES[family](tmp_path)
-    env = workspace["env_plan"]
-    old = {k: os.environ.get(k) for k in ("nnUNet_preprocessed", "nnUNet_raw", "nnUNet_results")}
-    import nnunetv2.paths as paths
-    try:
-        paths.nnUNet_preprocessed = env["nnUNet_preprocessed"]
-        result = run_import(f"Dataset{DATASET:03d}_TinyCT", "3d_fullres", file, plans_name=f"nnUNetPlans_check_{family}",
-                            output=str(tmp_path / "ckpt.pth"), preprocess=False)
-    finally:
-        paths.nnUNet_preprocessed = old["nnUNet_preprocessed"]
+    monkeypatch.setenv("nnUNet_preprocessed", workspace["env_plan"]["nnUNet_preprocessed"])
+    result = run_import(f"Dataset{DATASET:03d}_TinyCT", "3d_fullres", file, plans_name=f"nnUNetPlans_check_{family}",
+                        output=str(tmp_path / "ckpt.pth"), preprocess=False)
     plans = json.loads(Path(result["plans_file"]).read_text())
     pm = PlansManager(plans)
     net = nnUNetTrainerACNorm.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 2, True)
@@ -216,8 +210,6 @@ def test_import_refusals(workspace, tmp_path):
     torch.save({"model": {"w": torch.zeros(2)}}, unknown)
     message = _bad(ws, unknown)
     assert "no known pretrained family" in message and "tried genesis, suprem" in message
-    good = Path(cf.save_genesis_checkpoint(tmp_path / "Genesis_Chest_CT.pt", base_features=4))
-
     pickled = tmp_path / "pickled.pt"
     torch.save({"epoch": 1, "state_dict": cf.genesis_state_dict(4), "optimizer_state_dict": {},
                 "config": Path("/some/path")}, pickled)

@@ -1,6 +1,4 @@
 """Family detection, key mapping and safe loading on checkpoints in the published formats."""
-import os
-import pickle
 
 import pytest
 import torch

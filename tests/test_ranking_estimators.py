@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from nnunet_acnorm.norms import ACInstanceNorm3d, acnorm_modules, convert_to_acnorm
+from nnunet_acnorm.norms import acnorm_modules, convert_to_acnorm
 from nnunet_acnorm.ranking.estimators import ac_corr_after_steps, norm_features_at_labels
 from nnunet_acnorm.ranking.logme import fit_evidence, logme
 

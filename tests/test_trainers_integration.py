@@ -7,7 +7,6 @@ prediction without the plugin, bad input.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -103,7 +103,6 @@ def _write_dataset(raw: Path, name: str, image_file: str, seg_file: str, channel
 
 
 def _dice_per_label(pred_file: Path, ref_file: Path) -> dict[str, float]:
-    import numpy as np
     import SimpleITK as sitk
 
     pred = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_file)))

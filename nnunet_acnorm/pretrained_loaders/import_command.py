@@ -212,7 +212,7 @@ def run_import(dataset: str, configuration: str, file: str, family: str | None =
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    if nnUNet_preprocessed is None:
+    if not nnUNet_preprocessed:  # nnU-Net's lazy path object: false when the variable is unset
         raise ImportError_("nnUNet_preprocessed is not set; set the nnU-Net environment variables")
     try:
         dataset_name = maybe_convert_to_dataset_name(dataset)
