@@ -12,6 +12,10 @@ from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNorm, nnUNetTr
 
 
 class _DemoSchedule:
+    #: the demo fine-tunes for a few hundred iterations only: at the recipe's peak lr of 1e-3 the MR
+    #: organs were still not segmented after 240 iterations, so the demo uses nnU-Net's 1e-2
+    finetune_initial_lr = 1e-2
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
