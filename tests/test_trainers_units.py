@@ -61,8 +61,9 @@ def test_start_up_hook_appends_without_clobbering(tmp_path):
         env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
         if preset is not None:
             env["nnUNet_extTrainer"] = preset
-        out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                             check=True).stdout.splitlines()
+        # -S: no site initialisation, so an installed copy's .pth cannot run first and add its own folder
+        out = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, check=True).stdout.splitlines()
         assert out[0].split(os.pathsep) == expected
         assert out[1] == "False", "the start-up hook must not import torch"
 
@@ -71,9 +72,12 @@ def test_trainer_path_command_prints_the_shim_folder():
     from tests.nnunet_fixtures import run_console
 
     out = run_console("nnUNetv2_acnorm_trainer_path").stdout.strip()
-    assert out == trainer_shim_folder() and Path(out).is_dir()
-    shims = list(Path(out).glob("*.py"))
-    assert shims and not (Path(out) / "__init__.py").exists()
+    # the console script runs the installed package (site-packages after a regular install, this
+    # checkout after an editable one): the same shim folder, wherever it lives
+    assert Path(out).is_dir() and Path(out).parts[-3:] == Path(trainer_shim_folder()).parts[-3:]
+    shims = sorted(p.name for p in Path(out).glob("*.py"))
+    assert shims and shims == sorted(p.name for p in Path(trainer_shim_folder()).glob("*.py"))
+    assert not (Path(out) / "__init__.py").exists()
     env = dict(os.environ, nnUNet_extTrainer="/mine")
     appended = run_console("nnUNetv2_acnorm_trainer_path", "--append", env=env).stdout.strip()
     assert appended.split(os.pathsep) == ["/mine", out]
