@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +170,26 @@ def test_predict_fold_and_stock_predict_agree(pipeline):
     assert again.returncode != 0 and "exists" in again.stderr and "Traceback" not in again.stderr
     run_console("nnUNetv2_acnorm_fold", "-d", TARGET_ID, "-c", CONFIG, "-tr", ACNORM_TRAINER, "--overwrite",
                 env=env)
+
+
+def test_find_best_configuration_and_export_to_zip(pipeline):
+    """nnU-Net's own model selection and sharing work on AC-Norm model folders (they do not import
+    the trainer class: they read the validation results and copy the checkpoints)."""
+    env, results = pipeline["env"], pipeline["results"]
+    run_console("nnUNetv2_find_best_configuration", TARGET_ID, "-c", CONFIG, "-tr", ACNORM_TRAINER, "-f", 0,
+                "-np", 1, env=env)
+    info = json.loads((results / "Dataset912_TinyTarget" / "inference_information.json").read_text())
+    assert info["best_model_or_ensemble"]["selected_model_or_models"][0]["trainer"] == ACNORM_TRAINER
+    archive = pipeline["base"] / "acnorm_model.zip"
+    run_console("nnUNetv2_export_model_to_zip", "-d", TARGET_ID, "-o", archive, "-c", CONFIG, "-tr",
+                ACNORM_TRAINER, "-f", 0, env=env)
+    with zipfile.ZipFile(archive) as z:
+        names = z.namelist()
+        checkpoint = next(n for n in names if n.endswith("fold_0/checkpoint_final.pth"))
+        assert any(n.endswith("plans.json") for n in names)
+        with z.open(checkpoint) as f:
+            state = torch.load(f, map_location="cpu", weights_only=False)["network_weights"]
+    assert any(k.endswith(".source_weight") for k in state), "the AC-Norm source travels with the model"
 
 
 def _train_expect_error(pipeline, *extra) -> subprocess.CompletedProcess:
