@@ -243,7 +243,7 @@ def demo_entry(argv: list[str] | None = None) -> None:
                     "fine-tune on MR with AC-Norm and vanilla fine-tuning, print the Dice of both.")
     parser.add_argument("--output", default="acnorm_demo_output", help="output folder (default: ./acnorm_demo_output)")
     parser.add_argument("--pretrain-epochs", type=int, default=25)
-    parser.add_argument("--finetune-epochs", type=int, default=12)
+    parser.add_argument("--finetune-epochs", type=int, default=40)
     parser.add_argument("--iterations", type=int, default=20, help="training iterations per epoch")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
