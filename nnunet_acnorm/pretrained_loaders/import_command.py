@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from nnunet_acnorm.pretrained_loaders import FAMILIES, PretrainedLoadError, PretrainedWeights, load_pretrained
+from nnunet_acnorm.preprocessed_dataset import PreprocessedDatasetError, read_preprocessed_dataset
 
 GENESIS_NET = "nnunet_acnorm.networks.genesis_unet3d.GenesisUNet3D"
 MEDICALNET_NET = "nnunet_acnorm.networks.medicalnet_resnet.MedicalNetUNet3D"
@@ -207,33 +208,16 @@ def _group(keys: list[str]) -> str:
 def run_import(dataset: str, configuration: str, file: str, family: str | None = None, trust_pickle: bool = False,
                source_plans: str = "nnUNetPlans", plans_name: str | None = None, output: str | None = None,
                num_processes: int = 2, preprocess: bool = True, overwrite: bool = False) -> dict:
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    if not nnUNet_preprocessed:  # nnU-Net's lazy path object: false when the variable is unset
-        raise ImportError_("nnUNet_preprocessed is not set; set the nnU-Net environment variables")
     try:
-        dataset_name = maybe_convert_to_dataset_name(dataset)
-    except RuntimeError as e:
-        raise ImportError_(f"dataset {dataset}: {str(e).splitlines()[0]}") from None
-    folder = os.path.join(nnUNet_preprocessed, dataset_name)
-    source_file = os.path.join(folder, source_plans + ".json")
-    if not os.path.isfile(source_file):
-        raise ImportError_(f"{source_file} not found: run nnUNetv2_plan_and_preprocess -d {dataset} first "
-                           "(or pass -p with existing plans)")
-    dataset_json_file = os.path.join(folder, "dataset.json")
-    if not os.path.isfile(dataset_json_file):
-        raise ImportError_(f"{dataset_json_file} not found: run nnUNetv2_plan_and_preprocess -d {dataset} first")
-    with open(source_file) as f:
-        plans = json.load(f)
-    with open(dataset_json_file) as f:
-        dataset_json = json.load(f)
+        source = read_preprocessed_dataset(dataset, configuration, source_plans)
+    except PreprocessedDatasetError as e:
+        raise ImportError_(str(e)) from None
+    dataset_name, folder = source.name, source.folder
+    plans, dataset_json = source.plans, source.dataset_json
     plans_manager = PlansManager(plans)
-    if configuration not in plans.get("configurations", {}):
-        raise ImportError_(f"configuration {configuration!r} is not in {source_file} (has: "
-                           f"{', '.join(plans.get('configurations', {}))})")
 
     weights = load_pretrained(file, family=family, trust_pickle=trust_pickle)
     fam = weights.family

@@ -32,6 +32,7 @@ from torch import nn
 
 from nnunet_acnorm.pretrained_loaders import FAMILIES, PretrainedLoadError, detect_family, read_checkpoint
 from nnunet_acnorm.pretrained_loaders.core import apply_family
+from nnunet_acnorm.preprocessed_dataset import PreprocessedDatasetError, read_preprocessed_dataset
 
 #: keys nnU-Net's -pretrained_weights loader does not transfer
 HEAD_KEY_PART = ".seg_layers."
@@ -63,31 +64,13 @@ class TargetTask:
 
 def load_target(dataset: str, configuration: str, plans_identifier: str = "nnUNetPlans") -> TargetTask:
     """The target dataset's plans and dataset.json from ``nnUNet_preprocessed`` (clear errors)."""
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    if not nnUNet_preprocessed:  # nnU-Net's lazy path object: false when the variable is unset
-        raise RankingError("nnUNet_preprocessed is not set; set the nnU-Net environment variables")
     try:
-        dataset_name = maybe_convert_to_dataset_name(dataset)
-    except RuntimeError as e:
-        raise RankingError(f"dataset {dataset}: {str(e).splitlines()[0]}") from None
-    folder = os.path.join(nnUNet_preprocessed, dataset_name)
-    plans_file = os.path.join(folder, plans_identifier + ".json")
-    dataset_json_file = os.path.join(folder, "dataset.json")
-    for needed in (plans_file, dataset_json_file):
-        if not os.path.isfile(needed):
-            raise RankingError(f"{needed} not found: run nnUNetv2_plan_and_preprocess -d {dataset} -c {configuration} "
-                               "first (or pass -p with existing plans)")
-    with open(plans_file) as f:
-        plans = json.load(f)
-    with open(dataset_json_file) as f:
-        dataset_json = json.load(f)
-    configs = plans.get("configurations", {})
-    if configuration not in configs:
-        raise RankingError(f"configuration {configuration!r} is not in {plans_file} (has: {', '.join(configs)})")
-    target = TargetTask(dataset_name, configuration, plans_identifier, plans, dataset_json, folder)
-    manager = _managers(target.plans, configuration, dataset_json)[1]
+        planned = read_preprocessed_dataset(dataset, configuration, plans_identifier)
+    except PreprocessedDatasetError as e:
+        raise RankingError(str(e)) from None
+    target = TargetTask(planned.name, configuration, plans_identifier, planned.plans, planned.dataset_json,
+                        planned.folder)
+    manager = _managers(target.plans, configuration, target.dataset_json)[1]
     if manager.previous_stage_name is not None:
         raise RankingError(f"configuration {configuration} is a cascade stage; rank with its first stage "
                            "(e.g. 3d_fullres or 3d_lowres)")

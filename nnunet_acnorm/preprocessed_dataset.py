@@ -1,0 +1,56 @@
+"""A planned nnU-Net dataset as the commands that start from ``-d -c [-p]`` read it.
+
+nnU-Net's own loaders fail deep inside with a ``FileNotFoundError`` or ``KeyError`` when the
+dataset was not planned; the import and ranking commands check first and name what to run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+
+class PreprocessedDatasetError(ValueError):
+    """The dataset, its plans or the configuration cannot be found (one line for the user)."""
+
+
+@dataclass
+class PreprocessedDataset:
+    name: str
+    folder: str
+    plans_file: str
+    plans: dict
+    dataset_json: dict
+
+
+def read_preprocessed_dataset(dataset: str, configuration: str,
+                              plans_identifier: str = "nnUNetPlans") -> PreprocessedDataset:
+    """Plans and dataset.json of ``dataset`` (id or name) under ``nnUNet_preprocessed``, with a
+    check that ``configuration`` is planned."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    preprocessed = os.environ.get("nnUNet_preprocessed")
+    if not preprocessed:  # nnU-Net itself takes an empty value as set, and then fails on paths
+        raise PreprocessedDatasetError("nnUNet_preprocessed is not set (or empty); set the nnU-Net environment "
+                                       "variables")
+    try:
+        name = maybe_convert_to_dataset_name(dataset)
+    except RuntimeError as e:
+        raise PreprocessedDatasetError(f"dataset {dataset}: {str(e).splitlines()[0]}") from None
+    folder = os.path.join(preprocessed, name)
+    plans_file = os.path.join(folder, plans_identifier + ".json")
+    dataset_json_file = os.path.join(folder, "dataset.json")
+    for needed in (plans_file, dataset_json_file):
+        if not os.path.isfile(needed):
+            raise PreprocessedDatasetError(
+                f"{needed} not found: run nnUNetv2_plan_and_preprocess -d {dataset} -c {configuration} first "
+                "(or pass -p with existing plans)")
+    with open(plans_file) as f:
+        plans = json.load(f)
+    with open(dataset_json_file) as f:
+        dataset_json = json.load(f)
+    planned = plans.get("configurations", {})
+    if configuration not in planned:
+        raise PreprocessedDatasetError(
+            f"configuration {configuration!r} is not in {plans_file} (has: {', '.join(planned)})")
+    return PreprocessedDataset(name, folder, plans_file, plans, dataset_json)
