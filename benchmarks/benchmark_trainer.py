@@ -25,9 +25,11 @@ import numpy as np
 import torch
 
 
-def default_plans(patch, features, dim: int) -> dict:
+def default_plans(patch, features, dim: int, norm: str | None = None, configuration: str = "bench") -> dict:
+    """nnU-Net plans of a PlainConvUNet (InstanceNorm unless ``norm`` names another norm class)
+    with one configuration; also the tests' tiny network (tests/test_trainers_units.py)."""
     conv = "torch.nn.modules.conv.Conv3d" if dim == 3 else "torch.nn.modules.conv.Conv2d"
-    norm = "torch.nn.modules.instancenorm.InstanceNorm3d" if dim == 3 else "torch.nn.modules.instancenorm.InstanceNorm2d"
+    norm = norm or f"torch.nn.modules.instancenorm.InstanceNorm{dim}d"
     n = len(features)
     return {
         "dataset_name": "Dataset999_Bench", "plans_name": "nnUNetPlans",
@@ -35,7 +37,7 @@ def default_plans(patch, features, dim: int) -> dict:
         "image_reader_writer": "SimpleITKIO", "transpose_forward": list(range(dim)),
         "transpose_backward": list(range(dim)), "experiment_planner_used": "ExperimentPlanner",
         "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {},
-        "configurations": {"bench": {
+        "configurations": {configuration: {
             "data_identifier": "bench", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
             "patch_size": list(patch), "median_image_size_in_voxels": list(patch), "spacing": [1.0] * dim,
             "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.benchmark_trainer import default_plans
 from nnunet_acnorm.trainers.discovery import trainer_shim_folder, with_trainer_folder
 from nnunet_acnorm.trainers.schedules import WarmupPolyLRScheduler
 
@@ -97,29 +98,7 @@ def test_nnunet_finds_the_real_classes_through_the_shim_folder():
 
 # -- networks built from plans, in process -----------------------------------------------------
 def _plans(norm="torch.nn.modules.instancenorm.InstanceNorm3d") -> dict:
-    return {
-        "dataset_name": "Dataset999_X", "plans_name": "nnUNetPlans", "original_median_spacing_after_transp": [1, 1, 1],
-        "original_median_shape_after_transp": [16, 16, 16], "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "experiment_planner_used": "ExperimentPlanner",
-        "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {},
-        "configurations": {"3d_fullres": {
-            "data_identifier": "x", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-            "patch_size": [16, 16, 16], "median_image_size_in_voxels": [16, 16, 16], "spacing": [1, 1, 1],
-            "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
-            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
-            "resampling_fn_data_kwargs": {}, "resampling_fn_seg_kwargs": {},
-            "resampling_fn_probabilities": "resample_data_or_seg_to_shape", "resampling_fn_probabilities_kwargs": {},
-            "batch_dice": False,
-            "architecture": {
-                "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                "arch_kwargs": {"n_stages": 3, "features_per_stage": [4, 8, 16],
-                                "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": [[3, 3, 3]] * 3,
-                                "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "n_conv_per_stage": [2, 2, 2],
-                                "n_conv_per_stage_decoder": [2, 2], "conv_bias": True, "norm_op": norm,
-                                "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
-                                "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-                                "nonlin_kwargs": {"inplace": True}},
-                "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}}}
+    return default_plans((16, 16, 16), (4, 8, 16), 3, norm=norm, configuration="3d_fullres")
 
 
 def _build(trainer_class, plans=None):
