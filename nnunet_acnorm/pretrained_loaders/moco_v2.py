@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from nnunet_acnorm.pretrained_loaders._recognise import has_tensor, state_under
 from nnunet_acnorm.pretrained_loaders.core import PretrainedFamily
-from nnunet_acnorm.pretrained_loaders.torchvision_resnet import RESNET_ENCODER, resnet_info
+from nnunet_acnorm.pretrained_loaders.torchvision_resnet import IMAGENET_RESNET50, resnet_info
 
 PREFIX = "module.encoder_q."
 
@@ -33,16 +33,10 @@ MOCO_V2 = PretrainedFamily(
     description="MoCo v2 ResNet-50 query encoder (self-supervised on ImageNet), 2D",
     members=("moco_v2_200ep_pretrain.pth.tar", "moco_v2_800ep_pretrain.pth.tar"),
     recognise=_recognise,
-    network="torchvision.models.resnet50",
-    spatial_dims=2,
-    input_channels=3,
-    intensity_normalisation="imagenet_rgb(mean=[0.485,0.456,0.406],std=[0.229,0.224,0.225])",
-    norm_type="BatchNorm2d",
     loaded_parts="encoder (projection head, momentum encoder, queue dropped)",
     licence="CC-BY-NC 4.0 (MoCo repository)",
     state_dict_keys=("state_dict",),
     map_key=_query_encoder,
     read_info=_read_info,
-    stem_weight_key="conv1.weight",
-    encoder_prefixes=RESNET_ENCODER,
+    **IMAGENET_RESNET50,
 )

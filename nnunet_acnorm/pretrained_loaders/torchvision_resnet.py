@@ -9,6 +9,18 @@ _DEPTHS = {(2, 2, 2, 2, False): 18, (3, 4, 6, 3, False): 34, (3, 4, 6, 3, True):
            (3, 4, 23, 3, True): 101, (3, 8, 36, 3, True): 152}
 
 
+#: what torchvision's and MoCo v2's ResNet-50 files share: the network and its ImageNet input
+IMAGENET_RESNET50 = dict(
+    network="torchvision.models.resnet50",
+    spatial_dims=2,
+    input_channels=3,
+    intensity_normalisation="imagenet_rgb(mean=[0.485,0.456,0.406],std=[0.229,0.224,0.225])",
+    norm_type="BatchNorm2d",
+    stem_weight_key="conv1.weight",
+    encoder_prefixes=RESNET_ENCODER,
+)
+
+
 def _recognise(checkpoint) -> bool:
     return isinstance(checkpoint, dict) and has_tensor(checkpoint, "conv1.weight", 4) and has_tensor(
         checkpoint, "layer1.0.conv1.weight", 4)
@@ -31,16 +43,10 @@ TORCHVISION_RESNET = PretrainedFamily(
     description="torchvision ResNet-50 (ImageNet, supervised), 2D",
     members=("resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth"),
     recognise=_recognise,
-    network="torchvision.models.resnet50",
-    spatial_dims=2,
-    input_channels=3,
-    intensity_normalisation="imagenet_rgb(mean=[0.485,0.456,0.406],std=[0.229,0.224,0.225])",
-    norm_type="BatchNorm2d",
     loaded_parts="encoder (fc dropped)",
     licence="code BSD-3-Clause; weights trained on ImageNet (its terms: non-commercial research)",
     state_dict_keys=(),
     drop_prefixes=("fc.",),
     read_info=lambda checkpoint, state: resnet_info(state),
-    stem_weight_key="conv1.weight",
-    encoder_prefixes=RESNET_ENCODER,
+    **IMAGENET_RESNET50,
 )
