@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from benchmarks.benchmark_trainer import default_plans
 from tests.nnunet_fixtures import nnunet_env, run_console
 
 COMMANDS = ("nnUNetv2_acnorm_import", "nnUNetv2_acnorm_rank")
@@ -19,6 +20,12 @@ def env(tmp_path_factory):
     (pre / "Dataset584_Only2d").mkdir()
     (pre / "Dataset584_Only2d" / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MR"}}))
     (pre / "Dataset584_Only2d" / "nnUNetPlans.json").write_text(json.dumps({"configurations": {"2d": {}}}))
+    (pre / "Dataset585_Planned").mkdir()
+    (pre / "Dataset585_Planned" / "dataset.json").write_text(json.dumps(
+        {"channel_names": {"0": "MR"}, "labels": {"background": 0, "organ": 1}, "numTraining": 2,
+         "file_ending": ".nii.gz"}))
+    plans = default_plans((16, 16, 16), (4, 8, 16), 3, configuration="3d_fullres")
+    (pre / "Dataset585_Planned" / "nnUNetPlans.json").write_text(json.dumps(plans))
     (base / "candidate.pth").write_bytes(b"never read")
     env["CANDIDATE"] = str(base / "candidate.pth")
     return env
@@ -59,3 +66,12 @@ def test_unset_preprocessed_folder(script, value, env):
         env["nnUNet_preprocessed"] = value
     line = error_line(script, env, "-d", "583", "-c", "3d_fullres")
     assert "nnUNet_preprocessed is not set" in line, line
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_rank_needs_an_output_folder(value, env):
+    env = {k: v for k, v in env.items() if k != "nnUNet_results"}
+    if value is not None:
+        env["nnUNet_results"] = value
+    line = error_line("nnUNetv2_acnorm_rank", env, "-d", "585", "-c", "3d_fullres")
+    assert "nnUNet_results is not set (or empty): pass -o OUTDIR" in line, line

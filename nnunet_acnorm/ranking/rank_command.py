@@ -58,11 +58,10 @@ def _layers_arg(values: list[str]):
 
 
 def _default_output(dataset_name: str, plans: str, configuration: str) -> str | None:
-    from nnunetv2.paths import nnUNet_results
-
-    if not nnUNet_results:  # nnU-Net's lazy path object: false when the variable is unset
+    results = os.environ.get("nnUNet_results")
+    if not results:  # unset or empty (nnU-Net takes an empty value as set: a folder relative to the cwd)
         return None
-    return os.path.join(nnUNet_results, dataset_name, f"acnorm_ranking__{plans}__{configuration}")
+    return os.path.join(results, dataset_name, f"acnorm_ranking__{plans}__{configuration}")
 
 
 def rank_entry(argv: list[str] | None = None) -> None:
@@ -98,7 +97,7 @@ def rank_entry(argv: list[str] | None = None) -> None:
         fail(str(e))
     output = args.output or _default_output(target.dataset_name, args.plans, args.configuration)
     if output is None:
-        fail("nnUNet_results is not set: pass -o OUTDIR")
+        fail("nnUNet_results is not set (or empty): pass -o OUTDIR")
     present = existing_results(output) if os.path.isdir(output) else []
     if present and not args.overwrite:  # checked before the work, not after
         fail(f"{output} already holds results of an earlier ranking ({', '.join(present)}); pass --overwrite to "
