@@ -6,7 +6,6 @@ Plus the command's refusals (bad files, 2D families, decoder-only files) and ste
 One tiny CT dataset is planned and preprocessed once for the module.
 """
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -71,16 +70,8 @@ FACTORIES = {
 }
 
 
-#: full chain by default for the two networks of ours (custom architectures rebuilt by dotted path);
-#: ACNORM_FULL_E2E=1 runs it for every family (each run is a few nnU-Net processes: minutes on CPU)
-FULL_CHAIN_DEFAULT = ("genesis", "medicalnet")
-
-
 @pytest.mark.parametrize("family", list(FACTORIES))
 def test_import_train_predict(workspace, tmp_path, family):
-    if family not in FULL_CHAIN_DEFAULT and os.environ.get("ACNORM_FULL_E2E") != "1":
-        pytest.skip("full train/predict chain for this family runs with ACNORM_FULL_E2E=1; "
-                    "test_imported_checkpoint_sets_acnorm_sources covers its import")
     ws = workspace
     source_plans = ws["pre"] / "nnUNetPlans.json"
     source_before = source_plans.read_text()
