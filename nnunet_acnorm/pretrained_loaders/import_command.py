@@ -224,13 +224,12 @@ def run_import(dataset: str, configuration: str, file: str, family: str | None =
     if fam.spatial_dims == 2:
         raise ImportError_(f"{file}: a 2D {fam.name} file ({fam.description}) cannot initialise a 3D "
                            "segmentation network; use it with the classification trainer (nnUNetv2_acnorm_cls_train)")
-    planned = plan_configuration(weights, plans_manager.get_configuration(configuration).configuration,
-                                 dataset_json["channel_names"])
+    source_config = plans_manager.get_configuration(configuration).configuration
+    planned = plan_configuration(weights, source_config, dataset_json["channel_names"])  # works on a copy
     new_config = planned.configuration
     plans_name = plans_name or f"{source_plans}__{fam.name}"
     if plans_name == source_plans:
         raise ImportError_("the new plans name must differ from the source plans (-p); the source stays untouched")
-    source_config = plans_manager.get_configuration(configuration).configuration
     needs_preprocessing = (new_config["normalization_schemes"] != source_config["normalization_schemes"]
                            or [float(s) for s in new_config["spacing"]] != [float(s) for s in source_config["spacing"]]
                            or new_config.get("use_mask_for_norm") != source_config.get("use_mask_for_norm"))
