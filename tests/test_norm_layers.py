@@ -11,7 +11,6 @@ from nnunet_acnorm.norms import ACNORM_FOR_PLAIN
 from tests import reference_acnorm as ref
 
 
-
 @pytest.fixture(autouse=True)
 def float64_default():
     """Tight comparisons in float64 (float32 and autocast are covered separately); restored after."""
