@@ -695,7 +695,7 @@ def compute_statistics(comparison: Comparison, baseline: str | None = None) -> d
                           "confidence_level": CONFIDENCE_LEVEL, "n_resamples": BOOTSTRAP_RESAMPLES,
                           "rng_seed": BOOTSTRAP_SEED},
             "wilcoxon": "scipy.stats.wilcoxon(differences), two-sided, zero_method 'wilcox' (zero differences "
-                        "dropped), method 'auto'; undefined for n < 2 or all differences 0",
+                        "dropped), scipy's method 'auto'; undefined for n < 2 or all differences 0",
             "tie_tolerance": TIE_TOLERANCE,
         },
         "methods": methods_out,
