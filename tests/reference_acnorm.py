@@ -35,3 +35,15 @@ def instance_norm_fn(eps=1e-5):
 
 def group_norm_fn(groups, eps=1e-5):
     return lambda x, w, b: F.group_norm(x, groups, w, b, eps)
+
+
+def step0_mean_diagonal(sw, sb, tau):
+    """Mean over channels of A[i, i] with the target at the source (a plain loop, float64)."""
+    ys = (sb.double() / (sw.double().abs() + 1e-5)).tolist()
+    total = 0.0
+    for i, yi in enumerate(ys):
+        logits = [-abs(yi - yj) / tau for yj in ys]
+        top = max(logits)
+        weights = [2.718281828459045 ** (v - top) for v in logits]
+        total += weights[i] / sum(weights)
+    return total / len(ys)

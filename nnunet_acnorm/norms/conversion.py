@@ -11,6 +11,7 @@ from typing import Callable
 
 from torch import nn
 
+from nnunet_acnorm.norms.functional import DEFAULT_DIAGONAL
 from nnunet_acnorm.norms.modules import ACNORM_FOR_PLAIN, _ACBatchNorm, _ACNorm
 
 
@@ -68,13 +69,16 @@ def _why_not_convertible(module: nn.Module) -> str | None:
     return ""
 
 
-def convert_to_acnorm(model: nn.Module, tau: float = 1.0, set_source: bool = True) -> ConversionReport:
+def convert_to_acnorm(model: nn.Module, tau: float | str = 1.0, set_source: bool = True,
+                      tau_diagonal: float = DEFAULT_DIAGONAL) -> ConversionReport:
     """Replace, in place, every affine BatchNorm/InstanceNorm/GroupNorm of ``model`` by its AC-Norm.
 
     The target affines (and running statistics) are copies of the current ones. With
     ``set_source=True`` the current affines also become the frozen source (the model holds the
     pretrained weights); with ``set_source=False`` the source is taken from the next state dict
-    loaded (build first, then load a pretrained checkpoint).
+    loaded (build first, then load a pretrained checkpoint). ``tau``: a fixed temperature (the
+    paper's 1.0) or ``"auto"``, a temperature per layer calibrated from its source affines so that
+    the mean step-0 diagonal of the correlation is ``tau_diagonal`` (``functional.calibrated_tau``).
     """
     if type(model) in ACNORM_FOR_PLAIN:
         raise TypeError(f"convert_to_acnorm replaces submodules; for a bare {type(model).__name__} "
@@ -84,7 +88,8 @@ def convert_to_acnorm(model: nn.Module, tau: float = 1.0, set_source: bool = Tru
     def replacement(name: str, module: nn.Module) -> nn.Module | None:
         why = _why_not_convertible(module)
         if why is None:
-            return ACNORM_FOR_PLAIN[type(module)].from_norm(module, tau=tau, set_source=set_source)
+            return ACNORM_FOR_PLAIN[type(module)].from_norm(module, tau=tau, set_source=set_source,
+                                                            tau_diagonal=tau_diagonal)
         if why:
             report.left[name] = why
         return None

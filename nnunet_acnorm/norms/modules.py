@@ -22,9 +22,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nnunet_acnorm.norms.functional import recalibrated_affine, sparse_correlation
+from nnunet_acnorm.norms.functional import (DEFAULT_DIAGONAL, calibrated_tau, recalibrated_affine,
+                                            sparse_correlation)
 
 SOURCE_KEYS = ("source_weight", "source_bias")
+#: ``tau=AUTO_TAU``: a per-layer temperature calibrated from the source affines (functional.calibrated_tau)
+AUTO_TAU = "auto"
+#: the temperature a calibrated layer uses where calibration is impossible (near-constant source
+#: indicators) and before its source is set: the paper's
+FALLBACK_TAU = 1.0
 
 
 class _ACNorm(nn.Module):
@@ -33,20 +39,24 @@ class _ACNorm(nn.Module):
     #: the plain norm class this AC-Norm replaces and folds back into
     plain_norm_class: type[nn.Module]
 
-    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, tau: float = 1.0,
-                 device=None, dtype=None) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, tau: float | str = 1.0,
+                 device=None, dtype=None, tau_diagonal: float = DEFAULT_DIAGONAL) -> None:
         super().__init__()
         if not affine:
             raise ValueError(
                 f"{type(self).__name__} needs affine parameters (affine=True): a norm without them has "
                 f"nothing to collaborate. Keep the plain {self.plain_norm_class.__name__} for it.")
-        if not tau > 0:
-            raise ValueError(f"{type(self).__name__}: the temperature tau must be > 0, got {tau}")
+        self.tau_mode, self.tau = _check_tau(type(self).__name__, tau)
+        if not 0.0 < tau_diagonal < 1.0:
+            raise ValueError(f"{type(self).__name__}: tau_diagonal must be in (0, 1), got {tau_diagonal}")
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
         self.affine = True
-        self.tau = float(tau)
+        #: calibrated temperatures: the mean step-0 diagonal of A they aim at
+        self.tau_diagonal = float(tau_diagonal)
+        #: calibrated temperatures: False where the source indicators are near-constant (tau = FALLBACK_TAU)
+        self.tau_calibrated = False
         self.weight = nn.Parameter(torch.ones(num_features, **factory))
         self.bias = nn.Parameter(torch.zeros(num_features, **factory))
         self.register_buffer("source_weight", torch.ones(num_features, **factory), persistent=False)
@@ -67,12 +77,22 @@ class _ACNorm(nn.Module):
         self.source_weight.copy_(weight)
         self.source_bias.copy_(bias)
         self._mark_source(is_set=True)
+        self._calibrate_tau()
 
     def _mark_source(self, is_set: bool) -> None:
         # the buffers exist from the start (devices, DDP); only a set source is saved
         for key in SOURCE_KEYS:
             self.register_buffer(key, getattr(self, key), persistent=is_set)
         self.source_is_set = is_set
+
+    def _calibrate_tau(self) -> None:
+        """``tau="auto"``: set the temperature from the (just set) source affines; a function of the
+        source alone, so a checkpoint that restores the source restores the temperature exactly."""
+        if self.tau_mode != AUTO_TAU:
+            return
+        tau = calibrated_tau(self.source_weight, self.source_bias, self.tau_diagonal)
+        self.tau_calibrated = tau is not None
+        self.tau = FALLBACK_TAU if tau is None else tau
 
     def sparse_correlation(self) -> Tensor:
         """The current S (C x C, no gradient): rows target channels, columns source channels."""
@@ -109,11 +129,13 @@ class _ACNorm(nn.Module):
         return {"num_features": norm.num_features, "eps": norm.eps}
 
     @classmethod
-    def from_norm(cls, norm: nn.Module, tau: float = 1.0, set_source: bool = True) -> "_ACNorm":
+    def from_norm(cls, norm: nn.Module, tau: float | str = 1.0, set_source: bool = True,
+                  tau_diagonal: float = DEFAULT_DIAGONAL) -> "_ACNorm":
         """The AC-Norm twin of a plain ``norm``: target = a copy of its state, source = its affines
         (or left unset with ``set_source=False``, to be filled by the pretrained weights)."""
         ref = norm.weight
-        module = cls(**cls._kwargs_from_plain(norm), tau=tau, device=ref.device, dtype=ref.dtype)
+        module = cls(**cls._kwargs_from_plain(norm), tau=tau, device=ref.device, dtype=ref.dtype,
+                     tau_diagonal=tau_diagonal)
         module.load_state_dict(norm.state_dict(), strict=True)  # also sets the source
         if not set_source:
             module._mark_source(is_set=False)
@@ -151,6 +173,8 @@ class _ACNorm(nn.Module):
         if has_source:
             if len(error_msgs) > n_errors and not was_set:
                 self._mark_source(is_set=False)  # a failed load leaves the source as it was
+            elif len(error_msgs) == n_errors:
+                self._calibrate_tau()
             return
         # a plain norm's state dict: its affines become both source and target
         for key in SOURCE_KEYS:
@@ -162,7 +186,44 @@ class _ACNorm(nn.Module):
 
     def extra_repr(self) -> str:
         source = "set" if self.source_is_set else "not set"
-        return f"{self.num_features}, eps={self.eps}, tau={self.tau}, source={source}"
+        tau = f"{self.tau:.4g}"
+        if self.tau_mode == AUTO_TAU:
+            state = "calibrated" if self.tau_calibrated else "not calibrated"
+            tau = f"auto ({tau}, {state}, diagonal {self.tau_diagonal})"
+        return f"{self.num_features}, eps={self.eps}, tau={tau}, source={source}"
+
+
+def describe_temperatures(layers) -> str:
+    """One line on the temperatures of AC-Norm ``layers``: fixed value(s), or the calibrated range."""
+    layers = list(layers)
+    fixed = sorted({m.tau for m in layers if m.tau_mode != AUTO_TAU})
+    auto = [m for m in layers if m.tau_mode == AUTO_TAU]
+    parts = []
+    if fixed:
+        parts.append(f"fixed tau = {', '.join(f'{t:g}' for t in fixed)}")
+    if auto:
+        taus = [m.tau for m in auto if m.tau_calibrated]
+        text = f"calibrated per layer (mean step-0 diagonal {auto[0].tau_diagonal:g})"
+        if taus:
+            text += f": tau {min(taus):.3g} .. {max(taus):.3g} in {len(taus)} layer(s)"
+        missing = len(auto) - len(taus)
+        if missing:
+            text += (f"; {missing} layer(s) with near-constant source indicators (untrained affines?) "
+                     f"use tau = {FALLBACK_TAU:g}")
+        parts.append(text)
+    return "; ".join(parts) or "no AC-Norm layer"
+
+
+def _check_tau(owner: str, tau) -> tuple[str, float]:
+    """(mode, initial temperature) for a ``tau`` argument: a number > 0 or ``"auto"``."""
+    if isinstance(tau, str):
+        if tau != AUTO_TAU:
+            raise ValueError(f"{owner}: tau must be a number > 0 or {AUTO_TAU!r}, got {tau!r}")
+        return AUTO_TAU, FALLBACK_TAU
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0 or tau != tau \
+            or tau == float("inf"):
+        raise ValueError(f"{owner}: the temperature tau must be > 0 (finite) or {AUTO_TAU!r}, got {tau}")
+    return "fixed", float(tau)
 
 
 def _check_finite(value: Tensor, what: str) -> None:
@@ -175,8 +236,9 @@ class _ACNormWithRunningStats(_ACNorm):
     """Shared state of the norms that can track running statistics (BatchNorm, InstanceNorm)."""
 
     def __init__(self, num_features: int, eps: float, momentum: float | None, affine: bool,
-                 track_running_stats: bool, tau: float, device, dtype) -> None:
-        super().__init__(num_features, eps, affine, tau, device, dtype)
+                 track_running_stats: bool, tau: float | str, device, dtype,
+                 tau_diagonal: float = DEFAULT_DIAGONAL) -> None:
+        super().__init__(num_features, eps, affine, tau, device, dtype, tau_diagonal)
         self.momentum = momentum
         self.track_running_stats = track_running_stats
         if track_running_stats:
@@ -221,9 +283,10 @@ class _ACBatchNorm(_ACNormWithRunningStats):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, tau: float = 1.0,
-                 device=None, dtype=None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, tau, device, dtype)
+                 affine: bool = True, track_running_stats: bool = True, tau: float | str = 1.0,
+                 device=None, dtype=None, tau_diagonal: float = DEFAULT_DIAGONAL) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, tau, device, dtype,
+                         tau_diagonal)
         self.sync_batch_stats = False
         self.process_group = None
 
@@ -291,9 +354,10 @@ class _ACInstanceNorm(_ACNormWithRunningStats):
     batched_dim: int
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = False, tau: float = 1.0,
-                 device=None, dtype=None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, tau, device, dtype)
+                 affine: bool = True, track_running_stats: bool = False, tau: float | str = 1.0,
+                 device=None, dtype=None, tau_diagonal: float = DEFAULT_DIAGONAL) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, tau, device, dtype,
+                         tau_diagonal)
 
     def _normalize(self, input: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         if input.dim() == self.batched_dim - 1:  # unbatched input
@@ -330,11 +394,12 @@ class ACGroupNorm(_ACNorm):
     plain_norm_class = nn.GroupNorm
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 tau: float = 1.0, device=None, dtype=None) -> None:
+                 tau: float | str = 1.0, device=None, dtype=None,
+                 tau_diagonal: float = DEFAULT_DIAGONAL) -> None:
         if num_channels % num_groups:
             raise ValueError(f"ACGroupNorm: num_channels ({num_channels}) must be divisible by "
                              f"num_groups ({num_groups})")
-        super().__init__(num_channels, eps, affine, tau, device, dtype)
+        super().__init__(num_channels, eps, affine, tau, device, dtype, tau_diagonal)
         self.num_groups = num_groups
         self.num_channels = num_channels
 
