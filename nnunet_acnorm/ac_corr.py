@@ -1,5 +1,5 @@
 """AC-Corr: transferability of a pretrained model from its AC-Norm correlation after a short
-fine-tuning (``shared/design/method.md``, section 2).
+fine-tuning (``docs/method.md``, section 2).
 
 For each chosen norm layer, S is computed from the source (pretrained) affines and the target
 affines after fine-tuning, with tau = 1, and summed; AC-Corr is the mean of those sums. Layers

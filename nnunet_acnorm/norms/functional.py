@@ -1,4 +1,4 @@
-"""AC-Norm as functions of affine parameters (``shared/design/method.md``, section 1).
+"""AC-Norm as functions of affine parameters (``docs/method.md``, section 1).
 
 Everything here acts on per-channel vectors of length C; the normalization itself is left to
 the norm type's own functional call (``F.batch_norm``, ``F.instance_norm``, ``F.group_norm``).

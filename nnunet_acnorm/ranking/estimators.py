@@ -1,5 +1,5 @@
 """Transferability estimators on one candidate network: AC-Corr after a few fine-tuning steps
-(``shared/design/method.md`` section 2) and LogME on the features of a norm layer.
+(``docs/method.md`` section 2) and LogME on the features of a norm layer.
 
 Both work on any network (nnU-Net's, ours, plain torch) given batches and a training-step
 function, so that the ranking command and the direction experiment share them.
