@@ -838,7 +838,25 @@ def write_results(result: dict, out: str) -> list:
     with open(json_path, "w") as f:
         json.dump(result, f, indent=2, allow_nan=False)
     png_path = plot_paired_differences(result, os.path.join(out, "paired_differences.png"))
-    return [csv_path, json_path, png_path]
+    md_path = os.path.join(out, "comparison.md")
+    with open(md_path, "w") as f:
+        f.write(report_text(result) + "\n")
+    return [csv_path, json_path, png_path, md_path]
+
+
+def report_text(result: dict) -> str:
+    """The printed report: what was compared, the unit of pairing, the table and its legend."""
+    labels = ", ".join(f"{lab['key']} {lab['name']}" if lab["name"] != lab["key"] else lab["key"]
+                       for lab in result["labels"])
+    source = "prediction folders vs " + result["inputs"]["reference"] if result["mode"] == "label_folder" \
+        else "model folders (cross-validation summaries)"
+    lines = [f"Compared {len(result['methods'])} method(s) on {len(result['cases'])} cases, {source}; labels: {labels}",
+             f"Unit of pairing: {result['unit_note']}", "", format_table(result), "",
+             f"Δ: paired difference method - baseline ({result['baseline']}) in mean Dice (mean over labels per case, "
+             f"NaN labels skipped); CI: {int(CONFIDENCE_LEVEL * 100)}% bootstrap (BCa, percentile when all differences "
+             f"are equal; {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}); p: two-sided Wilcoxon signed-rank."]
+    lines += [f"Note: {note}" for note in result["notes"]]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -913,21 +931,7 @@ def compare_entry(argv: list | None = None) -> None:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
     written = result.pop("_written")
-    n_methods = len(result["methods"])
-    labels = ", ".join(f"{lab['key']} {lab['name']}" if lab["name"] != lab["key"] else lab["key"]
-                       for lab in result["labels"])
-    source = "prediction folders vs " + result["inputs"]["reference"] if result["mode"] == "label_folder" \
-        else "model folders (cross-validation summaries)"
-    print(f"Compared {n_methods} method(s) on {len(result['cases'])} cases, {source}; labels: {labels}")
-    print(f"Unit of pairing: {result['unit_note']}")
-    print()
-    print(format_table(result))
-    print()
-    print(f"Δ: paired difference method - baseline ({result['baseline']}) in mean Dice (mean over labels per case, "
-          f"NaN labels skipped); CI: {int(CONFIDENCE_LEVEL * 100)}% bootstrap (BCa, percentile when all differences "
-          f"are equal; {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}); p: two-sided Wilcoxon signed-rank.")
-    for note in result["notes"]:
-        print(f"Note: {note}")
+    print(report_text(result))
     print(f"Written: {', '.join(written)}")
 
 

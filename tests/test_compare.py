@@ -191,6 +191,10 @@ def test_hand_made_dice_and_paired_statistics(folders, tmp_path):
     assert float(b_mean["wilcoxon_p"]) == pytest.approx(vs["wilcoxon_p"]) and b_mean["unit"] == "case"
     png = (out / "paired_differences.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+    # the report as printed, also as markdown
+    report = (out / "comparison.md").read_text()
+    assert next(line for line in out_lines if line.startswith("| a/pred (baseline)")) in report
+    assert "Unit of pairing: " in report
 
 
 def test_names_baseline_and_dataset_json_flag(folders, tmp_path):
