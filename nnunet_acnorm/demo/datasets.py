@@ -1,0 +1,132 @@
+"""nnU-Net raw datasets cut from the bundled real CT/MR volumes (for the demo and the experiments).
+
+Each bundled volume (TotalSegmentator examples, Apache-2.0, see ``data/README.md``) is one
+patient; a dataset cuts it along z into slabs (the nnU-Net "cases"), remaps TotalSegmentator's
+label ids to a few consecutive labels and resamples to :data:`DEMO_INPLANE_SPACING` in-plane.
+A :class:`SlabTask` describes one such dataset; :data:`TASKS` lists the bundled ones.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+#: in-plane spacing (mm) the datasets are resampled to: 2x coarser than the data, 4x cheaper training
+DEMO_INPLANE_SPACING = 6.0
+DATA_NOTE = "bundled TotalSegmentator example (Apache-2.0), see nnunet_acnorm/demo/data/README.md"
+
+
+@dataclass(frozen=True)
+class SlabTask:
+    """One volume with its label map, cut into ``n_slabs`` cases along z."""
+
+    dataset_id: int
+    name: str                  #: nnU-Net dataset name without the id, e.g. "DemoMROrgans"
+    image_file: str            #: in DATA_DIR
+    seg_file: str              #: in DATA_DIR
+    channel: str               #: nnU-Net channel name ("CT": CT normalisation, else z-score)
+    labels: dict[str, int]     #: nnU-Net labels (background 0 included)
+    totalseg_to_label: dict[int, int]  #: TotalSegmentator id -> label id (others: background)
+    n_slabs: int = 5
+    held_out: tuple[int, ...] = field(default=(2,))  #: slab indices not used for training
+
+    @property
+    def folder_name(self) -> str:
+        return f"Dataset{self.dataset_id:03d}_{self.name}"
+
+    def case_id(self, slab: int) -> str:
+        return f"{self.name.lower()}_{slab:02d}"
+
+    @property
+    def train_cases(self) -> list[str]:
+        return [self.case_id(i) for i in range(self.n_slabs) if i not in self.held_out]
+
+    @property
+    def held_out_cases(self) -> list[str]:
+        return [self.case_id(i) for i in self.held_out]
+
+
+ORGANS = {"background": 0, "liver": 1, "spleen": 2, "kidneys": 3, "stomach": 4}
+#: TotalSegmentator (v2 "total") ids: liver 5, spleen 1, kidneys 2/3, stomach 6
+ORGANS_FROM_TOTALSEG = {5: 1, 1: 2, 2: 3, 3: 3, 6: 4}
+PELVIS = {"background": 0, "urinary_bladder": 1, "hips": 2, "gluteal_muscles": 3, "iliopsoas": 4}
+#: urinary bladder 21, hip left/right 77/78, gluteus maximus/medius left/right 80-83, iliopsoas 88/89
+PELVIS_FROM_TOTALSEG = {21: 1, 77: 2, 78: 2, 80: 3, 81: 3, 82: 3, 83: 3, 88: 4, 89: 4}
+
+CT_ORGANS = SlabTask(981, "DemoCTOrgans", "ct_abdomen.nii.gz", "ct_abdomen_seg.nii.gz", "CT", ORGANS,
+                     ORGANS_FROM_TOTALSEG, held_out=())
+MR_ORGANS = SlabTask(982, "DemoMROrgans", "mr_abdomen.nii.gz", "mr_abdomen_seg.nii.gz", "MR", ORGANS,
+                     ORGANS_FROM_TOTALSEG)
+CT_PELVIS = SlabTask(983, "DemoCTPelvis", "ct_pelvis.nii.gz", "ct_pelvis_seg.nii.gz", "CT", PELVIS,
+                     PELVIS_FROM_TOTALSEG)
+TASKS = {task.name: task for task in (CT_ORGANS, MR_ORGANS, CT_PELVIS)}
+
+
+def _remap(seg, mapping: dict[int, int]):
+    import numpy as np
+
+    out = np.zeros(seg.shape, dtype=np.uint8)
+    for src, dst in mapping.items():
+        out[seg == src] = dst
+    return out
+
+
+def slab_edges(n_slices: int, n: int) -> list[tuple[int, int]]:
+    edges = [round(i * n_slices / n) for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _resample_inplane(image, is_label: bool):
+    import SimpleITK as sitk
+
+    spacing = image.GetSpacing()
+    new_spacing = (DEMO_INPLANE_SPACING, DEMO_INPLANE_SPACING, spacing[2])
+    size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), spacing, new_spacing)]
+    interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
+    return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), new_spacing,
+                         image.GetDirection(), 0, image.GetPixelID())
+
+
+def write_raw_dataset(raw: Path, task: SlabTask, held_out_dir: Path | None = None) -> Path:
+    """Write ``task`` as an nnU-Net raw dataset under ``raw``; returns its folder.
+
+    With ``held_out_dir`` the held-out slabs go to ``held_out_dir/imagesTs`` and ``labelsTs``
+    (the demo predicts them with ``nnUNetv2_predict``); without it every slab is a training case
+    and :func:`write_holdout_split` makes the held-out slabs nnU-Net's validation fold (the
+    experiments read nnU-Net's own validation results).
+    """
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(DATA_DIR / task.image_file))
+    seg = sitk.ReadImage(str(DATA_DIR / task.seg_file))
+    labels = sitk.GetImageFromArray(_remap(sitk.GetArrayFromImage(seg), task.totalseg_to_label))
+    labels.CopyInformation(seg)
+    image, labels = _resample_inplane(image, False), _resample_inplane(labels, True)
+    folder = Path(raw) / task.folder_name
+    for sub in ("imagesTr", "labelsTr"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    n_train = 0
+    for i, (z0, z1) in enumerate(slab_edges(image.GetSize()[2], task.n_slabs)):
+        case = task.case_id(i)
+        if held_out_dir is not None and i in task.held_out:
+            images, segs = Path(held_out_dir) / "imagesTs", Path(held_out_dir) / "labelsTs"
+        else:
+            images, segs = folder / "imagesTr", folder / "labelsTr"
+            n_train += 1
+        images.mkdir(parents=True, exist_ok=True)
+        segs.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(image[:, :, z0:z1], str(images / f"{case}_0000.nii.gz"))
+        sitk.WriteImage(labels[:, :, z0:z1], str(segs / f"{case}.nii.gz"))
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": task.channel}, "labels": task.labels, "numTraining": n_train,
+        "file_ending": ".nii.gz", "description": DATA_NOTE}, indent=2))
+    return folder
+
+
+def write_holdout_split(preprocessed: Path, task: SlabTask) -> Path:
+    """nnU-Net's ``splits_final.json`` with one fold: train on the training slabs, validate on the
+    held-out ones (``nnUNetv2_train D C 0`` then evaluates them with nnU-Net's own code)."""
+    path = Path(preprocessed) / task.folder_name / "splits_final.json"
+    path.write_text(json.dumps([{"train": task.train_cases, "val": task.held_out_cases}], indent=2))
+    return path
