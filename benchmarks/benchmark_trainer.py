@@ -69,7 +69,10 @@ class Setup:
         self.cm = pm.get_configuration(configuration)
         self.network = trainer_class.build_network_architecture(pm, self.cm, 1, n_classes, True)
         if pretrained_state is not None:
-            self.network.load_state_dict(pretrained_state, strict=False)  # plain keys: sets AC-Norm sources
+            from nnunet_acnorm.trainers.pretrained_check import set_strict_source
+
+            set_strict_source(self.network, False)  # as -pretrained_weights: plain keys set the AC-Norm sources
+            self.network.load_state_dict(pretrained_state, strict=False)
         self.network.to(device).train()
         loss = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
                               weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)

@@ -7,11 +7,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
+
+_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
 class PreprocessedDatasetError(ValueError):
     """The dataset, its plans or the configuration cannot be found (one line for the user)."""
+
+
+def check_identifier(value: str, what: str) -> str:
+    """``value`` if it can name a file inside a dataset folder (plans identifier, configuration):
+    letters, digits and ``_ . + -``, no path separator, no ``..``; else PreprocessedDatasetError."""
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value) or ".." in value:
+        raise PreprocessedDatasetError(
+            f"{what} {value!r} is not a valid identifier: it names a file inside the dataset's folder, so use only "
+            "letters, digits and _ . + - (no path separators, no '..')")
+    return value
 
 
 @dataclass
@@ -29,6 +42,8 @@ def read_preprocessed_dataset(dataset: str, configuration: str,
     check that ``configuration`` is planned."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
+    check_identifier(plans_identifier, "plans identifier")
+    check_identifier(configuration, "configuration")
     preprocessed = os.environ.get("nnUNet_preprocessed")
     if not preprocessed:  # nnU-Net itself takes an empty value as set, and then fails on paths
         raise PreprocessedDatasetError("nnUNet_preprocessed is not set (or empty); set the nnU-Net environment "

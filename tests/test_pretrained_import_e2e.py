@@ -126,6 +126,7 @@ def test_imported_checkpoint_sets_acnorm_sources(workspace, tmp_path, family, mo
     from nnunet_acnorm.norms import acnorm_modules
     from nnunet_acnorm.pretrained_loaders.import_command import run_import
     from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNorm
+    from nnunet_acnorm.trainers.pretrained_check import set_strict_source
 
     file = FACTORIES[family](tmp_path)
     monkeypatch.setenv("nnUNet_preprocessed", workspace["env_plan"]["nnUNet_preprocessed"])
@@ -134,6 +135,7 @@ def test_imported_checkpoint_sets_acnorm_sources(workspace, tmp_path, family, mo
     plans = json.loads(Path(result["plans_file"]).read_text())
     pm = PlansManager(plans)
     net = nnUNetTrainerACNorm.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 2, True)
+    set_strict_source(net, False)  # what nnUNetv2_train -pretrained_weights switches on
     load_pretrained_weights(net, result["checkpoint"])
     layers = acnorm_modules(net)
     weights = load_pretrained(file)

@@ -114,6 +114,7 @@ def test_acnorm_network_loads_plain_checkpoint_through_stock_loader(tmp_path):
 
     from nnunet_acnorm.norms import ACInstanceNorm3d, acnorm_modules
     from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNorm
+    from nnunet_acnorm.trainers.pretrained_check import set_strict_source
 
     plain = _build(nnUNetTrainer)
     with torch.no_grad():
@@ -124,6 +125,7 @@ def test_acnorm_network_loads_plain_checkpoint_through_stock_loader(tmp_path):
     torch.save({"network_weights": plain.state_dict()}, tmp_path / "pre.pth")
     net = _build(nnUNetTrainerACNorm)
     assert set(net.state_dict()) == set(plain.state_dict()), "unset sources add no keys"
+    set_strict_source(net, False)  # what nnUNetv2_train -pretrained_weights switches on
     load_pretrained_weights(net, str(tmp_path / "pre.pth"))
     layers = acnorm_modules(net)
     assert layers and all(isinstance(m, ACInstanceNorm3d) and m.source_is_set for m in layers.values())
@@ -142,6 +144,7 @@ def test_bn_trainer_builds_acbatchnorm_and_folds_to_batchnorm(tmp_path):
 
     from nnunet_acnorm.norms import ACBatchNorm3d, acnorm_modules, fold_acnorm
     from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNormBN, nnUNetTrainerFinetuneBN
+    from nnunet_acnorm.trainers.pretrained_check import set_strict_source
 
     plain = _build(nnUNetTrainerBN)
     plain.train()
@@ -149,6 +152,7 @@ def test_bn_trainer_builds_acbatchnorm_and_folds_to_batchnorm(tmp_path):
     torch.save({"network_weights": plain.state_dict()}, tmp_path / "bn.pth")
     net = _build(nnUNetTrainerACNormBN)
     assert all(isinstance(m, ACBatchNorm3d) for m in acnorm_modules(net).values())
+    set_strict_source(net, False)  # what nnUNetv2_train -pretrained_weights switches on
     load_pretrained_weights(net, str(tmp_path / "bn.pth"))
     baseline = _build(nnUNetTrainerFinetuneBN)
     assert any(isinstance(m, torch.nn.BatchNorm3d) for m in baseline.modules())

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -56,6 +58,55 @@ def _default_workers() -> int:
         except ValueError:
             raise ClassificationInputError(f"nnUNet_n_proc_DA='{value}' is not an integer") from None
     return min(8, os.cpu_count() or 1)
+
+
+def _check_train_arguments(args) -> None:
+    """Every numeric option in range, before anything is read or written (a refused run leaves no
+    splits file, fold folder or log behind)."""
+    def finite(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not isinstance(args.tau, str) and not (finite(args.tau) and args.tau > 0):
+        raise ClassificationInputError(f"-tau {args.tau}: the AC-Norm temperature must be a finite number > 0")
+    if not (finite(args.initial_lr) and args.initial_lr > 0):
+        raise ClassificationInputError(f"-initial_lr {args.initial_lr}: must be a finite number > 0")
+    if not (finite(args.weight_decay) and args.weight_decay >= 0):
+        raise ClassificationInputError(f"-weight_decay {args.weight_decay}: must be a finite number >= 0")
+    if args.num_epochs is not None and args.num_epochs < 1:
+        raise ClassificationInputError("-num_epochs must be at least 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ClassificationInputError(f"-batch_size {args.batch_size}: must be at least 1")
+    if args.image_size < 1:
+        raise ClassificationInputError(f"-image_size {args.image_size}: must be at least 1")
+    if args.patch_size is not None and min(args.patch_size) < 1:
+        raise ClassificationInputError(f"-patch_size {args.patch_size}: every size must be at least 1")
+    if args.num_classes is not None and args.num_classes < 2:
+        raise ClassificationInputError(f"-num_classes {args.num_classes}: a classifier needs at least 2 classes")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise ClassificationInputError(f"-num_workers {args.num_workers}: must be >= 0")
+    if args.pretrained is not None and os.path.isdir(args.pretrained):
+        raise ClassificationInputError(f"-pretrained {args.pretrained} is a directory, not a checkpoint file; give "
+                                       "the file itself")
+
+
+def _check_results_folder(results: str, dim: int, num_classes: int) -> None:
+    """Every fold of a results folder must share the classes: refuse a run that does not fit the
+    folds already trained there (dataset_classification.json)."""
+    described = os.path.join(results, "dataset_classification.json")
+    if not os.path.isfile(described):
+        return
+    try:
+        with open(described) as f:
+            previous = json.load(f)
+        before = (int(previous["dim"]), int(previous["num_classes"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ClassificationInputError(f"{described} is not readable; it describes the folds of {results}: "
+                                       "restore it or use another -o") from None
+    if before != (dim, num_classes):
+        raise ClassificationInputError(
+            f"{results} holds folds trained with {before[1]} classes ({before[0]}D) per {described}; this run has "
+            f"{num_classes} classes ({dim}D). Every fold of a results folder must share them: fix -num_classes or "
+            "the labels, or use another -o (nothing was written)")
 
 
 def _fold_arg(value: str):
@@ -134,6 +185,7 @@ def _train(argv) -> None:
     from nnunet_acnorm.classification.trainer import (CHECKPOINT_NAMES, TRAINERS, ClassificationTrainer,
                                                       ClassificationTrainer_vanilla, load_checkpoint)
     args = train_parser().parse_args(argv)
+    _check_train_arguments(args)
     device = _device(args.device)
     if args.f != "all" and not 0 <= args.f < 5:
         raise ClassificationInputError(f"-f {args.f}: the splits have folds 0..4 (or use -f all)")
@@ -222,14 +274,31 @@ def _train(argv) -> None:
             raise ClassificationInputError(
                 f"patch size {config['patch_size']} must be divisible by 8 in every axis (three 2x "
                 "downsamplings): pass -patch_size")
-    splits = load_or_create_splits(os.path.join(args.o, "splits_final.json"), cases)
-    train_cases, val_cases = fold_cases(cases, splits, args.f)
-
-    trainer = trainer_class(config, args.f, fold_folder, device)
-    if checkpoint is not None:
-        trainer.initialize_from_checkpoint(checkpoint)
-    else:
-        trainer.initialize(config["pretrained_file"], args.trust_pickle)
+    _check_results_folder(args.o, dim, int(config["num_classes"]))
+    splits_file = os.path.join(args.o, "splits_final.json")
+    new_paths = [p for p in (args.o, fold_folder, splits_file) if not os.path.exists(p)]
+    trainer = None
+    try:
+        splits = load_or_create_splits(splits_file, cases)
+        train_cases, val_cases = fold_cases(cases, splits, args.f)
+        trainer = trainer_class(config, args.f, fold_folder, device)
+        if checkpoint is not None:
+            trainer.initialize_from_checkpoint(checkpoint)
+        else:
+            trainer.initialize(config["pretrained_file"], args.trust_pickle)
+    except (ClassificationInputError, ValueError) as e:
+        # a refused set-up leaves nothing behind: the log, splits and folders this run created
+        if trainer is not None and trainer.log_file and os.path.isfile(trainer.log_file) \
+                and fold_folder not in new_paths:
+            os.remove(trainer.log_file)
+        for path in reversed(new_paths):
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.isfile(path):
+                os.remove(path)
+        if isinstance(e, ClassificationInputError):
+            raise
+        raise ClassificationInputError(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
     with open(os.path.join(args.o, "dataset_classification.json"), "w") as f:
         json.dump({"dim": dim, "num_classes": config["num_classes"], "num_cases": len(cases),
                    "labels_file": os.path.abspath(args.l), "images_folder": os.path.abspath(args.i)}, f,

@@ -41,6 +41,7 @@ from nnunet_acnorm.classification.metrics import (classification_metrics, format
 from nnunet_acnorm.classification.networks import build_network, load_pretrained_weights
 from nnunet_acnorm.classification.plots import plot_progress
 from nnunet_acnorm.norms import convert_to_acnorm
+from nnunet_acnorm.trainers.pretrained_check import set_strict_source
 
 SELECTION_METRICS = {"kappa": "quadratic_weighted_kappa", "auc": "auc_macro", "accuracy": "accuracy"}
 IMBALANCE_SCHEMES = ("loss", "sampling", "none")
@@ -106,12 +107,14 @@ class ClassificationTrainer:
         helper = trainer_class.__new__(trainer_class)  # adapt_network(set_source=False) uses only config
         helper.config = config
         helper.adapt_network(network, set_source=False)
+        set_strict_source(network, True)  # a checkpoint of ours holds every AC-Norm source: demand it
         try:
             network.load_state_dict(checkpoint["network_weights"], strict=True)
         except RuntimeError as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             raise ClassificationInputError(
                 f"the checkpoint's network weights do not fit a {config['architecture']} network "
-                f"({str(e).splitlines()[0]}...); the checkpoint is corrupted or was edited") from None
+                f"({lines[1] if len(lines) > 1 else lines[0]}); the checkpoint is corrupted or was edited") from None
         return network
 
     def _finish_initialization(self, network: nn.Module) -> None:

@@ -102,7 +102,9 @@ def fold_model_folder(model_folder, output_folder=None, overwrite: bool = False,
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_acnorm.norms import acnorm_modules, fold_acnorm
-    from nnunet_acnorm.trainers.pretrained_check import load_nnunet_checkpoint
+    from nnunet_acnorm.safe_load import plain_python
+    from nnunet_acnorm.trainers.pretrained_check import (describe_missing_sources, load_nnunet_checkpoint,
+                                                         missing_source_layers, set_strict_source)
 
     model_folder = Path(model_folder).resolve()
     if not model_folder.is_dir():
@@ -146,6 +148,10 @@ def fold_model_folder(model_folder, output_folder=None, overwrite: bool = False,
         if not layers:
             raise FoldError(f"{path}: trainer {checkpoint['trainer_name']} has no AC-Norm layers; its model folder "
                             "already works with stock nnU-Net")
+        set_strict_source(network, True)  # whatever the trainer class: a stripped source is refused
+        missing = missing_source_layers(network, checkpoint["network_weights"])
+        if missing:
+            raise FoldError(describe_missing_sources(str(path), missing, len(layers), checkpoint["trainer_name"]))
         try:
             network.load_state_dict(checkpoint["network_weights"], strict=True)
         except RuntimeError as e:
@@ -180,7 +186,7 @@ def fold_model_folder(model_folder, output_folder=None, overwrite: bool = False,
         report.checkpoints.append(str(relative))
         log(f"{relative}: folded {len(layers)} AC-Norm layer(s); largest softmax difference to the AC-Norm "
             f"network on a random input: {difference:.2e}")
-        new_checkpoint = dict(checkpoint)
+        new_checkpoint = plain_python(dict(checkpoint))  # no numpy scalars: loads with weights_only=True as it is
         new_checkpoint.update(network_weights=folded_state, trainer_name=STOCK_TRAINER, optimizer_state=None,
                               grad_scaler_state=None)
         init_args = dict(checkpoint.get("init_args", {}))

@@ -38,6 +38,10 @@ class _ACNorm(nn.Module):
 
     #: the plain norm class this AC-Norm replaces and folds back into
     plain_norm_class: type[nn.Module]
+    #: True: a state dict must hold this layer's source affines (a plain one is an error). The
+    #: nnU-Net trainers build their networks strict; only -pretrained_weights turns it off
+    #: (nnunet_acnorm.trainers.pretrained_check.set_strict_source)
+    strict_source: bool = False
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, tau: float | str = 1.0,
                  device=None, dtype=None, tau_diagonal: float = DEFAULT_DIAGONAL) -> None:
@@ -165,6 +169,11 @@ class _ACNorm(nn.Module):
                 error_msgs.append(f"{key} contains NaN or infinite values: the checkpoint is "
                                   "corrupted or comes from a diverged run; load another one.")
         has_source = all(prefix + key in state_dict for key in SOURCE_KEYS)
+        if self.strict_source and not has_source and (prefix + "weight" in state_dict or prefix + "bias" in state_dict):
+            error_msgs.append(f"{prefix}source_weight/source_bias are missing: this AC-Norm layer needs its frozen "
+                              "source affines; the checkpoint was stripped or is not one of an AC-Norm trainer "
+                              "(plain checkpoints are for nnUNetv2_train -pretrained_weights only)")
+            return
         was_set = self.source_is_set
         if has_source:
             self._mark_source(is_set=True)

@@ -13,6 +13,7 @@ import os
 
 from nnunet_acnorm.pretrained_loaders.core import (PretrainedFamily, PretrainedLoadError, PretrainedWeights,
                                                    apply_family, read_checkpoint)
+from nnunet_acnorm.safe_load import wrapper_prefix
 from nnunet_acnorm.pretrained_loaders.genesis import GENESIS
 from nnunet_acnorm.pretrained_loaders.medicalnet import MEDICALNET
 from nnunet_acnorm.pretrained_loaders.moco_v2 import MOCO_V2
@@ -44,6 +45,47 @@ def detect_family(checkpoint, path: str = "") -> PretrainedFamily:
                               f"({', '.join(f.name for f in matches)}); pass -f FAMILY to choose")
 
 
+def strip_wrapper_prefix(checkpoint) -> tuple[object, str] | None:
+    """``(checkpoint, prefix)`` with the DDP/DataParallel ``module.`` (or torch.compile ``_orig_mod.``)
+    prefix removed from every key of its state dict (the top level or a family's state-dict key),
+    or None when no state dict carries one on every key."""
+    if not isinstance(checkpoint, dict):
+        return None
+    places = [None] + sorted({k for f in FAMILIES.values() for k in f.state_dict_keys})
+    for place in places:
+        state = checkpoint if place is None else checkpoint.get(place)
+        if not isinstance(state, dict):
+            continue
+        prefix = wrapper_prefix(state)
+        if prefix is None:
+            continue
+        stripped = {k[len(prefix):]: v for k, v in state.items()}
+        return (stripped if place is None else {**checkpoint, place: stripped}), prefix
+    return None
+
+
+def resolve_family(checkpoint, path: str = "", family: str | None = None):
+    """``(family, checkpoint, stripped_prefix)``: the family of ``checkpoint`` (``family`` forces
+    one) and the checkpoint to map with it. A file saved from a DDP/DataParallel-wrapped network
+    (every key under ``module.``) that only the stripped keys make recognisable is stripped."""
+    if family is not None and family not in FAMILIES:
+        raise PretrainedLoadError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    candidates = [f for f in FAMILIES.values() if f.recognise(checkpoint)] if family is None else \
+        [FAMILIES[family]] if FAMILIES[family].recognise(checkpoint) else []
+    prefix = None
+    if not candidates:
+        stripped = strip_wrapper_prefix(checkpoint)
+        if stripped is not None and (any(f.recognise(stripped[0]) for f in FAMILIES.values()) if family is None
+                                     else FAMILIES[family].recognise(stripped[0])):
+            checkpoint, prefix = stripped
+    chosen = FAMILIES[family] if family is not None else detect_family(checkpoint, path)
+    if family is not None and not chosen.recognise(checkpoint):
+        raise PretrainedLoadError(f"{path}: does not look like a {family} checkpoint "
+                                  f"(expected {chosen.description}); "
+                                  f"detected: {_detected_name(checkpoint)}")
+    return chosen, checkpoint, prefix
+
+
 def load_pretrained(path: str | os.PathLike, family: str | None = None,
                     trust_pickle: bool = False) -> PretrainedWeights:
     """Read ``path`` and map its weights onto our network's names for its family."""
@@ -51,12 +93,11 @@ def load_pretrained(path: str | os.PathLike, family: str | None = None,
     if family is not None and family not in FAMILIES:
         raise PretrainedLoadError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
     checkpoint = read_checkpoint(path, trust_pickle=trust_pickle)
-    chosen = FAMILIES[family] if family is not None else detect_family(checkpoint, path)
-    if family is not None and not chosen.recognise(checkpoint):
-        raise PretrainedLoadError(f"{path}: does not look like a {family} checkpoint "
-                                  f"(expected {chosen.description}); "
-                                  f"detected: {_detected_name(checkpoint)}")
-    return apply_family(chosen, checkpoint, path)
+    chosen, checkpoint, prefix = resolve_family(checkpoint, path, family)
+    weights = apply_family(chosen, checkpoint, path)
+    if prefix is not None:
+        weights.info["stripped_prefix"] = prefix
+    return weights
 
 
 def _detected_name(checkpoint) -> str:
@@ -65,4 +106,4 @@ def _detected_name(checkpoint) -> str:
 
 
 __all__ = ["FAMILIES", "PretrainedFamily", "PretrainedLoadError", "PretrainedWeights", "detect_family",
-           "load_pretrained", "read_checkpoint"]
+           "load_pretrained", "read_checkpoint", "resolve_family", "strip_wrapper_prefix"]

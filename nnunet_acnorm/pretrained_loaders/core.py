@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
+
+from nnunet_acnorm.safe_load import CheckpointReadError, safe_torch_load
 
 StateDict = dict[str, torch.Tensor]
 
@@ -79,6 +78,18 @@ class PretrainedWeights:
     def stem_weight_key(self) -> str | None:
         return self.info.get("stem_key", self.family.stem_weight_key)
 
+    @property
+    def description(self) -> str:
+        """The family's description for THIS file: the ResNet depth read from it, not the family's
+        usual one (a ResNet-18 file of the torchvision family is not called ResNet-50)."""
+        text = self.family.description
+        depth = self.info.get("depth")
+        if depth:
+            text = re.sub(r"ResNet-\d+(/\d+)*", f"ResNet-{int(depth)}", text, count=1)
+        if self.info.get("stripped_prefix"):
+            text += f"; every key was under '{self.info['stripped_prefix']}' (a DDP/DataParallel save): stripped"
+        return text
+
     def norm_affines(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{module name: (weight, bias)} of every norm layer in the file (keys with running stats
         or named like a norm), in our names."""
@@ -101,45 +112,21 @@ def _is_norm_name(module: str, state_dict: StateDict) -> bool:
     return module + ".running_mean" in state_dict or bool(_NORM_NAME.search(module))
 
 
-# numpy scalars/arrays inside nnU-Net checkpoints (logging, best EMA): data only, safe to rebuild
-def _numpy_safe_globals() -> list:
-    globs = [np.dtype, np.ndarray]
-    core = getattr(np, "_core", None) or np.core
-    globs += [core.multiarray.scalar, core.multiarray._reconstruct]
-    globs += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-    return globs
-
-
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
-
-
 def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     """torch.load with ``weights_only=True`` (numpy scalars/arrays allowed); a file that needs
     arbitrary pickled objects is refused unless ``trust_pickle``."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise PretrainedLoadError(f"{path}: no such file; give the path of a downloaded checkpoint")
-    if os.path.getsize(path) == 0:
-        raise PretrainedLoadError(f"{path}: the file is empty (interrupted download?); download it again")
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        message = str(error)
-        if "Weights only load failed" not in message:
-            raise PretrainedLoadError(f"{path}: not a readable PyTorch checkpoint ({_first_line(message)}); "
-                                      "the file is corrupted or truncated: download it again") from None
-        found = _UNSUPPORTED_GLOBAL.search(message)
-        what = f" (it pickles {found.group(1)})" if found else ""
-        if not trust_pickle:
-            raise PretrainedLoadError(
-                f"{path}: the file needs arbitrary pickled Python objects{what}, which can run code when "
-                "loaded. Only if you trust its source, pass --trust_pickle (trust_pickle=True)") from None
-    except (RuntimeError, EOFError, KeyError, OSError, ValueError, zipfile.BadZipFile, IndexError,
-            AttributeError, TypeError) as error:
-        raise PretrainedLoadError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: "
-                                  f"{_first_line(str(error))}); the file is corrupted or truncated: "
-                                  "download it again") from None
+        return safe_torch_load(path)
+    except CheckpointReadError as error:
+        if error.kind == "missing":
+            raise PretrainedLoadError(f"{error}; give the path of a downloaded checkpoint") from None
+        if error.kind == "corrupt" or error.kind == "empty":
+            raise PretrainedLoadError(f"{error}: download it again") from None
+        if error.kind != "pickle" or not trust_pickle:
+            advice = ". Only if you trust its source, pass --trust_pickle (trust_pickle=True)" \
+                if error.kind == "pickle" else ""
+            raise PretrainedLoadError(f"{error}{advice}") from None
     try:  # trusted by the user
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - any failure of an arbitrary pickle is a bad file

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from nnunet_acnorm.pretrained_loaders import FAMILIES, PretrainedLoadError, PretrainedWeights, load_pretrained
-from nnunet_acnorm.preprocessed_dataset import PreprocessedDatasetError, read_preprocessed_dataset
+from nnunet_acnorm.preprocessed_dataset import PreprocessedDatasetError, check_identifier, read_preprocessed_dataset
+from nnunet_acnorm.safe_load import atomic_torch_save, atomic_write_text
 
 GENESIS_NET = "nnunet_acnorm.networks.genesis_unet3d.GenesisUNet3D"
 MEDICALNET_NET = "nnunet_acnorm.networks.medicalnet_resnet.MedicalNetUNet3D"
@@ -212,6 +213,8 @@ def run_import(dataset: str, configuration: str, file: str, family: str | None =
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     try:
+        if plans_name is not None:  # before anything is read or written: the name becomes a file name
+            check_identifier(plans_name, "-pl (new plans identifier)")
         source = read_preprocessed_dataset(dataset, configuration, source_plans)
     except PreprocessedDatasetError as e:
         raise ImportError_(str(e)) from None
@@ -222,7 +225,7 @@ def run_import(dataset: str, configuration: str, file: str, family: str | None =
     weights = load_pretrained(file, family=family, trust_pickle=trust_pickle)
     fam = weights.family
     if fam.spatial_dims == 2:
-        raise ImportError_(f"{file}: a 2D {fam.name} file ({fam.description}) cannot initialise a 3D "
+        raise ImportError_(f"{file}: a 2D {fam.name} file ({weights.description}) cannot initialise a 3D "
                            "segmentation network; use it with the classification trainer (nnUNetv2_acnorm_cls_train)")
     source_config = plans_manager.get_configuration(configuration).configuration
     planned = plan_configuration(weights, source_config, dataset_json["channel_names"])  # works on a copy
@@ -260,15 +263,15 @@ def run_import(dataset: str, configuration: str, file: str, family: str | None =
             raise ImportError_(f"{existing} exists; pass --overwrite to replace it, or -o / -pl for new names")
 
     os.makedirs(os.path.dirname(os.path.abspath(checkpoint_file)), exist_ok=True)
-    torch.save({"network_weights": transfer.state_dict,
-                "acnorm_import": {"family": fam.name, "file": os.path.abspath(file), "plans": plans_name,
-                                  "configuration": configuration, "loaded_keys": transfer.loaded,
-                                  "fresh_keys": transfer.fresh, "adapted": transfer.adapted}},
-               checkpoint_file)
-    with open(plans_file, "w") as f:
-        json.dump(new_plans, f, indent=4, sort_keys=False)
+    atomic_torch_save({"network_weights": transfer.state_dict,
+                       "acnorm_import": {"family": fam.name, "file": os.path.abspath(file), "plans": plans_name,
+                                         "configuration": configuration, "loaded_keys": transfer.loaded,
+                                         "fresh_keys": transfer.fresh, "adapted": transfer.adapted}},
+                      checkpoint_file)
+    atomic_write_text(plans_file, json.dumps(new_plans, indent=4, sort_keys=False))
 
-    print(f"Pretrained file: {file} -> family {fam.name} ({fam.description}); licence of the weights: {fam.licence}")
+    print(f"Pretrained file: {file} -> family {fam.name} ({weights.description}); licence of the weights: "
+          f"{fam.licence}")
     print(f"Network: {arch['network_class_name']}; norm layers: {fam.norm_type}")
     for note in planned.notes:
         print(f"  {note}")

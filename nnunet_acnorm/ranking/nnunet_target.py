@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_acnorm.pretrained_loaders import FAMILIES, PretrainedLoadError, detect_family, read_checkpoint
+from nnunet_acnorm.pretrained_loaders import FAMILIES, PretrainedLoadError, read_checkpoint, resolve_family
 from nnunet_acnorm.pretrained_loaders.core import apply_family
 from nnunet_acnorm.preprocessed_dataset import PreprocessedDatasetError, read_preprocessed_dataset
 
@@ -218,11 +218,14 @@ def _canonical(keys) -> list[str]:
 def build_acnorm_network(plans: dict, target: TargetTask, seed: int) -> nn.Module:
     """The network ``nnUNetTrainerACNorm`` builds for these plans (deep supervision on)."""
     from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNorm
+    from nnunet_acnorm.trainers.pretrained_check import set_strict_source
 
     plans_manager, cm, lm = _managers(plans, target.configuration, target.dataset_json)
     torch.manual_seed(seed)  # the fresh segmentation head is the same for every candidate of an architecture
-    return nnUNetTrainerACNorm.build_network_architecture(plans_manager, cm, target.num_input_channels,
-                                                          lm.num_segmentation_heads, True)
+    network = nnUNetTrainerACNorm.build_network_architecture(plans_manager, cm, target.num_input_channels,
+                                                             lm.num_segmentation_heads, True)
+    set_strict_source(network, False)  # what -pretrained_weights does: plain pretrained weights set the source
+    return network
 
 
 def load_into(network: nn.Module, weights: dict[str, torch.Tensor], path: str) -> int:
@@ -273,17 +276,17 @@ def prepare_candidate(path: str, target: TargetTask, seed: int, family: str | No
     """
     try:
         checkpoint = read_checkpoint(path, trust_pickle=trust_pickle)
-        if family is not None:
-            if family not in FAMILIES:
-                raise CandidateSkipped(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-            fam = FAMILIES[family]
-        else:
-            fam = detect_family(checkpoint, path)
+        if family is not None and family not in FAMILIES:
+            raise CandidateSkipped(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+        # a DDP/DataParallel save (every key under 'module.') is stripped when that makes it recognisable
+        fam, checkpoint, stripped_prefix = resolve_family(checkpoint, path, family)
         weights = apply_family(fam, checkpoint, path)
+        if stripped_prefix is not None:
+            weights.info["stripped_prefix"] = stripped_prefix
     except PretrainedLoadError as e:
         raise CandidateSkipped(str(e).replace(f"{path}: ", "", 1)) from None
     if fam.spatial_dims != len(target.plans["configurations"][target.configuration]["patch_size"]):
-        raise CandidateSkipped(f"a {fam.spatial_dims}D {fam.name} network ({fam.description}) does not fit the "
+        raise CandidateSkipped(f"a {fam.spatial_dims}D {fam.name} network ({weights.description}) does not fit the "
                                f"{target.configuration} configuration")
     stem_channels = _stem_input_channels(weights)
     if stem_channels is not None and stem_channels != target.num_input_channels and not adapt_input_channels:
@@ -291,7 +294,10 @@ def prepare_candidate(path: str, target: TargetTask, seed: int, family: str | No
                                f"{target.num_input_channels}; pass --adapt_input_channels to rank it with an adapted "
                                "stem (as nnUNetv2_acnorm_import does)")
     notes: list[str] = []
-    if fam.name == "nnunet_v2":
+    if weights.info.get("stripped_prefix"):
+        # through the import, which writes a checkpoint without the prefix for nnUNetv2_train -pretrained_weights
+        notes.append(f"every key was under '{weights.info['stripped_prefix']}' (a DDP/DataParallel save): stripped")
+    if fam.name == "nnunet_v2" and not weights.info.get("stripped_prefix"):
         network = build_acnorm_network(target.plans, target, seed)
         try:
             raw = checkpoint["network_weights"]

@@ -15,6 +15,8 @@ a plain checkpoint of the same architecture and its norm affines become source a
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -25,8 +27,11 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_acnorm.norms import acnorm_modules, acnorm_sync_batchnorm, convert_to_acnorm
 from nnunet_acnorm.norms.modules import SOURCE_KEYS
-from nnunet_acnorm.trainers.pretrained_check import (PretrainedWeightsError, check_pretrained_weights,
-                                                     pretrained_weights_from_argv)
+from nnunet_acnorm.trainers.pretrained_check import (NnunetCheckpointError, PretrainedWeightsError,
+                                                     check_pretrained_weights, continue_training_from_argv,
+                                                     describe_missing_sources, load_nnunet_checkpoint,
+                                                     missing_source_layers, pretrained_weights_from_argv,
+                                                     remove_run_output, set_strict_source)
 from nnunet_acnorm.trainers.schedules import WarmupPolyLRScheduler
 
 
@@ -74,9 +79,13 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
         if pretrained is not None:
             # nnUNetv2_train -pretrained_weights: check the file before nnU-Net's loader asserts on it
             try:
-                check_pretrained_weights(self._plain_network(), pretrained)
+                check_pretrained_weights(self._plain_network(), pretrained, self.plans_manager.plans_name)
             except PretrainedWeightsError as e:
+                # nothing of the refused start stays behind: its log file and the folders it created
+                remove_run_output(self.log_file, self.output_folder, os.environ.get("nnUNet_results"))
                 raise SystemExit(f"{type(self).__name__}: error: {e}") from None
+            # the only path that takes plain checkpoints: their norm affines become the AC-Norm source
+            set_strict_source(self._plain_network(), False)
 
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,
@@ -90,6 +99,110 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
         """The network without DDP / torch.compile wrappers."""
         mod = self.network.module if self.is_ddp else self.network
         return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+    # -- checkpoints: safe loading, strict AC-Norm reload, fallback, atomic writes --------------
+    #: the order in which nnUNetv2_train --c looks for a checkpoint (run_training.maybe_load_checkpoint)
+    continue_order = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written to a temporary file in the same folder and renamed onto
+        ``filename``: a kill during the save leaves the previous checkpoint, never a truncated one."""
+        tmp = f"{filename}.tmp"
+        try:
+            super().save_checkpoint(tmp)
+            if os.path.isfile(tmp):
+                os.replace(tmp, filename)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """What nnU-Net's ``load_checkpoint`` does, but
+
+        - the file is read with ``torch.load(weights_only=True)`` (plus the numpy scalars of the
+          logs): a checkpoint whose pickle would run code is refused, not executed;
+        - every AC-Norm layer must find its ``source_weight``/``source_bias`` (strict reload);
+        - with ``--c``, a truncated or corrupted checkpoint is named in one line and the next one in
+          nnU-Net's order (final -> latest -> best) is used, as a user would do by hand;
+        - any other problem ends the command with one line naming the file.
+        """
+        if not self.was_initialized:
+            self.initialize()
+        name = type(self).__name__
+        if isinstance(filename_or_checkpoint, str):
+            filename, checkpoint = self._read_own_checkpoint(filename_or_checkpoint)
+        else:
+            filename, checkpoint = "the checkpoint", filename_or_checkpoint
+        network = self._plain_network()
+        own_keys = network.state_dict().keys()
+        state_dict = {}
+        for key, value in checkpoint["network_weights"].items():
+            if key not in own_keys and key.startswith("module."):  # nnU-Net's DataParallel heuristic
+                key = key[7:]
+            state_dict[key] = value
+        n_layers = set_strict_source(network, True)
+        missing = missing_source_layers(network, state_dict)
+        if n_layers and missing:
+            raise SystemExit(f"{name}: error: {describe_missing_sources(filename, missing, n_layers, name)}")
+        try:
+            init_args, current_epoch = checkpoint["init_args"], checkpoint["current_epoch"]
+            logging, best_ema = checkpoint["logging"], checkpoint["_best_ema"]
+            optimizer_state = checkpoint["optimizer_state"]
+        except KeyError as e:
+            raise SystemExit(f"{name}: error: {filename} has no entry {e}: not a training checkpoint written by "
+                             "nnUNetv2_train (a pretrained file goes to -pretrained_weights)") from None
+        try:
+            network.load_state_dict(state_dict)
+        except RuntimeError as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            raise SystemExit(f"{name}: error: {filename}: the weights do not fit the network of {name}: "
+                             f"{lines[1] if len(lines) > 1 else lines[0] if lines else e}") from None
+        self.my_init_kwargs = init_args
+        self.current_epoch = current_epoch
+        self.logger.load_checkpoint(logging)
+        self._best_ema = best_ema
+        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
+                                                               self.inference_allowed_mirroring_axes)
+        try:
+            self.optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError) as e:
+            raise SystemExit(f"{name}: error: {filename}: its optimizer state does not fit this trainer's "
+                             f"optimizer ({e})") from None
+        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+
+    def _read_own_checkpoint(self, filename: str) -> tuple[str, dict]:
+        """(file actually read, checkpoint): ``filename``, or with --c the next readable one in
+        nnU-Net's order when ``filename`` is truncated or corrupted."""
+        name = type(self).__name__
+        try:
+            return filename, load_nnunet_checkpoint(filename, map_location=self.device)
+        except NnunetCheckpointError as e:
+            error = e
+        base = os.path.basename(filename)
+        unreadable = error.kind in ("corrupt", "empty", "format")
+        if unreadable and continue_training_from_argv() and base in self.continue_order:
+            for fallback in self.continue_order[self.continue_order.index(base) + 1:]:
+                candidate = os.path.join(os.path.dirname(filename), fallback)
+                if not os.path.isfile(candidate):
+                    continue
+                try:
+                    checkpoint = load_nnunet_checkpoint(candidate, map_location=self.device)
+                except NnunetCheckpointError as e:
+                    self.print_to_log_file(f"WARNING: {candidate} cannot be used either: {e}")
+                    continue
+                self.print_to_log_file(f"WARNING: {error}. Continuing from {fallback} instead, the next checkpoint "
+                                       f"in nnU-Net's order ({' -> '.join(self.continue_order)})")
+                return candidate, checkpoint
+            advice = "; no other checkpoint of this fold can be read: start the training again without --c"
+        elif error.kind == "pickle":
+            advice = (". Find out who wrote it; to continue from the previous checkpoint, move it away "
+                      f"(nnU-Net's order: {' -> '.join(self.continue_order)})")
+        elif unreadable and base == "checkpoint_final.pth":
+            advice = "; --val needs a readable checkpoint_final.pth: continue the training with --c"
+        else:
+            advice = ""
+        raise SystemExit(f"{name}: error: {error}{advice}")
 
 
 class _ACNormMixin:
@@ -139,6 +252,7 @@ def _build_acnorm(base_builder, tau, plans_manager, configuration_manager, num_i
     network = base_builder(plans_manager, configuration_manager, num_input_channels, num_output_channels,
                            enable_deep_supervision)
     convert_to_acnorm(network, tau=tau, set_source=False)
+    set_strict_source(network, True)  # --c, --val, predict, fold: a checkpoint must hold the source affines
     return network
 
 

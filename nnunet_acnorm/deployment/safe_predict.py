@@ -1,0 +1,78 @@
+"""``nnUNetv2_acnorm_predict`` / ``nnUNetv2_acnorm_predict_from_modelfolder``: nnU-Net's own
+prediction commands (same arguments), with every checkpoint read by ``torch.load(weights_only=True)``.
+
+Stock ``nnUNetv2_predict`` reads checkpoints with ``torch.load(weights_only=False)``, so a tampered
+``checkpoint_final.pth`` runs the code its pickle names. These entry points replace ``torch.load``
+in their own process by a weights-only load (numpy scalars of the training logs allowed; nothing
+else), set ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` for any process they start, and then run nnU-Net's
+entry point unchanged. A file that needs pickled code, a truncated file, or a checkpoint that does
+not fit its network (for AC-Norm trainers: one without its source affines) ends the command with
+one line naming the file.
+
+Without the plugin, stock nnU-Net gets the same protection from the environment variable alone
+for folded model folders (``nnUNetv2_acnorm_fold`` writes checkpoints of tensors and plain Python
+values only): ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 nnUNetv2_predict_from_modelfolder -m <folded> ...``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _fail(prog: str, message: str) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _install_safe_torch_load() -> None:
+    import torch
+
+    from nnunet_acnorm.safe_load import safe_torch_load
+
+    if getattr(torch.load, "_acnorm_safe", False):
+        return
+    unsafe = torch.load
+
+    def weights_only_load(f, map_location=None, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            return safe_torch_load(f, map_location=map_location)
+        kwargs["weights_only"] = True
+        return unsafe(f, map_location, *args, **kwargs)
+
+    weights_only_load._acnorm_safe = True
+    torch.load = weights_only_load
+
+
+def _run(entry_name: str, prog: str) -> None:
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # inherited by any worker process
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    _install_safe_torch_load()
+    from nnunetv2.inference import predict_from_raw_data
+
+    from nnunet_acnorm.safe_load import CheckpointReadError
+
+    try:
+        getattr(predict_from_raw_data, entry_name)()
+    except CheckpointReadError as e:
+        advice = (". Only if you trust its source, use nnU-Net's own command (it loads with weights_only=False)"
+                  if e.kind == "pickle" else "")
+        _fail(prog, f"{e}{advice}")
+    except RuntimeError as e:
+        text = str(e)
+        if "Error(s) in loading state_dict" not in text:
+            raise
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        _fail(prog, f"the checkpoint does not fit the network its trainer builds: "
+                    f"{lines[1] if len(lines) > 1 else lines[0]}")
+
+
+def predict_entry() -> None:
+    _run("predict_entry_point", "nnUNetv2_acnorm_predict")
+
+
+def predict_from_modelfolder_entry() -> None:
+    _run("predict_entry_point_modelfolder", "nnUNetv2_acnorm_predict_from_modelfolder")
+
+
+if __name__ == "__main__":
+    predict_entry()

@@ -1,0 +1,141 @@
+"""Reading and writing checkpoints safely: one place for the rules every command follows.
+
+- :func:`safe_torch_load`: ``torch.load(weights_only=True)`` with the numpy scalars, dtypes and
+  arrays nnU-Net checkpoints hold in their logs allowed (data only), so no pickled code runs. A
+  file that cannot be read raises :class:`CheckpointReadError` whose ``kind`` says why
+  (``missing``, ``directory``, ``empty``, ``pickle``: it needs arbitrary pickled objects,
+  ``corrupt``: truncated or not a PyTorch file) and whose message names the file; callers add
+  what to do.
+- :func:`atomic_torch_save`: write to a temporary file in the same folder, then ``os.replace``, so
+  a kill during a save never leaves a truncated checkpoint under the real name.
+- :func:`plain_python`: numpy scalars in nested containers -> Python numbers (checkpoints that
+  stock ``torch.load(weights_only=True)`` reads without any allow-list).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from typing import Any
+
+import numpy as np
+import torch
+
+#: why a checkpoint could not be read
+KINDS = ("missing", "directory", "empty", "pickle", "corrupt")
+
+_UNSUPPORTED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", re.IGNORECASE)
+#: torch.load itself, even where a command replaces torch.load by a weights-only wrapper
+_TORCH_LOAD = torch.load
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file cannot be read safely; ``kind`` is one of :data:`KINDS`."""
+
+    def __init__(self, message: str, kind: str, path: str, detail: str = ""):
+        super().__init__(message)
+        self.kind = kind
+        self.path = path
+        #: for ``pickle``: the object the file pickles (e.g. ``posix.system``); else the loader's error
+        self.detail = detail
+
+
+def numpy_safe_globals() -> list:
+    """numpy objects nnU-Net checkpoints hold (logs, best EMA): data only, safe to rebuild."""
+    core = getattr(np, "_core", None) or np.core
+    allowed = [np.dtype, np.ndarray, core.multiarray.scalar, core.multiarray._reconstruct]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return allowed
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "no details"
+    return line[:200]
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` (numpy data allowed) or :class:`CheckpointReadError`."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        found = sorted(n for n in os.listdir(path) if n.endswith((".pth", ".pt", ".tar", ".ckpt")))[:3]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise CheckpointReadError(f"{path} is a directory, not a checkpoint file{hint}; give the file itself",
+                                  "directory", path)
+    if not os.path.isfile(path):
+        raise CheckpointReadError(f"{path}: no such file", "missing", path)
+    if os.path.getsize(path) == 0:
+        raise CheckpointReadError(f"{path}: the file is empty (an interrupted download or save)", "empty", path)
+    try:
+        with torch.serialization.safe_globals(numpy_safe_globals()):
+            return _TORCH_LOAD(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        message = str(error)
+        if "Weights only load failed" not in message:
+            raise CheckpointReadError(f"{path}: not a readable PyTorch checkpoint ({_first_line(message)}); the file "
+                                      "is corrupted or truncated", "corrupt", path, _first_line(message)) from None
+        found = _UNSUPPORTED_GLOBAL.search(message)
+        what = found.group(1) if found else ""
+        raise CheckpointReadError(
+            f"{path}: the file needs arbitrary pickled Python objects{f' (it pickles {what})' if what else ''}, "
+            "which can run code when loaded; it was not loaded", "pickle", path, what) from None
+    except (RuntimeError, EOFError, KeyError, OSError, ValueError, zipfile.BadZipFile, IndexError,
+            AttributeError, TypeError, UnicodeDecodeError) as error:
+        raise CheckpointReadError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: "
+                                  f"{_first_line(str(error))}); the file is corrupted or truncated", "corrupt", path,
+                                  _first_line(str(error))) from None
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``<path>.tmp`` in the same folder, then ``os.replace`` onto ``path``."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``<path>.tmp`` in the same folder, then ``os.replace`` onto ``path``."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def plain_python(value: Any) -> Any:
+    """``value`` with numpy scalars turned into Python numbers, through dicts, lists and tuples."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: plain_python(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_python(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(plain_python(v) for v in value)
+    return value
+
+
+#: prefixes that wrappers add to every key of a state dict (DDP / DataParallel, torch.compile)
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def wrapper_prefix(keys) -> str | None:
+    """The wrapper prefix every key of ``keys`` carries (``module.``, ``_orig_mod.``), or None."""
+    keys = [k for k in keys if isinstance(k, str)]
+    if not keys:
+        return None
+    for prefix in WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in keys):
+            return prefix
+    return None
