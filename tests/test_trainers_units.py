@@ -37,9 +37,28 @@ def test_schedule_attributes_are_overridable():
                                                         nnUNetTrainerFinetune)
 
     assert nnUNetTrainerACNorm_50epochs.finetune_num_epochs == 50
-    assert nnUNetTrainerACNorm.finetune_initial_lr == nnUNetTrainerFinetune.finetune_initial_lr == 1e-3
-    for name in ("nnUNetTrainerACNorm", "nnUNetTrainerACNormBN", "nnUNetTrainerFinetune", "nnUNetTrainerFinetuneBN"):
+    # the recipe (docs/experiments.md): nnU-Net's peak lr with a warm-up, every patch on foreground
+    assert nnUNetTrainerACNorm.finetune_initial_lr == nnUNetTrainerFinetune.finetune_initial_lr == 1e-2
+    assert nnUNetTrainerACNorm.finetune_oversample_foreground == 1.0
+    assert nnUNetTrainerACNorm.warmup_fraction == 0.1
+    for name in ("nnUNetTrainerACNorm", "nnUNetTrainerACNormBN", "nnUNetTrainerFinetune", "nnUNetTrainerFinetuneBN",
+                 "nnUNetTrainerACNorm_tau1", "nnUNetTrainerACNorm_tauAuto", "nnUNetTrainerACNormBN_tau1",
+                 "nnUNetTrainerACNormBN_tauAuto"):
         assert name in TRAINERS
+
+
+@pytest.mark.parametrize("name,mode,norm", [("nnUNetTrainerACNorm", "auto", "ACInstanceNorm3d"),
+                                            ("nnUNetTrainerACNorm_tau1", "fixed", "ACInstanceNorm3d"),
+                                            ("nnUNetTrainerACNormBN", "auto", "ACBatchNorm3d"),
+                                            ("nnUNetTrainerACNormBN_tau1", "fixed", "ACBatchNorm3d")])
+def test_temperature_of_each_trainer(name, mode, norm):
+    """The default temperature is calibrated per layer; the _tau1 variants keep the paper's 1."""
+    from nnunet_acnorm.norms import acnorm_modules
+    from nnunet_acnorm.trainers.acnorm_trainers import TRAINERS
+
+    plans = _plans(norm="torch.nn.modules.batchnorm.BatchNorm3d") if "BN" in name else _plans()
+    layers = acnorm_modules(_build(TRAINERS[name], plans)).values()
+    assert layers and {m.tau_mode for m in layers} == {mode} and {type(m).__name__ for m in layers} == {norm}
 
 
 def test_with_trainer_folder_appends_once_and_keeps_user_folders():
