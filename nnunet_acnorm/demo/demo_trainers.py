@@ -1,21 +1,24 @@
-"""Short-schedule trainers for the demo (found through the demo's own nnUNet_extTrainer folder).
+"""Short-schedule trainers for the demo and the experiments (found through the demo's own
+nnUNet_extTrainer folder, ``nnunet_ext/``).
 
 Epochs and iterations per epoch come from ``ACNORM_DEMO_EPOCHS`` / ``ACNORM_DEMO_ITERATIONS``
-(set by ``nnUNetv2_acnorm_demo``), so the demo's options reach the trainers run by nnUNetv2_train.
+(set by ``nnUNetv2_acnorm_demo`` and ``experiments/finetune_experiment.py``), so their options
+reach the trainers run by ``nnUNetv2_train``. Every trainer here is seeded by
+``nnUNet_acnorm_seed`` (they derive from the fine-tuning trainers, see trainers/seeding.py).
+Everything else (recipe, temperature) is the full trainers' default, so that the demo measures
+what a user gets.
 """
 import os
 
 import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNorm, nnUNetTrainerFinetune
+from nnunet_acnorm.trainers.acnorm_trainers import (nnUNetTrainerACNorm, nnUNetTrainerACNorm_tau1,
+                                                    nnUNetTrainerACNorm_tauAuto, nnUNetTrainerACNormBN,
+                                                    nnUNetTrainerACNormBN_tau1, nnUNetTrainerACNormBN_tauAuto,
+                                                    nnUNetTrainerFinetune, nnUNetTrainerFinetuneBN)
 
 
 class _DemoSchedule:
-    #: the demo fine-tunes for a few hundred iterations only: at the recipe's peak lr of 1e-3 the MR
-    #: organs were still not segmented after 240 iterations, so the demo uses nnU-Net's 1e-2
-    finetune_initial_lr = 1e-2
-
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -25,13 +28,54 @@ class _DemoSchedule:
         self.save_every = 10 ** 6  # the demo keeps only final (and best) checkpoints
 
 
-class nnUNetTrainer_acnormDemoPretrain(_DemoSchedule, nnUNetTrainer):
-    """Stock nnU-Net training (the source model), short."""
+class _FromScratch:
+    """Training from scratch with nnU-Net's own schedule: peak lr 1e-2, no warm-up, poly decay."""
+
+    finetune_initial_lr = 1e-2
+    warmup_fraction = 0.0
 
 
-class nnUNetTrainerACNorm_acnormDemo(_DemoSchedule, nnUNetTrainerACNorm):
-    """AC-Norm fine-tuning, short; warm-up 10 % of the epochs as the full trainer."""
+class nnUNetTrainerScratch_acnormDemo(_DemoSchedule, _FromScratch, nnUNetTrainerFinetune):
+    """nnU-Net's network, loss and schedule from a random start (the source models, and the
+    from-scratch baseline), seeded."""
+
+
+class nnUNetTrainerScratchBN_acnormDemo(_DemoSchedule, _FromScratch, nnUNetTrainerFinetuneBN):
+    """The same for the BatchNorm network (nnU-Net's ``nnUNetTrainerBN``)."""
 
 
 class nnUNetTrainerFinetune_acnormDemo(_DemoSchedule, nnUNetTrainerFinetune):
-    """Vanilla fine-tuning, short, same schedule."""
+    """Vanilla fine-tuning, short."""
+
+
+class nnUNetTrainerACNorm_acnormDemo(_DemoSchedule, nnUNetTrainerACNorm):
+    """AC-Norm fine-tuning (the default temperature), short."""
+
+
+class nnUNetTrainerACNorm_tau1_acnormDemo(_DemoSchedule, nnUNetTrainerACNorm_tau1):
+    """AC-Norm with the paper's tau = 1, short."""
+
+
+class nnUNetTrainerACNorm_tauAuto_acnormDemo(_DemoSchedule, nnUNetTrainerACNorm_tauAuto):
+    """AC-Norm with calibrated per-layer temperatures, short."""
+
+
+class nnUNetTrainerFinetuneBN_acnormDemo(_DemoSchedule, nnUNetTrainerFinetuneBN):
+    """Vanilla fine-tuning of the BatchNorm network, short."""
+
+
+class nnUNetTrainerACNormBN_acnormDemo(_DemoSchedule, nnUNetTrainerACNormBN):
+    """AC-BatchNorm (the default temperature), short."""
+
+
+class nnUNetTrainerACNormBN_tau1_acnormDemo(_DemoSchedule, nnUNetTrainerACNormBN_tau1):
+    """AC-BatchNorm with the paper's tau = 1, short."""
+
+
+class nnUNetTrainerACNormBN_tauAuto_acnormDemo(_DemoSchedule, nnUNetTrainerACNormBN_tauAuto):
+    """AC-BatchNorm with calibrated per-layer temperatures, short."""
+
+
+DEMO_TRAINERS = {name: obj for name, obj in dict(globals()).items()
+                 if isinstance(obj, type) and name.endswith("_acnormDemo")}
+__all__ = list(DEMO_TRAINERS)

@@ -21,19 +21,19 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+from nnunet_acnorm.demo.datasets import CT_ORGANS, MR_ORGANS, write_raw_dataset
+from nnunet_acnorm.trainers.seeding import SEED_ENV
+
 DEMO_TRAINER_FOLDER = Path(__file__).resolve().parent / "nnunet_ext"
-SOURCE_ID, TARGET_ID = 981, 982
-SOURCE_NAME, TARGET_NAME = f"Dataset{SOURCE_ID}_DemoCTOrgans", f"Dataset{TARGET_ID}_DemoMROrgans"
+SOURCE, TARGET = CT_ORGANS, MR_ORGANS
+SOURCE_ID, TARGET_ID = SOURCE.dataset_id, TARGET.dataset_id
+SOURCE_NAME, TARGET_NAME = SOURCE.folder_name, TARGET.folder_name
 CONFIG = "2d"
-LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidneys": 3, "stomach": 4}
-#: TotalSegmentator label id -> demo label id (everything else: background)
-TOTALSEG_TO_DEMO = {5: 1, 1: 2, 2: 3, 3: 3, 6: 4}
-N_SLABS = 5
-TEST_SLAB = 2
-PRETRAIN_TRAINER = "nnUNetTrainer_acnormDemoPretrain"
+LABELS = TARGET.labels
+PRETRAIN_TRAINER = "nnUNetTrainerScratch_acnormDemo"
 FINETUNE_TRAINERS = {"AC-Norm": "nnUNetTrainerACNorm_acnormDemo", "vanilla": "nnUNetTrainerFinetune_acnormDemo"}
 PLANS = "nnUNetPlans"
 SOURCE_PLANS = "DemoMRPlansForCT"
@@ -43,91 +43,43 @@ class DemoError(RuntimeError):
     pass
 
 
-def _remap(seg):
-    import numpy as np
-
-    out = np.zeros(seg.shape, dtype=np.uint8)
-    for src, dst in TOTALSEG_TO_DEMO.items():
-        out[seg == src] = dst
-    return out
-
-
-def _slabs(n_slices: int, n: int) -> list[tuple[int, int]]:
-    edges = [round(i * n_slices / n) for i in range(n + 1)]
-    return list(zip(edges[:-1], edges[1:]))
-
-
-#: in-plane spacing (mm) the demo resamples to: 2x coarser than the data, 4x cheaper training
-DEMO_INPLANE_SPACING = 6.0
-
-
-def _resample_inplane(image, is_label: bool):
-    import SimpleITK as sitk
-
-    spacing = image.GetSpacing()
-    new_spacing = (DEMO_INPLANE_SPACING, DEMO_INPLANE_SPACING, spacing[2])
-    size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), spacing, new_spacing)]
-    interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
-    return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), new_spacing,
-                         image.GetDirection(), 0, image.GetPixelID())
-
-
-def _write_dataset(raw: Path, name: str, image_file: str, seg_file: str, channel: str, test_slab: int | None,
-                   tests_dir: Path | None) -> int:
-    import SimpleITK as sitk
-
-    image, seg = sitk.ReadImage(str(DATA_DIR / image_file)), sitk.ReadImage(str(DATA_DIR / seg_file))
-    labels = sitk.GetImageFromArray(_remap(sitk.GetArrayFromImage(seg)))
-    labels.CopyInformation(seg)
-    image, labels = _resample_inplane(image, False), _resample_inplane(labels, True)
-    folder = raw / name
-    for sub in ("imagesTr", "labelsTr"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    n_train = 0
-    for i, (z0, z1) in enumerate(_slabs(image.GetSize()[2], N_SLABS)):
-        case = f"{name.split('_')[1].lower()}_{i:02d}"
-        if i == test_slab:
-            (tests_dir / "imagesTs").mkdir(parents=True, exist_ok=True)
-            (tests_dir / "labelsTs").mkdir(parents=True, exist_ok=True)
-            sitk.WriteImage(image[:, :, z0:z1], str(tests_dir / "imagesTs" / f"{case}_0000.nii.gz"))
-            sitk.WriteImage(labels[:, :, z0:z1], str(tests_dir / "labelsTs" / f"{case}.nii.gz"))
-            continue
-        sitk.WriteImage(image[:, :, z0:z1], str(folder / "imagesTr" / f"{case}_0000.nii.gz"))
-        sitk.WriteImage(labels[:, :, z0:z1], str(folder / "labelsTr" / f"{case}.nii.gz"))
-        n_train += 1
-    (folder / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": channel}, "labels": LABELS, "numTraining": n_train, "file_ending": ".nii.gz",
-        "description": "bundled TotalSegmentator example (Apache-2.0), see nnunet_acnorm/demo/data/README.md"},
-        indent=2))
-    return n_train
-
-
 def _dice_per_label(pred_file: Path, ref_file: Path) -> dict[str, float]:
-    import SimpleITK as sitk
+    """Dice per organ with nnU-Net's own evaluation code (NaN where the organ is in neither)."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-    pred = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_file)))
-    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_file)))
-    dice = {}
-    for name, label in LABELS.items():
-        if label == 0:
-            continue
-        p, r = pred == label, ref == label
-        denom = p.sum() + r.sum()
-        dice[name] = float(2 * (p & r).sum() / denom) if denom else float("nan")
-    return dice
+    organs = {name: label for name, label in LABELS.items() if label != 0}
+    metrics = compute_metrics(str(ref_file), str(pred_file), SimpleITKIO(), list(organs.values()))["metrics"]
+    return {name: float(metrics[label]["Dice"]) for name, label in organs.items()}
 
 
 class Runner:
+    """Runs nnU-Net console scripts as numbered steps, each with its log under ``logs/``."""
+
     def __init__(self, out: Path, env: dict, total_steps: int):
         self.out, self.env, self.total, self.step = out, env, total_steps, 0
         (out / "logs").mkdir(parents=True, exist_ok=True)
 
     def __call__(self, title: str, script: str, *args, env: dict | None = None) -> None:
         self.step += 1
+        print(f"[{self.step}/{self.total}] {title}", flush=True)
+        self._run(f"{self.step:02d}_{script}", script, args, env, echo=True)
+
+    def parallel(self, title: str, jobs: dict[str, tuple[str, tuple, dict]], max_workers: int) -> None:
+        """Run several commands, ``max_workers`` side by side, as one step."""
+        self.step += 1
+        print(f"[{self.step}/{self.total}] {title}", flush=True)
+        with ThreadPoolExecutor(max_workers) as pool:
+            futures = {label: pool.submit(self._run, f"{self.step:02d}_{label}", script, args, env, False)
+                       for label, (script, args, env) in jobs.items()}
+            for future in futures.values():
+                future.result()
+
+    def _run(self, log_name: str, script: str, args: tuple, env: dict | None, echo: bool) -> None:
         exe = Path(sys.executable).parent / script
         cmd = [str(exe) if exe.exists() else script, *[str(a) for a in args]]
-        log = self.out / "logs" / f"{self.step:02d}_{script}.log"
-        print(f"[{self.step}/{self.total}] {title}\n    $ {' '.join(cmd[:1] and [script] + cmd[1:])}", flush=True)
+        log = self.out / "logs" / f"{log_name}.log"
+        print(f"    $ {' '.join([script] + cmd[1:])}", flush=True)
         start = time.time()
         with open(log, "w") as fh:
             proc = subprocess.Popen(cmd, env=env or self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -135,7 +87,7 @@ class Runner:
             for line in proc.stdout:
                 fh.write(line)
                 fh.flush()
-                if "Epoch " in line and "time" not in line or "Pseudo dice" in line or "train_loss" in line:
+                if echo and ("Epoch " in line and "time" not in line or "Pseudo dice" in line):
                     print("      " + line.split(": ", 1)[-1].rstrip(), flush=True)
             proc.wait()
         if proc.returncode != 0:
@@ -145,7 +97,16 @@ class Runner:
         print(f"    done in {time.time() - start:.0f} s (log: {log.relative_to(self.out)})", flush=True)
 
 
-def run_demo(out: Path, pretrain_epochs: int, finetune_epochs: int, iterations: int, overwrite: bool) -> dict:
+def thread_plan(n_jobs: int, cpus: int | None = None) -> tuple[int, int]:
+    """(parallel fine-tunings, CPU threads each): one thread per fine-tuning, as many side by side
+    as there are cores (at most ``n_jobs``); see docs/trainers.md for the measurement behind it."""
+    cpus = cpus or os.cpu_count() or 1
+    parallel = max(1, min(n_jobs, cpus))
+    return parallel, max(1, cpus // parallel)
+
+
+def run_demo(out: Path, pretrain_epochs: int, finetune_epochs: int, iterations: int, overwrite: bool,
+             seed: int = 0) -> dict:
     from nnunet_acnorm.trainers.discovery import trainer_shim_folder, with_trainer_folder
 
     out = out.resolve()
@@ -158,21 +119,22 @@ def run_demo(out: Path, pretrain_epochs: int, finetune_epochs: int, iterations: 
     for d in (raw, pre, res):
         d.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(res),
-               PYTHONUNBUFFERED="1", nnUNet_compile="false")
-    env.pop("nnUNet_n_proc_DA", None)
+               PYTHONUNBUFFERED="1", nnUNet_compile="false", OMP_WAIT_POLICY="PASSIVE")
+    env.pop("nnUNet_n_proc_DA", None)  # 0 breaks nnU-Net's planning; set for training only
     ext = with_trainer_folder(env.get("nnUNet_extTrainer"), trainer_shim_folder())
     env["nnUNet_extTrainer"] = with_trainer_folder(ext, str(DEMO_TRAINER_FOLDER))
-    train_env = dict(env, nnUNet_n_proc_DA="0")
+    parallel, threads = thread_plan(len(FINETUNE_TRAINERS))
+    train_env = dict(env, nnUNet_n_proc_DA="0", **{SEED_ENV: str(seed)})
     t0 = time.time()
 
     print("[0] Building datasets from the bundled TotalSegmentator examples (labels: "
           + ", ".join(f"{k}={v}" for k, v in LABELS.items()) + ")", flush=True)
-    n_src = _write_dataset(raw, SOURCE_NAME, "ct_abdomen.nii.gz", "ct_abdomen_seg.nii.gz", "CT", None, None)
-    n_tgt = _write_dataset(raw, TARGET_NAME, "mr_abdomen.nii.gz", "mr_abdomen_seg.nii.gz", "MR", TEST_SLAB, out)
-    print(f"    source {SOURCE_NAME}: {n_src} CT slabs; target {TARGET_NAME}: {n_tgt} MR slabs for training, "
-          f"1 held out in imagesTs/labelsTs", flush=True)
+    write_raw_dataset(raw, SOURCE)
+    write_raw_dataset(raw, TARGET, held_out_dir=out)
+    print(f"    source {SOURCE_NAME}: {SOURCE.n_slabs} CT slabs; target {TARGET_NAME}: {len(TARGET.train_cases)} MR "
+          f"slabs for training, {len(TARGET.held_out)} held out in imagesTs/labelsTs", flush=True)
 
-    run = Runner(out, env, total_steps=10)
+    run = Runner(out, env, total_steps=8)
     run("Plan and preprocess the target (MR)", "nnUNetv2_plan_and_preprocess", "-d", TARGET_ID, "-c", CONFIG,
         "-np", 1, "-npfp", 1)
     run("Fingerprint the source (CT)", "nnUNetv2_extract_fingerprint", "-d", SOURCE_ID, "-np", 1)
@@ -182,25 +144,32 @@ def run_demo(out: Path, pretrain_epochs: int, finetune_epochs: int, iterations: 
     shutil.copy(raw / SOURCE_NAME / "dataset.json", pre / SOURCE_NAME / "dataset.json")
     run("Preprocess the source with the moved plans", "nnUNetv2_preprocess", "-d", SOURCE_ID, "-plans_name",
         SOURCE_PLANS, "-c", CONFIG, "-np", 1)
-    run(f"Pretrain on CT with stock nnU-Net ({pretrain_epochs} epochs x {iterations} iterations)",
-        "nnUNetv2_train", SOURCE_ID, CONFIG, "all", "-tr", PRETRAIN_TRAINER, "-p", SOURCE_PLANS, "-device", "cpu",
+    run(f"Pretrain on CT from scratch, nnU-Net's network and loss ({pretrain_epochs} epochs x {iterations} "
+        f"iterations, seed {seed})", "nnUNetv2_train", SOURCE_ID, CONFIG, "all", "-tr", PRETRAIN_TRAINER, "-p",
+        SOURCE_PLANS, "-device", "cpu",
         env=dict(train_env, ACNORM_DEMO_EPOCHS=str(pretrain_epochs), ACNORM_DEMO_ITERATIONS=str(iterations)))
     checkpoint = res / SOURCE_NAME / f"{PRETRAIN_TRAINER}__{SOURCE_PLANS}__{CONFIG}" / "fold_all" / "checkpoint_final.pth"
+    finetune_env = dict(train_env, ACNORM_DEMO_EPOCHS=str(finetune_epochs), ACNORM_DEMO_ITERATIONS=str(iterations),
+                        OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    jobs = {trainer: ("nnUNetv2_train", (TARGET_ID, CONFIG, "all", "-tr", trainer, "-device", "cpu",
+                                         "-pretrained_weights", checkpoint), finetune_env)
+            for trainer in FINETUNE_TRAINERS.values()}
+    run.parallel(f"Fine-tune on MR from the CT checkpoint: {' and '.join(FINETUNE_TRAINERS)}, {parallel} at a time "
+                 f"({finetune_epochs} epochs x {iterations} iterations, seed {seed}, {threads} CPU thread(s) each)",
+                 jobs, max_workers=parallel)
     dice = {}
-    for label, trainer in FINETUNE_TRAINERS.items():
-        run(f"Fine-tune on MR, {label} ({finetune_epochs} epochs x {iterations} iterations, -pretrained_weights)",
-            "nnUNetv2_train", TARGET_ID, CONFIG, "all", "-tr", trainer, "-device", "cpu", "-pretrained_weights",
-            checkpoint, env=dict(train_env, ACNORM_DEMO_EPOCHS=str(finetune_epochs),
-                                 ACNORM_DEMO_ITERATIONS=str(iterations)))
+    ref = next((out / "labelsTs").glob("*.nii.gz"))
+    predict_env = dict(env, OMP_NUM_THREADS=str(parallel * threads))
     for label, trainer in FINETUNE_TRAINERS.items():
         pred = out / "predictions" / trainer
         run(f"Predict the held-out MR slab ({label})", "nnUNetv2_predict", "-i", out / "imagesTs", "-o", pred,
-            "-d", TARGET_ID, "-c", CONFIG, "-f", "all", "-tr", trainer, "-device", "cpu", "-npp", 1, "-nps", 1)
-        ref = next((out / "labelsTs").glob("*.nii.gz"))
+            "-d", TARGET_ID, "-c", CONFIG, "-f", "all", "-tr", trainer, "-device", "cpu", "-npp", 1, "-nps", 1,
+            env=predict_env)
         dice[label] = _dice_per_label(pred / ref.name, ref)
 
-    summary = {"dice_held_out_mr_slab": dice, "pretrain_epochs": pretrain_epochs, "finetune_epochs": finetune_epochs,
-               "iterations_per_epoch": iterations, "minutes": round((time.time() - t0) / 60, 1)}
+    summary = {"dice_held_out_mr_slab": dice, "seed": seed, "pretrain_epochs": pretrain_epochs,
+               "finetune_epochs": finetune_epochs, "iterations_per_epoch": iterations,
+               "minutes": round((time.time() - t0) / 60, 1)}
     (out / "dice.json").write_text(json.dumps(summary, indent=2))
     _print_summary(out, dice, summary)
     return summary
@@ -218,8 +187,9 @@ def _print_summary(out: Path, dice: dict, summary: dict) -> None:
         finite = [v for v in vals if not math.isnan(v)]
         print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in vals)
               + f" | {sum(finite) / max(1, len(finite)):.3f} |")
-    print(f"\nTotal time: {summary['minutes']} min. With schedules this short the numbers show that the workflow "
-          "runs, not which method is better.")
+    print(f"\nTotal time: {summary['minutes']} min. This is one seeded run on one held-out slab: a smoke test that "
+          "the workflow runs, not evidence about the methods.")
+    _print_experiment_summary()
     print(f"""
 What is in {out}:
   nnUNet_raw/            the two datasets built from the bundled data ({SOURCE_NAME}, {TARGET_NAME})
@@ -236,6 +206,29 @@ What is in {out}:
 Deploy the AC-Norm model for stock nnU-Net: nnUNetv2_acnorm_fold -i nnUNet_results/{TARGET_NAME}/{FINETUNE_TRAINERS['AC-Norm']}__{PLANS}__{CONFIG}""")
 
 
+EXPERIMENT_SUMMARY = Path(__file__).resolve().parent / "experiment_summary.json"
+
+
+def _print_experiment_summary(path: Path = EXPERIMENT_SUMMARY) -> None:
+    """What the seeded, repeated runs of experiments/finetune_experiment.py measured (same data, same budget)."""
+    if not path.is_file():
+        return
+    summary = json.loads(path.read_text())
+    print(f"\nWhat repeated seeded runs show ({summary['made_by']}, {summary['epochs']} epochs x "
+          f"{summary['iterations']} iterations, paired by seed; docs/experiments.md):")
+    for key, transfer in summary["transfers"].items():
+        label = transfer["success_label"]
+        counts = ", ".join(f"{m} {s['segmented']}/{s['runs']}" for m, s in transfer["success"].items())
+        print(f"  {key}: runs with {label} Dice > 0.5: {counts}")
+        for row in transfer["rows"]:
+            if "delta" not in row:
+                continue
+            lo, hi = row["ci"]
+            verdict = "better" if lo > 0 else "worse" if hi < 0 else "no difference shown"
+            print(f"    {row['method']} vs {row['baseline']} ({row['seeds']} seeds): mean Dice {row['mean_dice']:.3f}, "
+                  f"paired difference {row['delta']:+.3f} [95% CI {lo:+.3f}, {hi:+.3f}]: {verdict}")
+
+
 def demo_entry(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="nnUNetv2_acnorm_demo",
@@ -243,15 +236,20 @@ def demo_entry(argv: list[str] | None = None) -> None:
                     "fine-tune on MR with AC-Norm and vanilla fine-tuning, print the Dice of both.")
     parser.add_argument("--output", default="acnorm_demo_output", help="output folder (default: ./acnorm_demo_output)")
     parser.add_argument("--pretrain-epochs", type=int, default=25)
-    parser.add_argument("--finetune-epochs", type=int, default=40)
-    parser.add_argument("--iterations", type=int, default=20, help="training iterations per epoch")
+    parser.add_argument("--finetune-epochs", type=int, default=20)
+    parser.add_argument("--iterations", type=int, default=40, help="training iterations per epoch")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the pretraining and both fine-tunings "
+                        "(nnUNet_acnorm_seed); the two fine-tunings differ only by method")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
     for name in ("pretrain_epochs", "finetune_epochs", "iterations"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.seed < 0:
+        parser.error("--seed must be >= 0")
     try:
-        run_demo(Path(args.output), args.pretrain_epochs, args.finetune_epochs, args.iterations, args.overwrite)
+        run_demo(Path(args.output), args.pretrain_epochs, args.finetune_epochs, args.iterations, args.overwrite,
+                 args.seed)
     except DemoError as e:
         print(f"nnUNetv2_acnorm_demo: error: {e}", file=sys.stderr)
         sys.exit(1)
