@@ -195,7 +195,7 @@ What is in {out}:
   nnUNet_raw/            the two datasets built from the bundled data ({SOURCE_NAME}, {TARGET_NAME})
   nnUNet_preprocessed/   nnU-Net plans and preprocessed data (the source uses the target's plans: {SOURCE_PLANS})
   nnUNet_results/{SOURCE_NAME}/{PRETRAIN_TRAINER}__{SOURCE_PLANS}__{CONFIG}/fold_all/checkpoint_final.pth
-                         the CT-pretrained checkpoint (stock nnU-Net)
+                         the CT-pretrained checkpoint (nnU-Net's network and loss, trained from scratch)
   nnUNet_results/{TARGET_NAME}/<trainer>__{PLANS}__{CONFIG}/fold_all/
                          the fine-tuned models: {', '.join(FINETUNE_TRAINERS.values())}
                          (training_log_*.txt, progress.png, checkpoint_final.pth with AC-Norm source affines)
