@@ -94,17 +94,240 @@ def calibrated_tau(source_weight: Tensor, source_bias: Tensor, diagonal: float =
     return (lo * hi) ** 0.5
 
 
+#: the smallest channel count for which ``recalibrated_affine(method="auto")`` takes the sorted
+#: O(C log C) path, per device type; below it the dense C x C path is faster. CPU: the crossover
+#: measured by ``benchmarks/benchmark_norm_layers.py --affine`` on a 2-core CPU (forward + backward
+#: of the affine alone). CUDA: not measured (no GPU was available); the dense path is a few large
+#: kernels and the sorted one about a hundred small ones, so the dense one is kept up to 8192
+#: channels (its saved S is then 256 MiB). Other devices: dense. Change it here if you measure.
+SORTED_MIN_CHANNELS = {"cpu": 384, "cuda": 8192}
+
+
+def use_sorted_path(num_channels: int, device: torch.device | str) -> bool:
+    """Whether ``recalibrated_affine(method="auto")`` takes the sorted path for this layer."""
+    threshold = SORTED_MIN_CHANNELS.get(torch.device(device).type)
+    return threshold is not None and num_channels >= threshold
+
+
 def recalibrated_affine(source_weight: Tensor, source_bias: Tensor, target_weight: Tensor,
-                        target_bias: Tensor, tau: float = 1.0) -> tuple[Tensor, Tensor]:
+                        target_bias: Tensor, tau: float = 1.0, method: str = "auto") -> tuple[Tensor, Tensor]:
     """The one affine that AC-Norm applies to x-hat: ((I + S) gamma_t, (I + S) beta_t).
 
     Gradients flow to the target affines through both the identity and the S term; S itself is
-    a constant. Two fused matrix-vector products (``addmv``), with autocast switched off for them
-    so that the affine stays in the parameters' precision.
+    a constant. ``method``:
+
+    - ``"dense"``: S as a C x C matrix (:func:`sparse_correlation`, at least float32) and two fused
+      matrix-vector products (``addmv``), autocast off so that the affine stays in the parameters'
+      precision. The reference; O(C^2) time and saved memory.
+    - ``"sorted"``: the same quantity in O(C log C) without forming S (float64 throughout, then
+      cast to the parameters' dtype): see :func:`_sorted_kept_sums` and ``docs/method.md``.
+    - ``"auto"`` (default): ``"sorted"`` where :func:`use_sorted_path` says it is faster.
     """
+    if method == "auto":
+        method = "sorted" if use_sorted_path(target_weight.numel(), target_weight.device) else "dense"
+    if method == "sorted":
+        return _SortedRecalibratedAffine.apply(source_weight, source_bias, target_weight, target_bias,
+                                               float(tau))
+    if method != "dense":
+        raise ValueError(f"recalibrated_affine: method must be 'auto', 'dense' or 'sorted', got {method!r}")
     s = sparse_correlation(source_weight, source_bias, target_weight, target_bias, tau)
     s = s.to(target_weight.dtype)
     with torch.autocast(target_weight.device.type, enabled=False):
         weight = torch.addmv(target_weight, s, target_weight)
         bias = torch.addmv(target_bias, s, target_bias)
     return weight, bias
+
+
+# -- the sorted path ---------------------------------------------------------------------------
+#
+# Sort the source indicators: y[0] <= ... <= y[C-1] (``order``: sorted position -> channel).
+# Row i (target channel, indicator t) keeps the source channels j with |t - y_j| <= |t - ys_i|:
+# an interval [L, R) of sorted positions that contains ys_i, split by q = #{y <= t} into a left
+# part [L, q) (weights exp((y_k - t) / tau)) and a right part [q, R) (weights exp((t - y_k) / tau)).
+# With m = min_k |t - y_k| (the nearest source) every weight is multiplied by exp(m / tau), which
+# cancels in S = weights / (sum of all weights) and keeps the largest weight at 1.
+#
+# The sums come from two Laplace scans over the sorted positions,
+#     F(j) = sum_{k <= j} w_k exp((y_k - y_j) / tau),   G(j) = sum_{k >= j} w_k exp((y_j - y_k) / tau),
+# computed by log2(C) doubling steps (Hillis-Steele) whose factors exp(-(gap) / tau) are all <= 1:
+# nothing overflows whatever (y_max - y_min) / tau is, and signed weights need no splitting. With
+# p = q - 1 (nearest source on the left) and s = q (on the right):
+#     left  = exp((y_p - t + m) / tau) * (F(p) - F(L - 1) exp((y_{L-1} - y_p) / tau)),
+#     right = exp((t - y_s + m) / tau) * (G(s) - G(R) exp((y_s - y_R) / tau)),
+# and the normaliser Z is the same with w = 1 over the full ranges. Every factor is <= 1, so the
+# rounding error of a kept sum is a few ulps of max|w| (about that of the dense float64 product).
+# The backward pass needs S^T g: the adjoint of "gather F at p and L - 1" is a scatter, and the
+# adjoint of the ascending scan is the descending one (and vice versa), so it is the same two
+# scans again, of the scattered cotangents.
+#
+# Which entries are kept is decided exactly, on the float64 indicators: |t - y_j| <= |t - ys_i| in
+# real arithmetic. One end of the interval is ys_i itself; the other is the mirror point 2t - ys_i,
+# whose rounding error is recovered exactly (TwoSum), so that a source exactly at the mirror point
+# (a tie) is kept and one a rounding error beyond it is not. The dense path compares the rounded
+# softmax values instead; the two can differ only for an entry whose distance differs from the
+# diagonal's by less than the rounding of the softmax (relative 1e-16 in float64, 1e-7 in float32).
+
+def _tie_groups(y: Tensor, arange: Tensor) -> tuple[Tensor, Tensor]:
+    """For sorted y: first position and one past the last position of each entry's tie group."""
+    c = y.numel()
+    differs = y[1:] != y[:-1]
+    true = differs.new_ones(1)
+    start = torch.cummax(torch.where(torch.cat([true, differs]), arange, 0), 0).values
+    end = torch.where(torch.cat([differs, true]), arange + 1, c).flip(0)
+    return start, torch.cummin(end, 0).values.flip(0)
+
+
+def _kept_intervals(ys: Tensor, yt: Tensor):
+    """Sorted source indicators and, per target row, the kept interval [L, R) and the split q.
+
+    Returns (y, order, rank, q, L, R): y = ys[order] ascending (stable), rank[order] = arange.
+    """
+    c = ys.numel()
+    arange = torch.arange(c, device=ys.device)
+    y, order = torch.sort(ys, stable=True)
+    rank = torch.empty_like(order).scatter_(0, order, arange)
+    start, end = _tie_groups(y, arange)
+    # the mirror point 2t - ys_i as mirror + err exactly (TwoSum; 2t is exact)
+    two_t = 2.0 * yt
+    mirror = two_t - ys
+    back = mirror - two_t
+    err = (two_t - (mirror - back)) + (-ys - back)
+    values = torch.cat([yt, mirror])
+    below = torch.searchsorted(y, values)                     # #{y < v}
+    at = below.clamp(max=c - 1)
+    upto = torch.where((below < c) & (y[at] == values), end[at], below)   # #{y <= v}
+    q = upto[:c]
+    below_m, upto_m = below[c:], upto[c:]
+    diagonal_left = ys <= yt
+    # diagonal left of t: kept y in [ys_i, mirror]; right of t: kept y in [mirror, ys_i]
+    low = torch.where(diagonal_left, start[rank], torch.where(err <= 0, below_m, upto_m))
+    high = torch.where(diagonal_left, torch.where(err >= 0, upto_m, below_m), end[rank])
+    return y, order, rank, q, low, high
+
+
+def _decay_table(y2: Tensor, tau: float) -> Tensor:
+    """y2 (2, C), rows ascending -> (2, steps, C): exp((y2[j - 2^s] - y2[j]) / tau), 0 for j < 2^s."""
+    c = y2.shape[-1]
+    steps = max(c - 1, 0).bit_length()
+    shift = (1 << torch.arange(steps, device=y2.device))[:, None]
+    source = torch.arange(c, device=y2.device)[None, :] - shift
+    gap = (y2[:, source.clamp(min=0)] - y2[:, None, :]) / tau
+    return torch.exp(gap.masked_fill_(source < 0, float("-inf")))
+
+
+def _laplace_scan_(x: Tensor, table: Tensor) -> Tensor:
+    """In place, x (2, ch, C): x[d, :, j] <- sum_{k <= j} x[d, :, k] exp((y2[d, k] - y2[d, j]) / tau)."""
+    for step in range(table.shape[1]):
+        shift = 1 << step
+        x[..., shift:] += table[:, None, step, shift:] * x[..., :-shift]
+    return x
+
+
+def _sorted_kept_sums(ys: Tensor, yt: Tensor, tau: float, weights: Tensor):
+    """(S @ weights^T)^T for float64 indicators ys, yt (C,) and weights (ch, C), without forming S.
+
+    Returns the kept sums (ch, C, by target row) and what :func:`_sorted_transposed` needs.
+    """
+    c = ys.numel()
+    y, order, rank, q, low, high = _kept_intervals(ys, yt)
+    left, right = (q - 1).clamp(min=0), q.clamp(max=c - 1)        # nearest sources, sorted positions
+    before, last = (low - 1).clamp(min=0), high.clamp(max=c - 1)
+    y_at = y[torch.cat([left, right, before, last])].view(4, c)
+    inf = torch.tensor(float("inf"), dtype=y.dtype, device=y.device)
+    gap_left = torch.where(q > 0, yt - y_at[0], inf)
+    gap_right = torch.where(q < c, y_at[1] - yt, inf)
+    nearest = torch.minimum(gap_left, gap_right)
+    rho = torch.exp((nearest - gap_left) / tau)                  # 0 where there is no left source
+    sigma = torch.exp((nearest - gap_right) / tau)
+    decay_left = torch.exp((y_at[2] - y_at[0]) / tau) * (low > 0)
+    decay_right = torch.exp((y_at[1] - y_at[3]) / tau) * (high < c)
+    table = _decay_table(torch.stack([y, -y.flip(0)]), tau)
+    ch = weights.shape[0] + 1
+    x = y.new_empty(2, ch, c)
+    x[0, 0] = 1.0
+    x[0, 1:] = weights[:, order]
+    x[1] = x[0].flip(-1)
+    _laplace_scan_(x, table)
+    flipped = c - 1
+    index = torch.stack([torch.cat([left, before]), flipped - torch.cat([right, last])])
+    picked = torch.gather(x, 2, index[:, None, :].expand(2, ch, 2 * c))   # F at (p, L-1), G at (s, R)
+    f_p, f_before = picked[0, :, :c], picked[0, :, c:]
+    g_s, g_last = picked[1, :, :c], picked[1, :, c:]
+    z = rho * f_p[0] + sigma * g_s[0]
+    kept = (rho * (f_p[1:] - f_before[1:] * decay_left) + sigma * (g_s[1:] - g_last[1:] * decay_right)) / z
+    saved = (rank, left, right, before, last, rho / z, sigma / z, decay_left, decay_right, table)
+    return kept, saved
+
+
+def _sorted_transposed(v: Tensor, saved) -> Tensor:
+    """S^T v for v (ch, C) by target row; the result (ch, C) by source channel."""
+    rank, left, right, before, last, rho_z, sigma_z, decay_left, decay_right, table = saved
+    ch, c = v.shape
+    a, b = v * rho_z, v * sigma_z
+    x = v.new_zeros(2, ch, c)
+    # right parts were read from G (descending scan) at s and R: their adjoint scans ascending
+    x[0].index_add_(1, torch.cat([right, last]), torch.cat([b, -b * decay_right], 1))
+    # left parts were read from F (ascending) at p and L - 1: adjoint scans descending (flipped)
+    x[1].index_add_(1, (c - 1) - torch.cat([left, before]), torch.cat([a, -a * decay_left], 1))
+    _laplace_scan_(x, table)
+    return (x[0] + x[1].flip(-1))[:, rank]
+
+
+def _torch_affine(source_weight, source_bias, target_weight, target_bias, tau):
+    """Sorted path in torch (any device): ((I+S) gamma_t, (I+S) beta_t) in float64, and the state."""
+    f64 = torch.float64
+    ys = domain_indicator(source_weight.detach().to(f64), source_bias.detach().to(f64))
+    tw, tb = target_weight.detach().to(f64), target_bias.detach().to(f64)
+    kept, saved = _sorted_kept_sums(ys, domain_indicator(tw, tb), tau, torch.stack([tw, tb]))
+    return tw + kept[0], tb + kept[1], saved
+
+
+def _torch_affine_backward(grad_weight, grad_bias, saved):
+    g = torch.stack([grad_weight.to(torch.float64), grad_bias.to(torch.float64)])
+    g = g + _sorted_transposed(g, saved)
+    return g[0], g[1]
+
+
+def _numpy_affine(source_weight, source_bias, target_weight, target_bias, tau):
+    """Sorted path in NumPy (CPU tensors): as :func:`_torch_affine`, with less overhead per call."""
+    from nnunet_acnorm.norms import _sorted_numpy as np_path
+
+    sw, sb, tw, tb = (t.detach().numpy().astype("float64") for t in
+                      (source_weight, source_bias, target_weight, target_bias))
+    ys = sb / (abs(sw) + INDICATOR_EPS)
+    yt = tb / (abs(tw) + INDICATOR_EPS)
+    weights = np_path.np.stack((tw, tb))
+    kept, saved = np_path.kept_sums(ys, yt, tau, weights)
+    weights += kept
+    return torch.from_numpy(weights[0]), torch.from_numpy(weights[1]), saved
+
+
+def _numpy_affine_backward(grad_weight, grad_bias, saved):
+    from nnunet_acnorm.norms import _sorted_numpy as np_path
+
+    g = np_path.np.stack((grad_weight.detach().numpy(), grad_bias.detach().numpy())).astype("float64")
+    g += np_path.transposed(g, saved)
+    return torch.from_numpy(g[0]), torch.from_numpy(g[1])
+
+
+class _SortedRecalibratedAffine(torch.autograd.Function):
+    """((I + S) gamma_t, (I + S) beta_t) by the sorted path; backward (I + S)^T g (S constant).
+
+    Computed in float64 (NumPy on CPU, torch elsewhere), returned in the parameters' dtypes."""
+
+    @staticmethod
+    def forward(ctx, source_weight, source_bias, target_weight, target_bias, tau):
+        # NumPy cannot be traced by torch.compile: the torch implementation there
+        on_cpu = target_weight.device.type == "cpu" and not torch.compiler.is_compiling()
+        affine = _numpy_affine if on_cpu else _torch_affine
+        ctx.backward_fn = _numpy_affine_backward if on_cpu else _torch_affine_backward
+        with torch.no_grad(), torch.autocast(target_weight.device.type, enabled=False):
+            weight, bias, ctx.saved = affine(source_weight, source_bias, target_weight, target_bias, tau)
+        ctx.dtypes = (target_weight.dtype, target_bias.dtype)
+        return weight.to(target_weight.dtype), bias.to(target_bias.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_weight, grad_bias):
+        gw, gb = ctx.backward_fn(grad_weight, grad_bias, ctx.saved)
+        return None, None, gw.to(ctx.dtypes[0]), gb.to(ctx.dtypes[1]), None

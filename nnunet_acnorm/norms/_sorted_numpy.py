@@ -1,0 +1,103 @@
+"""The sorted O(C log C) path of ``functional.recalibrated_affine`` in NumPy, for CPU tensors.
+
+The same algorithm and the same exact kept-set rule as the torch implementation in
+``functional`` (read the comment block there); NumPy's per-call overhead is a few times smaller
+than torch's on CPU, which is what a layer of a few hundred channels pays. float64 throughout.
+Differences to the torch version: the queries of the searchsorted are sorted first (a merge is
+about 4x faster than random look-ups), and the decay table is built from the consecutive gaps by
+products (one exp per channel instead of one per table entry). Tests compare both implementations
+with the dense float64 oracle.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def kept_intervals(ys: np.ndarray, yt: np.ndarray):
+    """(y, order, rank, q, low, high) as functional._kept_intervals."""
+    c = ys.size
+    order = np.argsort(ys, kind="stable")
+    y = ys[order]
+    rank = np.empty_like(order)
+    rank[order] = np.arange(c)
+    differs = y[1:] != y[:-1]
+    arange = np.arange(c)
+    start = np.maximum.accumulate(np.where(np.concatenate(([True], differs)), arange, 0))
+    end = np.minimum.accumulate(np.where(np.concatenate((differs, [True])), arange + 1, c)[::-1])[::-1]
+    two_t = 2.0 * yt
+    mirror = two_t - ys
+    back = mirror - two_t
+    err = (two_t - (mirror - back)) + (-ys - back)
+    values = np.concatenate((yt, mirror))
+    by_value = np.argsort(values)
+    below = np.empty(2 * c, dtype=np.int64)
+    below[by_value] = np.searchsorted(y, values[by_value])      # sorted queries: a merge
+    at = np.minimum(below, c - 1)
+    upto = np.where((below < c) & (y[at] == values), end[at], below)
+    q = upto[:c]
+    below_m, upto_m = below[c:], upto[c:]
+    diagonal_left = ys <= yt
+    low = np.where(diagonal_left, start[rank], np.where(err <= 0, below_m, upto_m))
+    high = np.where(diagonal_left, np.where(err >= 0, upto_m, below_m), end[rank])
+    return y, order, rank, q, low, high
+
+def _decay_table(y2: np.ndarray, tau: float) -> np.ndarray:
+    """(2, steps, C): prod of the consecutive decays over (j - 2^s, j]; 0 for j < 2^s."""
+    c = y2.shape[-1]
+    steps = max(c - 1, 0).bit_length()
+    table = np.zeros((2, steps, c))
+    if steps:
+        table[:, 0, 1:] = np.exp((y2[:, :-1] - y2[:, 1:]) / tau)
+        for step in range(1, steps):
+            s = 1 << (step - 1)
+            table[:, step, 2 * s:] = table[:, step - 1, 2 * s:] * table[:, step - 1, s:-s]
+    return table
+
+def _laplace_scan_(x: np.ndarray, table: np.ndarray) -> np.ndarray:
+    for step in range(table.shape[1]):
+        s = 1 << step
+        x[..., s:] += table[:, None, step, s:] * x[..., :-s]
+    return x
+
+def kept_sums(ys: np.ndarray, yt: np.ndarray, tau: float, weights: np.ndarray):
+    """As functional._sorted_kept_sums: kept sums (ch, C) by target row, and the saved state."""
+    c = ys.size
+    y, order, rank, q, low, high = kept_intervals(ys, yt)
+    left, right = np.maximum(q - 1, 0), np.minimum(q, c - 1)
+    before, last = np.maximum(low - 1, 0), np.minimum(high, c - 1)
+    y_at = y[np.concatenate((left, right, before, last))].reshape(4, c)
+    gap_left = np.where(q > 0, yt - y_at[0], np.inf)
+    gap_right = np.where(q < c, y_at[1] - yt, np.inf)
+    nearest = np.minimum(gap_left, gap_right)
+    rho = np.exp((nearest - gap_left) / tau)
+    sigma = np.exp((nearest - gap_right) / tau)
+    decay_left = np.exp((y_at[2] - y_at[0]) / tau) * (low > 0)
+    decay_right = np.exp((y_at[1] - y_at[3]) / tau) * (high < c)
+    table = _decay_table(np.stack((y, -y[::-1])), tau)
+    ch = weights.shape[0] + 1
+    x = np.empty((2, ch, c))
+    x[0, 0] = 1.0
+    x[0, 1:] = weights[:, order]
+    x[1] = x[0, :, ::-1]
+    _laplace_scan_(x, table)
+    f = x[0][:, np.concatenate((left, before))]
+    g = x[1][:, (c - 1) - np.concatenate((right, last))]
+    z = rho * f[0, :c] + sigma * g[0, :c]
+    kept = (rho * (f[1:, :c] - f[1:, c:] * decay_left) + sigma * (g[1:, :c] - g[1:, c:] * decay_right)) / z
+    return kept, (rank, left, right, before, last, rho / z, sigma / z, decay_left, decay_right, table)
+
+def transposed(v: np.ndarray, saved) -> np.ndarray:
+    """As functional._sorted_transposed: S^T v, by source channel."""
+    rank, left, right, before, last, rho_z, sigma_z, decay_left, decay_right, table = saved
+    ch, c = v.shape
+    a, b = v * rho_z, v * sigma_z
+    x = np.empty((2, ch, c))
+    to_right = np.concatenate((right, last))
+    to_left = (c - 1) - np.concatenate((left, before))
+    from_right = np.concatenate((b, -b * decay_right), 1)
+    from_left = np.concatenate((a, -a * decay_left), 1)
+    for k in range(ch):
+        x[0, k] = np.bincount(to_right, from_right[k], minlength=c)
+        x[1, k] = np.bincount(to_left, from_left[k], minlength=c)
+    _laplace_scan_(x, table)
+    return (x[0] + x[1][:, ::-1])[:, rank]
