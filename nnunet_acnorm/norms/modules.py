@@ -66,6 +66,8 @@ class _ACNorm(nn.Module):
         self.register_buffer("source_weight", torch.ones(num_features, **factory), persistent=False)
         self.register_buffer("source_bias", torch.zeros(num_features, **factory), persistent=False)
         self.source_is_set = False
+        #: eval mode: the recalibrated affine of the current parameter version (see _eval_affine)
+        self._affine_cache = None
 
     # -- source affines ----------------------------------------------------------------------
     @torch.no_grad()
@@ -80,10 +82,12 @@ class _ACNorm(nn.Module):
             _check_finite(value, f"{type(self).__name__} {what}")
         self.source_weight.copy_(weight)
         self.source_bias.copy_(bias)
+        self.clear_affine_cache()
         self._mark_source(is_set=True)
         self._calibrate_tau()
 
     def _mark_source(self, is_set: bool) -> None:
+        self.clear_affine_cache()
         # the buffers exist from the start (devices, DDP); only a set source is saved
         for key in SOURCE_KEYS:
             self.register_buffer(key, getattr(self, key), persistent=is_set)
@@ -118,8 +122,49 @@ class _ACNorm(nn.Module):
                           "loaded; the current affines become the frozen source. Load pretrained "
                           "weights first: AC-Norm needs a pretrained source.", stacklevel=2)
             self.set_source()
-        weight, bias = self.recalibrated_affine()
+        if self.training or (torch.is_grad_enabled() and (self.weight.requires_grad or self.bias.requires_grad)) \
+                or torch.compiler.is_compiling():
+            weight, bias = self.recalibrated_affine()
+        else:
+            weight, bias = self._eval_affine()
         return self._normalize(input, weight, bias)
+
+    # -- free inference --------------------------------------------------------------------------
+    def _affine_key(self) -> tuple:
+        """What the recalibrated affine depends on: the four affine tensors themselves (held by the
+        cache, so that their memory cannot be reused by others), their data pointers (``.data``
+        reassignment), version counters (bumped by every in-place update: optimizer steps,
+        ``load_state_dict``, ``copy_`` under no_grad, torch.nn.init), dtypes and devices; the
+        temperature, whether the source is set, and inference mode."""
+        tensors = (self.weight, self.bias, self.source_weight, self.source_bias)
+        key = [self.tau, self.source_is_set, torch.is_inference_mode_enabled()]
+        for t in tensors:
+            key += (id(t), t.data_ptr(), t._version, t.dtype, t.device)
+        return tensors, tuple(key)
+
+    def _eval_affine(self) -> tuple[Tensor, Tensor]:
+        """The recalibrated affine when no gradient is needed (eval mode): computed once per
+        parameter version and reused, so that an unfolded AC-Norm predicts at a plain norm's cost.
+
+        Limitation: an in-place update through ``.data`` (``layer.weight.data.mul_(2)``) bypasses
+        the version counter; call :meth:`clear_affine_cache` after one (torch.nn.init, optimizers,
+        ``load_state_dict``, ``.to()`` and ``set_source`` are all seen)."""
+        tensors, key = self._affine_key()
+        cache = getattr(self, "_affine_cache", None)
+        if cache is None or cache[1] != key:
+            with torch.no_grad():
+                weight, bias = self.recalibrated_affine()
+            self._affine_cache = cache = (tensors, key, weight, bias)
+        return cache[2], cache[3]
+
+    def clear_affine_cache(self) -> None:
+        """Forget the cached eval-mode affine (it is recomputed at the next eval forward)."""
+        self._affine_cache = None
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .half(), ...: new tensors (the key would see them too; this frees the old)
+        self.clear_affine_cache()
+        return super()._apply(fn, *args, **kwargs)
 
     def _normalize(self, input: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         raise NotImplementedError
@@ -162,6 +207,7 @@ class _ACNorm(nn.Module):
     # -- state dict ----------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        self.clear_affine_cache()
         n_errors = len(error_msgs)
         for key, value in state_dict.items():
             if key.startswith(prefix) and "." not in key[len(prefix):] and value.is_floating_point() \
