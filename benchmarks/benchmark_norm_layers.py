@@ -14,6 +14,11 @@ running statistics twice.
 
     python benchmarks/benchmark_norm_layers.py            # nnU-Net 3D and fundus 2D shapes
     python benchmarks/benchmark_norm_layers.py --quick    # small shapes, a smoke run
+    python benchmarks/benchmark_norm_layers.py --affine   # also: the recalibrated affine alone, dense vs sorted, C = 32..4096
+
+``--affine`` times forward+backward of ``recalibrated_affine`` by its two methods (the dense C x C
+path and the sorted O(C log C) one) per channel count, interleaved, best of the repeats: the
+measurement behind ``functional.SORTED_MIN_CHANNELS``.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_acnorm.norms import ACNORM_FOR_PLAIN
-from nnunet_acnorm.norms.functional import sparse_correlation
+from nnunet_acnorm.norms.functional import recalibrated_affine, sparse_correlation, use_sorted_path
 
 
 class TwoPassACNorm(nn.Module):
@@ -130,11 +135,47 @@ QUICK_SHAPES = {
 }
 
 
+AFFINE_CHANNELS = (32, 64, 128, 256, 384, 512, 768, 1024, 2048, 4096)
+
+
+def affine_table(device, repeats, channels=AFFINE_CHANNELS):
+    """Forward+backward of the recalibrated affine alone: dense vs sorted, per channel count."""
+    print(f"\nrecalibrated affine alone (forward+backward, fine-tuned-like affines, tau 1), best of "
+          f"{repeats} interleaved repeats x 20 calls\n")
+    print("| C | dense: ms | sorted: ms | sorted / dense | auto takes |")
+    print("|---|---|---|---|---|")
+    for c in channels:
+        gen = torch.Generator().manual_seed(c)
+        sw = torch.empty(c).uniform_(0.5, 1.5, generator=gen).to(device)
+        sb = torch.randn(c, generator=gen).to(device)
+        tw = (sw + 0.05 * torch.randn(c, generator=gen).to(device)).requires_grad_(True)
+        tb = (sb + 0.05 * torch.randn(c, generator=gen).to(device)).requires_grad_(True)
+        times = {"dense": [], "sorted": []}
+        calls = 20 if c <= 1024 else 3
+        for _ in range(repeats + 1):  # the first round is a warm-up
+            for method in times:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    w, b = recalibrated_affine(sw, sb, tw, tb, 1.0, method=method)
+                    torch.autograd.grad((w.sum(), b.sum()), (tw, tb))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[method].append((time.perf_counter() - t0) / calls)
+        dense, fast = min(times["dense"][1:]), min(times["sorted"][1:])
+        print(f"| {c} | {dense * 1e3:.3f} | {fast * 1e3:.3f} | {fast / dense:.3f} | "
+              f"{'sorted' if use_sorted_path(c, device) else 'dense'} |", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per variant")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--affine", action="store_true", help="also time the recalibrated affine alone, "
+                                                               "dense vs sorted, C = 32..4096")
+    parser.add_argument("--affine-only", action="store_true", help="only the affine table")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     repeats = args.repeats or (3 if args.quick else 7)
@@ -142,6 +183,9 @@ def main(argv=None):
 
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"best of {repeats} interleaved repeats\n")
+    if args.affine_only:
+        affine_table(device, repeats)
+        return
     print("| shape | norm | measured | time: fused / plain | time: fused / two-pass | "
           "memory: fused / plain | memory: fused / two-pass | plain: ms, MiB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -158,6 +202,8 @@ def main(argv=None):
                       f"{t[fused] / t[plain]:.3f} | {t[fused] / t[two]:.3f} | "
                       f"{m[fused] / m[plain]:.3f} | {m[fused] / m[two]:.3f} | "
                       f"{t[plain] * 1e3:.0f}, {m[plain] / 2**20:.0f} |", flush=True)
+    if args.affine:
+        affine_table(device, repeats)
 
 
 if __name__ == "__main__":
