@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None, methods_table: dict[str, tuple[str, str 
     parser.add_argument("--iterations", type=int, default=40, help="iterations per epoch")
     parser.add_argument("--jobs", type=int, default=2, help="trainings at a time (one CPU thread each)")
     parser.add_argument("--no-compare", action="store_true", help="train only")
+    parser.add_argument("--compare-only", action="store_true",
+                        help="no training: compare the runs that exist (missing method x seed runs are left out)")
     parser.add_argument("--publish", type=Path, help="copy the results into this folder (experiments/results/...)")
     args = parser.parse_args(argv)
     transfers = [TRANSFERS[k] for k in args.transfers.split(",")]
@@ -284,12 +286,13 @@ def main(argv: list[str] | None = None, methods_table: dict[str, tuple[str, str 
     for transfer in transfers:
         exp.prepare(transfer)
     nets = sorted({methods_table[m][1] for m in methods} - {None})
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda job: exp.pretrain(*job), [(t, n) for t in transfers for n in nets]))
-        jobs = [(t, m, s) for s in seeds for t in transfers for m in methods]
-        for line in pool.map(lambda job: exp.finetune(*job), jobs):
-            print(line, flush=True)
-    print(f"training done in {(time.time() - t0) / 60:.1f} min", flush=True)
+    if not args.compare_only:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda job: exp.pretrain(*job), [(t, n) for t in transfers for n in nets]))
+            jobs = [(t, m, s) for s in seeds for t in transfers for m in methods]
+            for line in pool.map(lambda job: exp.finetune(*job), jobs):
+                print(line, flush=True)
+        print(f"training done in {(time.time() - t0) / 60:.1f} min", flush=True)
     if args.no_compare:
         return
     results = {"epochs": args.epochs, "pretrain_epochs": args.pretrain_epochs, "iterations": args.iterations,
