@@ -16,7 +16,7 @@ import numpy as np
 def kept_intervals(ys: np.ndarray, yt: np.ndarray):
     """(y, order, rank, q, low, high) as functional._kept_intervals."""
     c = ys.size
-    order = np.argsort(ys, kind="stable")
+    order = np.argsort(ys)  # the order within a tie group does not matter: intervals end at group bounds
     y = ys[order]
     rank = np.empty_like(order)
     rank[order] = np.arange(c)

@@ -100,7 +100,7 @@ def calibrated_tau(source_weight: Tensor, source_bias: Tensor, diagonal: float =
 #: of the affine alone). CUDA: not measured (no GPU was available); the dense path is a few large
 #: kernels and the sorted one about a hundred small ones, so the dense one is kept up to 8192
 #: channels (its saved S is then 256 MiB). Other devices: dense. Change it here if you measure.
-SORTED_MIN_CHANNELS = {"cpu": 384, "cuda": 8192}
+SORTED_MIN_CHANNELS = {"cpu": 300, "cuda": 8192}
 
 
 def use_sorted_path(num_channels: int, device: torch.device | str) -> bool:
