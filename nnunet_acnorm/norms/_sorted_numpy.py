@@ -66,13 +66,15 @@ def kept_sums(ys: np.ndarray, yt: np.ndarray, tau: float, weights: np.ndarray):
     left, right = np.maximum(q - 1, 0), np.minimum(q, c - 1)
     before, last = np.maximum(low - 1, 0), np.minimum(high, c - 1)
     y_at = y[np.concatenate((left, right, before, last))].reshape(4, c)
-    gap_left = np.where(q > 0, yt - y_at[0], np.inf)
-    gap_right = np.where(q < c, y_at[1] - yt, np.inf)
+    gap_left, gap_right = yt - y_at[0], y_at[1] - yt
+    gap_left[q == 0] = np.inf
+    gap_right[q == c] = np.inf
     nearest = np.minimum(gap_left, gap_right)
-    rho = np.exp((nearest - gap_left) / tau)
-    sigma = np.exp((nearest - gap_right) / tau)
-    decay_left = np.exp((y_at[2] - y_at[0]) / tau) * (low > 0)
-    decay_right = np.exp((y_at[1] - y_at[3]) / tau) * (high < c)
+    exponent = np.stack((nearest - gap_left, nearest - gap_right, y_at[2] - y_at[0], y_at[1] - y_at[3]))
+    factors = np.exp(exponent / tau)
+    factors[2, low == 0] = 0.0
+    factors[3, high == c] = 0.0
+    rho, sigma, decay_left, decay_right = factors
     table = _decay_table(np.stack((y, -y[::-1])), tau)
     ch = weights.shape[0] + 1
     x = np.empty((2, ch, c))
