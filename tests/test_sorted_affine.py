@@ -337,3 +337,36 @@ def test_unfolded_eval_model_equals_folded_model():
         torch.testing.assert_close(model(x), folded(x), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(model(x), folded(x), rtol=1e-6, atol=1e-6)
         assert math.isfinite(float(model(x).sum()))
+
+
+def test_the_source_layout_is_reused_only_while_source_and_tau_are_unchanged():
+    torch.manual_seed(0)
+    layer = ACBatchNorm2d(400).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+    layer.set_source()
+
+    def check():
+        with torch.no_grad():
+            layer.weight.add_(0.05 * torch.randn(400, dtype=torch.float64))
+        w, b = layer.recalibrated_affine()
+        s = _oracle_s(layer.source_weight, layer.source_bias, layer.weight, layer.bias, layer.tau)
+        torch.testing.assert_close(w, layer.weight.detach() @ (torch.eye(400) + s).T, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b, layer.bias.detach() @ (torch.eye(400) + s).T, rtol=1e-10, atol=1e-12)
+
+    check()
+    entry = layer._layout_cache["sorted"]
+    check()
+    assert layer._layout_cache["sorted"] is entry, "a new target, the same source: reused"
+    layer.tau = 0.3
+    check()
+    assert layer._layout_cache["sorted"] is not entry
+    entry = layer._layout_cache["sorted"]
+    with torch.no_grad():
+        layer.source_bias.mul_(2.0)
+    check()
+    assert layer._layout_cache["sorted"] is not entry
+    layer.load_state_dict(copy.deepcopy(layer.state_dict()))
+    assert layer._layout_cache == {}
+    check()

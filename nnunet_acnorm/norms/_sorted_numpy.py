@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def kept_intervals(ys: np.ndarray, yt: np.ndarray):
-    """(y, order, rank, q, low, high) as functional._kept_intervals."""
+def source_layout(ys: np.ndarray, tau: float) -> tuple:
+    """What depends on the source indicators and tau alone (reusable while the source is frozen):
+    (y sorted, order, rank, tie-group start, tie-group end, decay table)."""
     c = ys.size
     order = np.argsort(ys)  # the order within a tie group does not matter: intervals end at group bounds
     y = ys[order]
@@ -24,6 +25,13 @@ def kept_intervals(ys: np.ndarray, yt: np.ndarray):
     arange = np.arange(c)
     start = np.maximum.accumulate(np.where(np.concatenate(([True], differs)), arange, 0))
     end = np.minimum.accumulate(np.where(np.concatenate((differs, [True])), arange + 1, c)[::-1])[::-1]
+    return y, order, rank, start, end, _decay_table(np.stack((y, -y[::-1])), tau)
+
+
+def kept_intervals(ys: np.ndarray, yt: np.ndarray, layout: tuple | None = None):
+    """(y, order, rank, q, low, high) as functional._kept_intervals (``layout``: source_layout(ys, .))."""
+    c = ys.size
+    y, order, rank, start, end, _ = source_layout(ys, 1.0) if layout is None else layout
     two_t = 2.0 * yt
     mirror = two_t - ys
     back = mirror - two_t
@@ -59,10 +67,12 @@ def _laplace_scan_(x: np.ndarray, table: np.ndarray) -> np.ndarray:
         x[..., s:] += table[:, None, step, s:] * x[..., :-s]
     return x
 
-def kept_sums(ys: np.ndarray, yt: np.ndarray, tau: float, weights: np.ndarray):
-    """As functional._sorted_kept_sums: kept sums (ch, C) by target row, and the saved state."""
+def kept_sums(ys: np.ndarray, yt: np.ndarray, tau: float, weights: np.ndarray, layout: tuple | None = None):
+    """As functional._sorted_kept_sums: kept sums (ch, C) by target row, and the saved state.
+    ``layout``: ``source_layout(ys, tau)`` if the caller kept it."""
     c = ys.size
-    y, order, rank, q, low, high = kept_intervals(ys, yt)
+    layout = source_layout(ys, tau) if layout is None else layout
+    y, order, rank, q, low, high = kept_intervals(ys, yt, layout)
     left, right = np.maximum(q - 1, 0), np.minimum(q, c - 1)
     before, last = np.maximum(low - 1, 0), np.minimum(high, c - 1)
     y_at = y[np.concatenate((left, right, before, last))].reshape(4, c)
@@ -75,7 +85,7 @@ def kept_sums(ys: np.ndarray, yt: np.ndarray, tau: float, weights: np.ndarray):
     factors[2, low == 0] = 0.0
     factors[3, high == c] = 0.0
     rho, sigma, decay_left, decay_right = factors
-    table = _decay_table(np.stack((y, -y[::-1])), tau)
+    table = layout[5]
     ch = weights.shape[0] + 1
     x = np.empty((2, ch, c))
     x[0, 0] = 1.0

@@ -110,7 +110,8 @@ def use_sorted_path(num_channels: int, device: torch.device | str) -> bool:
 
 
 def recalibrated_affine(source_weight: Tensor, source_bias: Tensor, target_weight: Tensor,
-                        target_bias: Tensor, tau: float = 1.0, method: str = "auto") -> tuple[Tensor, Tensor]:
+                        target_bias: Tensor, tau: float = 1.0, method: str = "auto",
+                        layout_cache: dict | None = None) -> tuple[Tensor, Tensor]:
     """The one affine that AC-Norm applies to x-hat: ((I + S) gamma_t, (I + S) beta_t).
 
     Gradients flow to the target affines through both the identity and the S term; S itself is
@@ -122,12 +123,16 @@ def recalibrated_affine(source_weight: Tensor, source_bias: Tensor, target_weigh
     - ``"sorted"``: the same quantity in O(C log C) without forming S (float64 throughout, then
       cast to the parameters' dtype): see :func:`_sorted_kept_sums` and ``docs/method.md``.
     - ``"auto"`` (default): ``"sorted"`` where :func:`use_sorted_path` says it is faster.
+
+    ``layout_cache``: optional dict owned by the caller, where the sorted path keeps what depends on
+    the source affines and tau alone, reused while those tensors are unchanged (AC-Norm layers pass
+    their own: the source is frozen during fine-tuning).
     """
     if method == "auto":
         method = "sorted" if use_sorted_path(target_weight.numel(), target_weight.device) else "dense"
     if method == "sorted":
         return _SortedRecalibratedAffine.apply(source_weight, source_bias, target_weight, target_bias,
-                                               float(tau))
+                                               float(tau), layout_cache)
     if method != "dense":
         raise ValueError(f"recalibrated_affine: method must be 'auto', 'dense' or 'sorted', got {method!r}")
     s = sparse_correlation(source_weight, source_bias, target_weight, target_bias, tau)
@@ -273,7 +278,7 @@ def _sorted_transposed(v: Tensor, saved) -> Tensor:
     return (x[0] + x[1].flip(-1))[:, rank]
 
 
-def _torch_affine(source_weight, source_bias, target_weight, target_bias, tau):
+def _torch_affine(source_weight, source_bias, target_weight, target_bias, tau, layout_cache=None):
     """Sorted path in torch (any device): ((I+S) gamma_t, (I+S) beta_t) in float64, and the state."""
     f64 = torch.float64
     ys = domain_indicator(source_weight.detach().to(f64), source_bias.detach().to(f64))
@@ -288,16 +293,30 @@ def _torch_affine_backward(grad_weight, grad_bias, saved):
     return g[0], g[1]
 
 
-def _numpy_affine(source_weight, source_bias, target_weight, target_bias, tau):
-    """Sorted path in NumPy (CPU tensors): as :func:`_torch_affine`, with less overhead per call."""
+def _numpy_affine(source_weight, source_bias, target_weight, target_bias, tau, layout_cache=None):
+    """Sorted path in NumPy (CPU tensors): as :func:`_torch_affine`, with less overhead per call.
+
+    ``layout_cache``: a dict owned by the caller (an AC-Norm layer) in which what depends on the
+    source and tau alone (the sort, its tie groups, the decay table) is kept and reused while the
+    source tensors and tau are unchanged (same tensors, same version counters)."""
     from nnunet_acnorm.norms import _sorted_numpy as np_path
 
     sw, sb, tw, tb = (t.detach().numpy().astype("float64") for t in
                       (source_weight, source_bias, target_weight, target_bias))
     ys = sb / (abs(sw) + INDICATOR_EPS)
     yt = tb / (abs(tw) + INDICATOR_EPS)
+    layout = None
+    if layout_cache is not None:
+        key = (tau, source_weight.data_ptr(), source_weight._version, source_weight.dtype,
+               source_bias.data_ptr(), source_bias._version, source_bias.dtype)
+        entry = layout_cache.get("sorted")
+        if entry is not None and entry[0] is source_weight and entry[1] is source_bias and entry[2] == key:
+            layout = entry[3]
+        else:
+            layout = np_path.source_layout(ys, tau)
+            layout_cache["sorted"] = (source_weight, source_bias, key, layout)
     weights = np_path.np.stack((tw, tb))
-    kept, saved = np_path.kept_sums(ys, yt, tau, weights)
+    kept, saved = np_path.kept_sums(ys, yt, tau, weights, layout)
     weights += kept
     return torch.from_numpy(weights[0]), torch.from_numpy(weights[1]), saved
 
@@ -316,13 +335,14 @@ class _SortedRecalibratedAffine(torch.autograd.Function):
     Computed in float64 (NumPy on CPU, torch elsewhere), returned in the parameters' dtypes."""
 
     @staticmethod
-    def forward(ctx, source_weight, source_bias, target_weight, target_bias, tau):
+    def forward(ctx, source_weight, source_bias, target_weight, target_bias, tau, layout_cache):
         # NumPy cannot be traced by torch.compile: the torch implementation there
         on_cpu = target_weight.device.type == "cpu" and not torch.compiler.is_compiling()
         affine = _numpy_affine if on_cpu else _torch_affine
         ctx.backward_fn = _numpy_affine_backward if on_cpu else _torch_affine_backward
         with torch.no_grad(), torch.autocast(target_weight.device.type, enabled=False):
-            weight, bias, ctx.saved = affine(source_weight, source_bias, target_weight, target_bias, tau)
+            weight, bias, ctx.saved = affine(source_weight, source_bias, target_weight, target_bias, tau,
+                                             layout_cache)
         ctx.dtypes = (target_weight.dtype, target_bias.dtype)
         return weight.to(target_weight.dtype), bias.to(target_bias.dtype)
 
@@ -330,4 +350,4 @@ class _SortedRecalibratedAffine(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_weight, grad_bias):
         gw, gb = ctx.backward_fn(grad_weight, grad_bias, ctx.saved)
-        return None, None, gw.to(ctx.dtypes[0]), gb.to(ctx.dtypes[1]), None
+        return None, None, gw.to(ctx.dtypes[0]), gb.to(ctx.dtypes[1]), None, None

@@ -68,6 +68,8 @@ class _ACNorm(nn.Module):
         self.source_is_set = False
         #: eval mode: the recalibrated affine of the current parameter version (see _eval_affine)
         self._affine_cache = None
+        #: the sorted path's source-only state (functional.recalibrated_affine(layout_cache=...))
+        self._layout_cache = {}
 
     # -- source affines ----------------------------------------------------------------------
     @torch.no_grad()
@@ -108,7 +110,8 @@ class _ACNorm(nn.Module):
 
     def recalibrated_affine(self) -> tuple[Tensor, Tensor]:
         """((I + S) gamma_t, (I + S) beta_t): the affine the fused call applies."""
-        return recalibrated_affine(*self._source(), self.weight, self.bias, self.tau)
+        cache = self.__dict__.setdefault("_layout_cache", {}) if self.source_is_set else None
+        return recalibrated_affine(*self._source(), self.weight, self.bias, self.tau, layout_cache=cache)
 
     def _source(self) -> tuple[Tensor, Tensor]:
         if self.source_is_set:
@@ -158,8 +161,10 @@ class _ACNorm(nn.Module):
         return cache[2], cache[3]
 
     def clear_affine_cache(self) -> None:
-        """Forget the cached eval-mode affine (it is recomputed at the next eval forward)."""
+        """Forget the cached eval-mode affine (it is recomputed at the next eval forward) and the
+        sorted path's cached source layout."""
         self._affine_cache = None
+        self.__dict__["_layout_cache"] = {}
 
     def _apply(self, fn, *args, **kwargs):
         # .to(), .cuda(), .half(), ...: new tensors (the key would see them too; this frees the old)
