@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-device", dest="device", default="cpu", choices=("cpu", "cuda"), help="device (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the batches and the fresh heads (default 0)")
     p.add_argument("--lr", type=float, default=None,
-                   help="learning rate of the steps (default: the fine-tuning trainer's peak, 1e-3)")
+                   help="learning rate of the steps (default 1e-3, the rate the direction experiment used)")
     p.add_argument("--tau", type=float, default=1.0, help="temperature of the correlation (default 1.0)")
     p.add_argument("--logme", action="store_true",
                    help="also compute LogME on the deepest encoder norm's features at labelled voxels")
