@@ -370,3 +370,17 @@ def test_the_source_layout_is_reused_only_while_source_and_tau_are_unchanged():
     layer.load_state_dict(copy.deepcopy(layer.state_dict()))
     assert layer._layout_cache == {}
     check()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_parameters(dtype):
+    gen = torch.Generator().manual_seed(2)
+    sw, sb, tw, tb = (t.to(dtype) for t in _affines(400, "plain", gen))
+    tw.requires_grad_(True)
+    weight, bias = recalibrated_affine(sw, sb, tw, tb, method="sorted")
+    assert weight.dtype == dtype
+    weight.float().sum().backward()
+    assert tw.grad.dtype == dtype
+    s = _oracle_s(sw, sb, tw, tb, 1.0)
+    torch.testing.assert_close(weight.double(), tw.detach().double() @ (torch.eye(400) + s).T,
+                               rtol=2e-2, atol=2e-2)

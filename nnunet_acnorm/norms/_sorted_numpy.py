@@ -80,8 +80,13 @@ def kept_sums(ys: np.ndarray, yt: np.ndarray, tau: float, weights: np.ndarray, l
     gap_left[q == 0] = np.inf
     gap_right[q == c] = np.inf
     nearest = np.minimum(gap_left, gap_right)
-    exponent = np.stack((nearest - gap_left, nearest - gap_right, y_at[2] - y_at[0], y_at[1] - y_at[3]))
-    factors = np.exp(exponent / tau)
+    exponent = np.empty((4, c))
+    np.subtract(nearest, gap_left, out=exponent[0])
+    np.subtract(nearest, gap_right, out=exponent[1])
+    np.subtract(y_at[2], y_at[0], out=exponent[2])
+    np.subtract(y_at[1], y_at[3], out=exponent[3])
+    exponent /= tau
+    factors = np.exp(exponent, out=exponent)
     factors[2, low == 0] = 0.0
     factors[3, high == c] = 0.0
     rho, sigma, decay_left, decay_right = factors

@@ -301,10 +301,14 @@ def _numpy_affine(source_weight, source_bias, target_weight, target_bias, tau, l
     source tensors and tau are unchanged (same tensors, same version counters)."""
     from nnunet_acnorm.norms import _sorted_numpy as np_path
 
-    sw, sb, tw, tb = (t.detach().numpy().astype("float64") for t in
-                      (source_weight, source_bias, target_weight, target_bias))
+    def f64(t):  # any dtype (NumPy has no bfloat16); a copy, so that NumPy cannot write into t
+        return t.detach().to(torch.float64, copy=True).numpy()
+
+    sw, sb = f64(source_weight), f64(source_bias)
+    weights = np_path.np.empty((2, target_weight.numel()))
+    weights[0], weights[1] = f64(target_weight), f64(target_bias)
     ys = sb / (abs(sw) + INDICATOR_EPS)
-    yt = tb / (abs(tw) + INDICATOR_EPS)
+    yt = weights[1] / (abs(weights[0]) + INDICATOR_EPS)
     layout = None
     if layout_cache is not None:
         key = (tau, source_weight.data_ptr(), source_weight._version, source_weight.dtype,
@@ -315,7 +319,6 @@ def _numpy_affine(source_weight, source_bias, target_weight, target_bias, tau, l
         else:
             layout = np_path.source_layout(ys, tau)
             layout_cache["sorted"] = (source_weight, source_bias, key, layout)
-    weights = np_path.np.stack((tw, tb))
     kept, saved = np_path.kept_sums(ys, yt, tau, weights, layout)
     weights += kept
     return torch.from_numpy(weights[0]), torch.from_numpy(weights[1]), saved
@@ -324,7 +327,8 @@ def _numpy_affine(source_weight, source_bias, target_weight, target_bias, tau, l
 def _numpy_affine_backward(grad_weight, grad_bias, saved):
     from nnunet_acnorm.norms import _sorted_numpy as np_path
 
-    g = np_path.np.stack((grad_weight.detach().numpy(), grad_bias.detach().numpy())).astype("float64")
+    g = np_path.np.empty((2, grad_weight.numel()))
+    g[0], g[1] = grad_weight.detach().to(torch.float64).numpy(), grad_bias.detach().to(torch.float64).numpy()
     g += np_path.transposed(g, saved)
     return torch.from_numpy(g[0]), torch.from_numpy(g[1])
 
