@@ -224,7 +224,8 @@ def _print_experiment_summary(path: Path = EXPERIMENT_SUMMARY) -> None:
             if "delta" not in row:
                 continue
             lo, hi = row["ci"]
-            verdict = "better" if lo > 0 else "worse" if hi < 0 else "no difference shown"
+            verdict = ("fewer than 5 seeds: not evidence" if row["seeds"] < 5 else "better" if lo > 0
+                       else "worse" if hi < 0 else "no difference shown")
             print(f"    {row['method']} vs {row['baseline']} ({row['seeds']} seeds): mean Dice {row['mean_dice']:.3f}, "
                   f"paired difference {row['delta']:+.3f} [95% CI {lo:+.3f}, {hi:+.3f}]: {verdict}")
 
