@@ -384,3 +384,23 @@ def test_half_precision_parameters(dtype):
     s = _oracle_s(sw, sb, tw, tb, 1.0)
     torch.testing.assert_close(weight.double(), tw.detach().double() @ (torch.eye(400) + s).T,
                                rtol=2e-2, atol=2e-2)
+
+
+def test_dense_path_with_several_threads_equals_the_one_thread_result():
+    gen = torch.Generator().manual_seed(5)
+    sw, sb, tw, tb = (t.float() for t in _affines(200, "ties", gen))
+    g = torch.randn(2, 200, generator=gen)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            w, b = tw.clone().requires_grad_(True), tb.clone().requires_grad_(True)
+            out = recalibrated_affine(sw, sb, w, b, 0.7, method="dense")
+            (out[0] * g[0] + out[1] * g[1]).sum().backward()
+            assert torch.get_num_threads() == n
+            results.append((out[0], out[1], w.grad, b.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -140,12 +140,53 @@ def recalibrated_affine(source_weight: Tensor, source_bias: Tensor, target_weigh
                                                float(tau), layout_cache)
     if method != "dense":
         raise ValueError(f"recalibrated_affine: method must be 'auto', 'dense' or 'sorted', got {method!r}")
+    if target_weight.device.type == "cpu" and not torch.compiler.is_compiling() and torch.get_num_threads() > 1:
+        return _DenseOneThread.apply(source_weight, source_bias, target_weight, target_bias, tau)
     s = sparse_correlation(source_weight, source_bias, target_weight, target_bias, tau)
     s = s.to(target_weight.dtype)
     with torch.autocast(target_weight.device.type, enabled=False):
         weight = torch.addmv(target_weight, s, target_weight)
         bias = torch.addmv(target_bias, s, target_bias)
     return weight, bias
+
+
+class _one_thread:
+    """Run torch CPU ops with one intra-op thread, then restore the thread count."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+
+
+class _DenseOneThread(torch.autograd.Function):
+    """The dense path on a CPU with several torch threads, computed with one thread.
+
+    Its ops are tiny (C <= SORTED_MIN_CHANNELS["cpu"] in auto mode), so splitting them gains nothing,
+    but each opens a parallel region that waits for a busy core on a shared machine (a 32 x 32
+    softmax took 6 ms with 2 threads there, 15 us with one). The same ops as the plain dense
+    formula (S by sparse_correlation, addmv; backward g + S^T g as autograd forms it), so the
+    result is that of a one-thread run."""
+
+    @staticmethod
+    def forward(ctx, source_weight, source_bias, target_weight, target_bias, tau):
+        with _one_thread(), torch.no_grad(), torch.autocast("cpu", enabled=False):
+            s = sparse_correlation(source_weight, source_bias, target_weight, target_bias, tau)
+            s = s.to(target_weight.dtype)
+            weight = torch.addmv(target_weight, s, target_weight)
+            bias = torch.addmv(target_bias, s, target_bias)
+        ctx.save_for_backward(s)
+        return weight, bias
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_weight, grad_bias):
+        (s,) = ctx.saved_tensors
+        with _one_thread():
+            st = s.t()
+            return None, None, grad_weight + torch.mv(st, grad_weight), grad_bias + torch.mv(st, grad_bias), None
 
 
 # -- the sorted path ---------------------------------------------------------------------------
