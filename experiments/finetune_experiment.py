@@ -154,7 +154,6 @@ class Experiment:
         if ckpt.exists():
             return
         env = self.train_env(self.out / "pretrained", PRETRAIN_SEED, self.pretrain_epochs)
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"
         took = self.run(f"{transfer.key}_pretrain_{net}", "nnUNetv2_train", transfer.source.dataset_id, CONFIG, "all",
                         "-tr", PRETRAIN_TRAINERS[net], "-p", transfer.source_plans, "-device", "cpu", env=env)
         print(f"[{transfer.key}] pretrained the {net} source in {took:.0f} s", flush=True)
