@@ -115,12 +115,15 @@ def build_from_architecture(architecture: dict, input_channels: int, num_classes
 
 
 def save_nnunet_v2_checkpoint(path, architecture: dict | None = None, input_channels: int = 1,
-                              num_classes: int = 3, seed: int = 0) -> str:
+                              num_classes: int = 3, seed: int = 0, untrained_norms: bool = False) -> str:
     """``checkpoint_final.pth`` as ``nnUNetTrainer.save_checkpoint`` writes it (numpy scalars in the
-    logging, plans inside ``init_args``)."""
+    logging, plans inside ``init_args``). ``untrained_norms``: norm affines left at PyTorch's
+    initial 1 / 0 (a network that was never trained)."""
     architecture = architecture or plain_unet_architecture()
     torch.manual_seed(seed)
-    net = randomise_norms(build_from_architecture(architecture, input_channels, num_classes), seed)
+    net = build_from_architecture(architecture, input_channels, num_classes)
+    if not untrained_norms:
+        net = randomise_norms(net, seed)
     config = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
               "batch_size": 2, "patch_size": [16, 16, 16], "median_image_size_in_voxels": [20, 20, 20],
               "spacing": [1.5, 1.0, 1.0], "normalization_schemes": ["CTNormalization"] * input_channels,

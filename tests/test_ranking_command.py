@@ -144,3 +144,34 @@ def test_seeded_ranking_is_deterministic_and_equals_a_direct_computation(workspa
                                                                                            "source_bias"))}
     direct = ac_corr_from_state_dicts(pretrained, finetuned, layers=list(a.per_layer))
     assert direct.score == pytest.approx(a.ac_corr, rel=1e-5)
+
+
+def test_an_untrained_candidate_is_never_ranked_first(workspace, tmp_path):
+    """The zoo of the issue: a trained nnU-Net checkpoint, the same architecture never trained (norm
+    affines 1 / 0: every domain indicator equal, S full, AC-Corr = C by construction) and a Models
+    Genesis file. The untrained one gets the highest AC-Corr, and is listed apart, not ranked."""
+    ws, files = workspace, workspace["files"]
+    plans = json.loads((ws["pre"] / "nnUNetPlans.json").read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    untrained = cf.save_nnunet_v2_checkpoint(tmp_path / "random_init" / "checkpoint_final.pth", architecture=arch,
+                                             seed=5, untrained_norms=True)
+    out = tmp_path / "ranking"
+    proc = run_console("nnUNetv2_acnorm_rank", "-d", DATASET, "-c", "3d_fullres", "-i", untrained,
+                       files["nnunet_v2"], files["genesis"], "--steps", "1", "-o", out, "-device", "cpu",
+                       "--no_progress", env=ws["env"])
+    result = json.loads((out / "ranking.json").read_text())
+    by_path = {Path(c["path"]).parent.name if c["family"] == "nnunet_v2" else c["family"]: c
+               for c in result["candidates"]}
+    excluded, trained = by_path["random_init"], by_path["nnunet"]
+    assert excluded["status"] == "excluded" and excluded["rank"] is None
+    assert "by construction" in excluded["reason"] and "untrained" in excluded["reason"]
+    # it has the largest AC-Corr of all (S full in the deepest layer) and still does not come first
+    assert excluded["ac_corr"] > max(trained["ac_corr"], by_path["genesis"]["ac_corr"])
+    assert {trained["rank"], by_path["genesis"]["rank"]} == {1, 2}
+    first = trained if trained["rank"] == 1 else by_path["genesis"]
+    table = proc.stdout.split("AC-Corr ranking on", 1)[1]
+    assert table.splitlines()[3].split()[:2] == ["1", first["name"]]
+    assert f"excluded: {excluded['name']}" in proc.stdout
+    assert "random_init" not in proc.stdout.split("Best:", 1)[1].splitlines()[0]
+    rows = list(csv.DictReader((out / "ranking.csv").open()))
+    assert [r["status"] for r in rows] == ["ranked", "ranked", "excluded"] and rows[2]["rank"] == ""

@@ -31,8 +31,9 @@ class ACCorrMeasurement:
     losses: list[float] = field(default_factory=list)
     #: S of each chosen layer after the steps (C x C, numpy)
     sparse_correlations: dict[str, np.ndarray] = field(default_factory=dict)
-    #: chosen layers whose source domain indicators are all equal (e.g. untrained affines 1, 0):
-    #: every entry of a row ties with the diagonal, so S is full and the sum is C by construction
+    #: chosen layers whose source domain indicators are (nearly) all equal (e.g. untrained affines 1, 0;
+    #: norms.functional.indicators_near_constant): every entry of a row ties with the diagonal, so S is
+    #: full and the sum is C by construction
     degenerate_layers: list[str] = field(default_factory=list)
 
 
@@ -53,7 +54,7 @@ def ac_corr_after_steps(model: nn.Module, train_step: Callable[[dict], float], b
             module.set_source()  # the affines it holds now (the pretrained ones) are the source
     chosen = select_layers(list(modules), layers)
     start = ac_corr_in_float64(modules, chosen, tau)
-    degenerate = [name for name in chosen if _indicator_spread(modules[name]) < 1e-6]
+    degenerate = [name for name in chosen if _near_constant_source(modules[name])]
     model.train()
     losses = [train_step(batches[i % len(batches)]) for i in range(steps)]
     after = ac_corr_in_float64(modules, chosen, tau)
@@ -64,11 +65,10 @@ def ac_corr_after_steps(model: nn.Module, train_step: Callable[[dict], float], b
 
 
 @torch.no_grad()
-def _indicator_spread(module) -> float:
-    from nnunet_acnorm.norms.functional import domain_indicator
+def _near_constant_source(module) -> bool:
+    from nnunet_acnorm.norms.functional import domain_indicator, indicators_near_constant
 
-    indicator = domain_indicator(*(t.double() for t in module._source()))
-    return float(indicator.max() - indicator.min())
+    return indicators_near_constant(domain_indicator(*(t.double() for t in module._source())))
 
 
 @torch.no_grad()

@@ -12,14 +12,17 @@ MAX_HEATMAP_LAYERS = 4
 
 
 def plot_scores(ranking, path: str) -> str:
-    """Bar chart of AC-Corr (and its value at step 0) per ranked candidate, best first."""
-    ranked = ranking.ranked
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(ranked) + 2), 3.6))
-    x = np.arange(len(ranked))
-    ax.bar(x - 0.2, [c.ac_corr for c in ranked], width=0.4, label=f"after {ranking.steps} step(s)")
-    ax.bar(x + 0.2, [c.ac_corr_at_start for c in ranked], width=0.4, label="at step 0", alpha=0.6)
+    """Bar chart of AC-Corr (and its value at step 0) per ranked candidate, best first; excluded
+    candidates (degenerate source layers) after them, hatched and labelled as not ranked."""
+    shown = ranking.measured
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(shown) + 2), 3.6))
+    x = np.arange(len(shown))
+    hatch = ["//" if c.status == "excluded" else "" for c in shown]
+    ax.bar(x - 0.2, [c.ac_corr for c in shown], width=0.4, label=f"after {ranking.steps} step(s)", hatch=hatch)
+    ax.bar(x + 0.2, [c.ac_corr_at_start for c in shown], width=0.4, label="at step 0", alpha=0.6, hatch=hatch)
     ax.set_xticks(x)
-    ax.set_xticklabels([f"{c.rank}. {c.name}" for c in ranked], rotation=30, ha="right", fontsize=8)
+    ax.set_xticklabels([f"{c.rank}. {c.name}" if c.rank else f"(not ranked) {c.name}" for c in shown],
+                       rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("AC-Corr (mean sum of S)")
     arrow = "higher" if ranking.higher_is_better else "lower"
     ax.set_title(f"{ranking.dataset} {ranking.configuration}: AC-Corr ({arrow} ranked first)", fontsize=9)
@@ -32,8 +35,8 @@ def plot_scores(ranking, path: str) -> str:
 
 def plot_sparse_correlations(ranking, path: str) -> str:
     """Heatmaps of S (rows: target channels, columns: source channels) of the chosen layers,
-    one row per ranked candidate (at most :data:`MAX_HEATMAP_LAYERS` layers each)."""
-    ranked = ranking.ranked
+    one row per measured candidate (at most :data:`MAX_HEATMAP_LAYERS` layers each)."""
+    ranked = ranking.measured
     layers = []
     for c in ranked:
         for name in c.sparse_correlations:

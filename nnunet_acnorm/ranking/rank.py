@@ -43,7 +43,7 @@ RESULT_FILES = ("ranking.csv", "ranking.json", "ranking.png", "sparse_correlatio
 class CandidateResult:
     name: str
     path: str
-    status: str  # "ranked" or "skipped"
+    status: str  # "ranked", "excluded" (measured, but cannot be ranked: see reason) or "skipped" (not measured)
     reason: str = ""
     family: str | None = None
     rank: int | None = None
@@ -85,19 +85,34 @@ class Ranking:
         return sorted((c for c in self.candidates if c.status == "ranked"), key=lambda c: c.rank)
 
     @property
+    def excluded(self) -> list[CandidateResult]:
+        """Measured, but left out of the order (degenerate source layers: AC-Corr there says nothing)."""
+        return [c for c in self.candidates if c.status == "excluded"]
+
+    @property
     def skipped(self) -> list[CandidateResult]:
         return [c for c in self.candidates if c.status == "skipped"]
+
+    @property
+    def measured(self) -> list[CandidateResult]:
+        """Candidates with an AC-Corr: the ranked ones, then the excluded ones."""
+        return self.ranked + self.excluded
+
+    @property
+    def listed(self) -> list[CandidateResult]:
+        """All candidates in the order the outputs list them: ranked, excluded, skipped."""
+        return self.measured + self.skipped
 
     def to_json(self) -> dict:
         return {"dataset": self.dataset, "configuration": self.configuration, "plans": self.plans_identifier,
                 "steps": self.steps, "layers": self.layers, "seed": self.seed, "lr": self.lr,
                 "higher_ac_corr_is_better": self.higher_is_better, "direction_note": self.direction_note,
                 "estimated_seconds_per_nnunet_epoch": self.epoch_seconds(),
-                "candidates": [c.to_json() for c in self.ranked + self.skipped]}
+                "candidates": [c.to_json() for c in self.listed]}
 
     def epoch_seconds(self) -> float | None:
         """One nnU-Net fine-tuning epoch (250 iterations) at the median measured step time."""
-        per_step = [c.seconds_per_step for c in self.ranked if c.seconds_per_step]
+        per_step = [c.seconds_per_step for c in self.measured if c.seconds_per_step]
         return float(np.median(per_step) * NNUNET_ITERATIONS_PER_EPOCH) if per_step else None
 
 
@@ -167,10 +182,8 @@ def rank_candidates(paths: Sequence[str], target: TargetTask, steps: int | str =
             result.steps, result.losses = measured.steps, measured.losses
             result.sparse_correlations = measured.sparse_correlations
             if measured.degenerate_layers:
-                result.notes.append(
-                    f"all source affines of {', '.join(measured.degenerate_layers)} give the same domain indicator "
-                    "(untrained values?): S is full there and AC-Corr = C by construction, not evidence of "
-                    "transferability")
+                result.status = "excluded"
+                result.reason = degenerate_reason(measured.degenerate_layers)
         except CandidateSkipped as e:
             result.reason = str(e)
         except (ValueError, RuntimeError) as e:  # a network/plans problem of this candidate only
@@ -187,6 +200,12 @@ def rank_candidates(paths: Sequence[str], target: TargetTask, steps: int | str =
     return Ranking(target.dataset_name, target.configuration, target.plans_identifier, numeric_steps,
                    layers if isinstance(layers, str) else list(layers), seed, lr, HIGHER_AC_CORR_IS_BETTER,
                    DIRECTION_NOTE, results)
+
+
+def degenerate_reason(layers: Sequence[str]) -> str:
+    return (f"not ranked: the source affines of {', '.join(layers)} give (nearly) the same domain indicator in "
+            "every channel (untrained affines?), so S is full there and AC-Corr = C by construction, not evidence "
+            "of transferability")
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -206,12 +225,12 @@ def write_results(ranking: Ranking, folder: str, overwrite: bool = False) -> lis
                               "pass --overwrite to replace them or -o for another folder")
     written = []
     csv_file = os.path.join(folder, "ranking.csv")
-    layer_names = sorted({n for c in ranking.ranked for n in c.per_layer})
+    layer_names = sorted({n for c in ranking.measured for n in c.per_layer})
     with open(csv_file, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["rank", "candidate", "family", "ac_corr", "ac_corr_at_start", "logme", "steps", "seconds",
                          *[f"layer:{n}" for n in layer_names], "status", "reason", "path"])
-        for c in ranking.ranked + ranking.skipped:
+        for c in ranking.listed:
             writer.writerow([c.rank or "", c.name, c.family or "", _fmt(c.ac_corr), _fmt(c.ac_corr_at_start),
                              _fmt(c.logme), c.steps, f"{c.seconds:.2f}",
                              *[_fmt(c.per_layer.get(n)) for n in layer_names], c.status, c.reason, c.path])
@@ -220,7 +239,7 @@ def write_results(ranking: Ranking, folder: str, overwrite: bool = False) -> lis
     with open(json_file, "w") as f:
         json.dump(ranking.to_json(), f, indent=2)
     written.append(json_file)
-    matrices = {f"{c.name}::{layer}": s for c in ranking.ranked for layer, s in c.sparse_correlations.items()}
+    matrices = {f"{c.name}::{layer}": s for c in ranking.measured for layer, s in c.sparse_correlations.items()}
     if matrices:
         npz_file = os.path.join(folder, "sparse_correlations.npz")
         np.savez_compressed(npz_file, **matrices)
@@ -259,10 +278,8 @@ def format_table(ranking: Ranking, max_layers: int = 4) -> str:
         lines.append(f"({len(layer_names) - max_layers} more layer(s) in ranking.csv)")
     if not rows:
         lines.append("(no candidate could be ranked)")
-    for c in ranking.ranked:
-        for note in c.notes:
-            if "by construction" in note:
-                lines.append(f"warning: {c.name}: {note}")
+    for c in ranking.excluded:
+        lines.append(f"excluded: {c.name} (AC-Corr {c.ac_corr:.4f}): {c.reason}")
     for c in ranking.skipped:
         lines.append(f"skipped: {c.name}: {c.reason}")
     return "\n".join(lines)

@@ -121,7 +121,7 @@ def rank_entry(argv: list[str] | None = None) -> None:
     print(f"\n{ranking.direction_note}.")
     epoch = ranking.epoch_seconds()
     if epoch is not None:
-        per_candidate = sum(c.seconds for c in ranking.ranked) / len(ranking.ranked)
+        per_candidate = sum(c.seconds for c in ranking.measured) / len(ranking.measured)
         print(f"Cost: {per_candidate:.1f} s per candidate (including preparation) vs about {epoch:.0f} s for one "
               f"nnU-Net fine-tuning epoch (250 iterations at the measured step time)")
     best = ranking.ranked[0] if ranking.ranked else None
@@ -130,7 +130,8 @@ def rank_entry(argv: list[str] | None = None) -> None:
               f"-p {best.plans_identifier} -tr nnUNetTrainerACNorm -pretrained_weights {best.pretrained_weights}")
     print(f"Results: {', '.join(written)}")
     if not ranking.ranked:
-        fail("no candidate could be ranked (see the reasons above)")
+        fail("no candidate could be ranked (see the reasons above)" if not ranking.excluded else
+             "no candidate could be ranked: every measured candidate was excluded (see the reasons above)")
 
 
 if __name__ == "__main__":
