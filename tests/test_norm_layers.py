@@ -1,6 +1,8 @@
 """AC-Norm modules against an independent two-pass implementation of the formula."""
 import copy
 
+import zlib
+
 import pytest
 import torch
 from torch import nn
@@ -64,7 +66,7 @@ CASES = [("plain", 1.0, 6, 3), ("ties", 1.0, 6, 3), ("gamma_near_zero", 1.0, 6, 
 def test_fused_equals_two_pass(kind, case, tau, channels, batch, training):
     if kind.startswith("bn") and batch == 1 and training and kind == "bn1d":
         pytest.skip("BatchNorm1d needs more than one value per channel in training")
-    gen = torch.Generator().manual_seed(hash((kind, case, tau, channels, batch)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((kind, case, tau, channels, batch)).encode()))  # not hash(): salted
     plain = _plain(kind, channels)
     sw, sb = _affines(channels, case, gen)
     with torch.no_grad():
@@ -211,7 +213,11 @@ def test_state_dict_round_trip_and_plain_state_dict_sets_both():
 def test_plain_state_dict_without_num_batches_tracked_loads():
     plain = nn.BatchNorm2d(3)
     state = {k: v for k, v in plain.state_dict().items() if k != "num_batches_tracked"}
-    ACBatchNorm2d(3).load_state_dict(state)
+    module = ACBatchNorm2d(3)
+    result = module.load_state_dict(state)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert module.source_is_set and torch.equal(module.source_weight, plain.weight)
+    assert torch.equal(module.running_var, plain.running_var)
 
 
 def test_unset_source_follows_target_in_eval_and_is_frozen_by_training():
