@@ -53,11 +53,16 @@ def test_rank_command_ranks_three_families_and_skips_misfits(workspace, tmp_path
     proc = run_console("nnUNetv2_acnorm_rank", "-d", DATASET, "-c", "3d_fullres", "-i", *[files[k] for k in order],
                        "--steps", "2", "--logme", "-o", out, "-device", "cpu", "--seed", "3", env=ws["env"])
     stdout = proc.stdout
-    assert "AC-Corr ranking on Dataset581_TinyRank" in stdout
-    assert "direction: higher AC-Corr" in stdout and "Cost:" in stdout
-    assert "AC-Corr:" in proc.stderr and "candidate" in proc.stderr  # the tqdm progress bar
+    assert "Transferability estimates on Dataset581_TinyRank" in stdout and "ordered by highest ac_corr" in stdout
+    # no experiment has settled the direction yet: the command says so and recommends nothing
+    assert "cannot be relied on" in stdout and "Kendall tau +0.73" in stdout and "Cost:" in stdout
+    assert "Best:" not in stdout and "Recommended" not in stdout
+    assert "Highest ac_corr: " in stdout and "not a recommendation" in stdout
+    assert "Ranking:" in proc.stderr and "candidate" in proc.stderr  # the tqdm progress bar
 
     result = json.loads((out / "ranking.json").read_text())
+    assert result["estimators"] == ["ac_corr", "logme"] and result["rank_by"] == "ac_corr"  # --logme: an alias
+    assert result["reliable"] is False and result["direction"]["settled"] is False
     by_family = {c["family"]: c for c in result["candidates"] if c["status"] == "ranked"}
     assert set(by_family) == {"nnunet_v2", "genesis", "nnssl"}
     assert sorted(c["rank"] for c in by_family.values()) == [1, 2, 3]
@@ -67,7 +72,7 @@ def test_rank_command_ranks_three_families_and_skips_misfits(workspace, tmp_path
     for c in by_family.values():
         assert c["steps"] == 2 and len(c["losses"]) == 2 and c["seconds"] > 0
         assert len(c["per_layer"]) == 1 and c["ac_corr"] > 0 and c["ac_corr_at_start"] > 0
-        assert c["logme"] is not None
+        assert c["logme"] is not None and c["scores"] == {"ac_corr": c["ac_corr"], "logme": c["logme"]}
     assert "fits the target plans as it is" in by_family["nnunet_v2"]["notes"][0]
     assert by_family["genesis"]["plans_identifier"].startswith("nnUNetPlans__rank_genesis_")
 
@@ -81,6 +86,7 @@ def test_rank_command_ranks_three_families_and_skips_misfits(workspace, tmp_path
 
     rows = list(csv.DictReader((out / "ranking.csv").open()))
     assert len(rows) == 6 and [r["rank"] for r in rows[:3]] == ["1", "2", "3"]
+    assert {"ac_corr", "ac_corr_at_start", "logme"} <= set(rows[0])
     assert {r["status"] for r in rows[3:]} == {"skipped"}
     for png in ("ranking.png", "sparse_correlations.png"):
         assert (out / png).stat().st_size > 1000
@@ -109,6 +115,14 @@ def test_rank_command_errors_are_one_line(workspace, tmp_path):
                             "--no_progress", env=ws["env"], check=False)
     assert bad_layer.returncode != 0 and "Traceback" not in bad_layer.stderr
     assert "no.such.layer" in bad_layer.stdout and "no candidate could be ranked" in bad_layer.stderr
+    for option in (["--estimators", "ac_corr,bogus"], ["--rank_by", "bogus"]):
+        bad_estimator = run_console("nnUNetv2_acnorm_rank", "-d", DATASET, "-c", "3d_fullres", "-i",
+                                    ws["files"]["nnunet_v2"], *option, "-o", tmp_path / "z", env=ws["env"], check=False)
+        assert bad_estimator.returncode == 1 and "Traceback" not in bad_estimator.stderr
+        (line,) = bad_estimator.stderr.strip().splitlines()
+        assert line.startswith("nnUNetv2_acnorm_rank: error: --estimators / --rank_by: unknown estimator(s) bogus")
+        assert "known: ac_corr, ac_corr_all, logme, hscore" in line
+        assert not (tmp_path / "z").exists()  # refused before any work
 
 
 def test_seeded_ranking_is_deterministic_and_equals_a_direct_computation(workspace, monkeypatch):
@@ -169,9 +183,52 @@ def test_an_untrained_candidate_is_never_ranked_first(workspace, tmp_path):
     assert excluded["ac_corr"] > max(trained["ac_corr"], by_path["genesis"]["ac_corr"])
     assert {trained["rank"], by_path["genesis"]["rank"]} == {1, 2}
     first = trained if trained["rank"] == 1 else by_path["genesis"]
-    table = proc.stdout.split("AC-Corr ranking on", 1)[1]
+    table = proc.stdout.split("Transferability estimates on", 1)[1]
     assert table.splitlines()[3].split()[:2] == ["1", first["name"]]
     assert f"excluded: {excluded['name']}" in proc.stdout
-    assert "random_init" not in proc.stdout.split("Best:", 1)[1].splitlines()[0]
+    assert "random_init" not in proc.stdout.split("Highest ac_corr:", 1)[1].splitlines()[0]
     rows = list(csv.DictReader((out / "ranking.csv").open()))
     assert [r["status"] for r in rows] == ["ranked", "ranked", "excluded"] and rows[2]["rank"] == ""
+
+
+def test_estimators_side_by_side_in_one_run(workspace, tmp_path):
+    """--estimators with three estimators: one table with a column each, every estimator in the CSV and
+    JSON, one panel each in ranking.png; the order follows --rank_by; no recommendation is printed
+    while DIRECTION is not settled."""
+    ws, files = workspace, workspace["files"]
+    out = tmp_path / "ranking"
+    proc = run_console("nnUNetv2_acnorm_rank", "-d", DATASET, "-c", "3d_fullres", "-i", files["nnunet_v2"],
+                       files["genesis"], files["nnssl"], "--estimators", "ac_corr,logme,hscore", "--rank_by", "hscore",
+                       "--steps", "1", "-o", out, "--no_progress", env=ws["env"])
+    stdout = proc.stdout
+    assert "estimates on Dataset581_TinyRank 3d_fullres" in stdout and "ac_corr, logme, hscore" in stdout
+    table = stdout.split("Transferability estimates on", 1)[1].splitlines()[1:]
+    header = table[0]
+    for column in ("AC-Corr", "at step 0", "LogME", "H-score (order)"):
+        assert column in header
+    assert stdout.count("H-score (order)") == 1  # one table
+    assert "cannot be relied on" in stdout and "Highest hscore: " in stdout and "Best:" not in stdout
+
+    result = json.loads((out / "ranking.json").read_text())
+    assert result["estimators"] == ["ac_corr", "logme", "hscore"] and result["rank_by"] == "hscore"
+    ranked = sorted((c for c in result["candidates"] if c["status"] == "ranked"), key=lambda c: c["rank"])
+    assert len(ranked) == 3
+    for c in ranked:
+        assert set(c["scores"]) == {"ac_corr", "logme", "hscore"}
+        assert all(isinstance(v, float) for v in c["scores"].values())
+        assert c["scores"]["ac_corr"] == c["ac_corr"] and c["scores"]["hscore"] >= 0
+    hscores = [c["scores"]["hscore"] for c in ranked]
+    assert hscores == sorted(hscores, reverse=True)  # ordered by --rank_by, higher first
+    assert table[2].split()[:2] == ["1", ranked[0]["name"]]
+
+    rows = list(csv.DictReader((out / "ranking.csv").open()))
+    assert [r["candidate"] for r in rows] == [c["name"] for c in ranked]
+    for r, c in zip(rows, ranked):
+        for est in ("ac_corr", "logme", "hscore"):
+            assert float(r[est]) == pytest.approx(c["scores"][est], abs=1e-6)
+    from PIL import Image
+
+    with Image.open(out / "ranking.png") as png:
+        width, height = png.size
+    assert width > 2.5 * height  # three panels side by side
+    assert (out / "sparse_correlations.png").stat().st_size > 1000

@@ -12,23 +12,43 @@ MAX_HEATMAP_LAYERS = 4
 
 
 def plot_scores(ranking, path: str) -> str:
-    """Bar chart of AC-Corr (and its value at step 0) per ranked candidate, best first; excluded
-    candidates (degenerate source layers) after them, hatched and labelled as not ranked."""
+    """One panel per estimator: its score per measured candidate, in the ranking's order (the
+    ranked candidates, then the excluded ones: degenerate source layers, hatched and labelled as
+    not ranked). The AC-Corr panel shows its value at step 0 beside it."""
+    from nnunet_acnorm.ranking.rank import ESTIMATORS
+
     shown = ranking.measured
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(shown) + 2), 3.6))
+    estimators = list(ranking.estimators)
+    width = max(4.0, 0.9 * len(shown) + 2)
+    fig, axes = plt.subplots(1, len(estimators), figsize=(width * len(estimators), 3.8), squeeze=False)
     x = np.arange(len(shown))
     hatch = ["//" if c.status == "excluded" else "" for c in shown]
-    ax.bar(x - 0.2, [c.ac_corr for c in shown], width=0.4, label=f"after {ranking.steps} step(s)", hatch=hatch)
-    ax.bar(x + 0.2, [c.ac_corr_at_start for c in shown], width=0.4, label="at step 0", alpha=0.6, hatch=hatch)
-    ax.set_xticks(x)
-    ax.set_xticklabels([f"{c.rank}. {c.name}" if c.rank else f"(not ranked) {c.name}" for c in shown],
-                       rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("AC-Corr (mean sum of S)")
-    arrow = "higher" if ranking.higher_is_better else "lower"
-    ax.set_title(f"{ranking.dataset} {ranking.configuration}: AC-Corr ({arrow} ranked first)", fontsize=9)
-    ax.legend(fontsize=8)
+    labels = [f"{c.rank}. {c.name}" if c.rank else f"(not ranked) {c.name}" for c in shown]
+
+    def values(get):
+        return [np.nan if get(c) is None else get(c) for c in shown]
+
+    for ax, est in zip(axes[0], estimators):
+        label = ESTIMATORS[est][0]
+        if est == "ac_corr":
+            ax.bar(x - 0.2, values(lambda c: c.scores.get(est)), width=0.4, label=f"after {ranking.steps} step(s)",
+                   hatch=hatch)
+            ax.bar(x + 0.2, values(lambda c: c.ac_corr_at_start), width=0.4, label="at step 0", alpha=0.6,
+                   hatch=hatch)
+            ax.legend(fontsize=7)
+        else:
+            ax.bar(x, values(lambda c: c.scores.get(est)), width=0.6, hatch=hatch,
+                   color="tab:green" if est in ("logme", "hscore") else "tab:blue")
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel(label)
+        order = " (the order)" if est == ranking.rank_by else ""
+        ax.set_title(f"{label}{order}", fontsize=9)
+    caveat = "" if ranking.reliable else " - not a reliable ranking: no experiment has settled the direction"
+    fig.suptitle(f"{ranking.dataset} {ranking.configuration}: estimators per candidate, ordered by highest "
+                 f"{ranking.rank_by}{caveat}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

@@ -1,8 +1,12 @@
-"""Rank candidate checkpoints for one nnU-Net target by AC-Corr (and, on request, LogME).
+"""Rank candidate checkpoints for one nnU-Net target by transferability estimators, side by side.
 
 For every candidate: the same seed, the same batches (same cases and crops), a fresh AC-Norm
-network whose source affines are the candidate's, ``steps`` fine-tuning steps, AC-Corr over the
-chosen layers. A candidate that cannot be used is kept in the result as skipped, with its reason.
+network whose source affines are the candidate's; the estimators of ``--estimators``
+(:data:`ESTIMATORS`) on it: LogME and H-score on the pretrained deepest encoder norm's features at
+labelled voxels, then AC-Corr after ``steps`` fine-tuning steps over the chosen layers (and over
+all layers). The order is by one estimator (``rank_by``); :data:`DIRECTION` records whether an
+experiment has settled which estimator to trust and which way, and the printed wording follows it.
+A candidate that cannot be used is kept in the result as skipped, with its reason.
 """
 from __future__ import annotations
 
@@ -20,19 +24,22 @@ import torch
 
 from nnunet_acnorm.ac_corr import LayerSelection, select_layers
 from nnunet_acnorm.norms import acnorm_modules
-from nnunet_acnorm.ranking.estimators import ac_corr_after_steps, logme_of_layer
+from nnunet_acnorm.ranking.direction import (DIRECTION, ESTIMATORS, UnknownEstimator, direction_statement,  # noqa: F401
+                                             parse_estimators, reliable)
+from nnunet_acnorm.ranking.estimators import (_near_constant_source, ac_corr_after_steps, ac_corr_in_float64,
+                                              norm_features_at_labels)
+from nnunet_acnorm.ranking.hscore import hscore
+from nnunet_acnorm.ranking.logme import logme
 from nnunet_acnorm.ranking.nnunet_target import (CandidateSkipped, TargetTask, build_loss, epoch_steps,
                                                  finetune_optimizer, fixed_batches, nnunet_train_step,
                                                  prepare_candidate)
 
-#: Which way AC-Corr ranks. Neither the paper's abstract nor its reference code says; this is
-#: the direction the project's experiment supports (benchmarks/acnorm_direction_experiment.py,
-#: docs/ranking.md), with the caveat printed next to every ranking.
-HIGHER_AC_CORR_IS_BETTER = True
-DIRECTION_NOTE = ("direction: higher AC-Corr is ranked first. The evidence is weak: in the project's direction "
-                  "experiment (benchmarks/acnorm_direction_experiment.py: 7 source models fine-tuned on one MR target, "
-                  "docs/ranking.md) AC-Corr after one step had Kendall tau +0.73 (p 0.03) and Pearson r +0.48 "
-                  "(p 0.27) with the fine-tuned Dice, mostly by telling apart sources whose fine-tuning failed")
+#: estimators that need the pretrained features at labelled voxels / the fine-tuning steps
+FEATURE_ESTIMATORS = {"logme": logme, "hscore": hscore}
+STEP_ESTIMATORS = ("ac_corr", "ac_corr_all")
+
+#: kept for readers of older results: the sign the order uses
+HIGHER_AC_CORR_IS_BETTER = DIRECTION["higher_is_better"]
 #: iterations of one nnU-Net training epoch (the cost comparison)
 NNUNET_ITERATIONS_PER_EPOCH = 250
 
@@ -47,6 +54,8 @@ class CandidateResult:
     reason: str = ""
     family: str | None = None
     rank: int | None = None
+    #: estimator name -> value (None: not computable for this candidate, see notes)
+    scores: dict[str, float | None] = field(default_factory=dict)
     ac_corr: float | None = None
     ac_corr_at_start: float | None = None
     per_layer: dict[str, float] = field(default_factory=dict)
@@ -79,6 +88,12 @@ class Ranking:
     higher_is_better: bool
     direction_note: str
     candidates: list[CandidateResult]
+    estimators: list[str] = field(default_factory=lambda: ["ac_corr"])
+    rank_by: str = "ac_corr"
+
+    @property
+    def reliable(self) -> bool:
+        return reliable(self.rank_by)
 
     @property
     def ranked(self) -> list[CandidateResult]:
@@ -95,7 +110,7 @@ class Ranking:
 
     @property
     def measured(self) -> list[CandidateResult]:
-        """Candidates with an AC-Corr: the ranked ones, then the excluded ones."""
+        """Candidates with scores: the ranked ones, then the excluded ones."""
         return self.ranked + self.excluded
 
     @property
@@ -106,7 +121,9 @@ class Ranking:
     def to_json(self) -> dict:
         return {"dataset": self.dataset, "configuration": self.configuration, "plans": self.plans_identifier,
                 "steps": self.steps, "layers": self.layers, "seed": self.seed, "lr": self.lr,
-                "higher_ac_corr_is_better": self.higher_is_better, "direction_note": self.direction_note,
+                "estimators": self.estimators, "rank_by": self.rank_by, "reliable": self.reliable,
+                "higher_is_better": self.higher_is_better, "direction": dict(DIRECTION),
+                "direction_note": self.direction_note,
                 "estimated_seconds_per_nnunet_epoch": self.epoch_seconds(),
                 "candidates": [c.to_json() for c in self.listed]}
 
@@ -137,16 +154,23 @@ def candidate_names(paths: Sequence[str]) -> list[str]:
 def rank_candidates(paths: Sequence[str], target: TargetTask, steps: int | str = 1, layers: LayerSelection = "deepest",
                     seed: int = 0, device: str | torch.device = "cpu", lr: float | None = None, tau: float = 1.0,
                     with_logme: bool = False, family: str | None = None, trust_pickle: bool = False,
-                    adapt_input_channels: bool = False, progress: bool = True, logs: dict | None = None) -> Ranking:
+                    adapt_input_channels: bool = False, progress: bool = True, logs: dict | None = None,
+                    estimators: Sequence[str] | None = None, rank_by: str = "ac_corr") -> Ranking:
     """Rank ``paths`` on ``target``. ``steps``: a number of steps, or ``"epoch"`` (one pass over the
-    target's cases: ceil(cases / batch size) steps of each candidate's plans)."""
+    target's cases: ceil(cases / batch size) steps of each candidate's plans). ``estimators``
+    (default ["ac_corr"]; ``with_logme`` adds "logme") are computed for every candidate; the order
+    is by ``rank_by`` (added to the estimators if missing), higher first."""
     from tqdm import tqdm
 
+    estimators = parse_estimators(list(estimators or ["ac_corr"]) + (["logme"] if with_logme else []))
+    parse_estimators([rank_by])
+    if rank_by not in estimators:
+        estimators.insert(0, rank_by)
     device = torch.device(device)
     names = candidate_names(paths)
     results: list[CandidateResult] = []
     batch_cache: dict[tuple, list[dict]] = {}
-    bar = tqdm(list(zip(names, paths)), desc="AC-Corr", unit="candidate", disable=not progress)
+    bar = tqdm(list(zip(names, paths)), desc="Ranking", unit="candidate", disable=not progress)
     for name, path in bar:
         bar.set_postfix_str(name[-40:])
         result = CandidateResult(name=name, path=os.path.abspath(path), status="skipped")
@@ -163,27 +187,48 @@ def rank_candidates(paths: Sequence[str], target: TargetTask, steps: int | str =
             if key not in batch_cache:
                 batch_cache[key] = fixed_batches(target, prepared.plans, n_steps, seed)
             batches = batch_cache[key]
+            modules = acnorm_modules(network)
             try:
-                chosen = select_layers(list(acnorm_modules(network)), layers)
+                chosen = select_layers(list(modules), layers)
             except (KeyError, ValueError) as e:
                 raise CandidateSkipped(str(e).strip("'\"")) from None
-            if with_logme:
-                result.logme = logme_of_layer(network, select_layers(list(acnorm_modules(network)), "deepest")[0],
-                                              batches, seed=seed, device=device)
-            torch.manual_seed(seed)
-            optimizer = finetune_optimizer(network, lr)
-            train_step = nnunet_train_step(network, build_loss(prepared.plans, target).to(device), optimizer, device)
-            step_start = time.perf_counter()
-            measured = ac_corr_after_steps(network, train_step, batches, n_steps, chosen, tau)
-            result.seconds_per_step = (time.perf_counter() - step_start) / n_steps
+            # the source indicators of the chosen layers, before anything moves them (tolerance test)
+            degenerate = [n for n in chosen if _near_constant_source(modules[n])]
+            wanted_features = [e for e in estimators if e in FEATURE_ESTIMATORS]
+            if wanted_features:  # the pretrained features, before any step
+                deepest = select_layers(list(modules), "deepest")[0]
+                features, labels = norm_features_at_labels(network, deepest, batches, seed=seed, device=device)
+                for est in wanted_features:
+                    try:
+                        result.scores[est] = FEATURE_ESTIMATORS[est](features, labels)
+                    except ValueError as e:
+                        result.scores[est] = None
+                        result.notes.append(f"{est}: {e}")
+                result.logme = result.scores.get("logme")
+            if any(e in STEP_ESTIMATORS for e in estimators):
+                torch.manual_seed(seed)
+                optimizer = finetune_optimizer(network, lr)
+                train_step = nnunet_train_step(network, build_loss(prepared.plans, target).to(device), optimizer,
+                                               device)
+                step_start = time.perf_counter()
+                measured = ac_corr_after_steps(network, train_step, batches, n_steps, chosen, tau)
+                result.seconds_per_step = (time.perf_counter() - step_start) / n_steps
+                result.ac_corr, result.ac_corr_at_start = measured.score, measured.score_at_start
+                result.per_layer, result.per_layer_at_start = measured.per_layer, measured.per_layer_at_start
+                result.steps, result.losses = measured.steps, measured.losses
+                result.sparse_correlations = measured.sparse_correlations
+                if "ac_corr" in estimators:
+                    result.scores["ac_corr"] = measured.score
+                if "ac_corr_all" in estimators:
+                    result.scores["ac_corr_all"] = ac_corr_in_float64(modules, list(modules), tau).score
+            result.scores = {e: result.scores.get(e) for e in estimators}
             result.status = "ranked"
-            result.ac_corr, result.ac_corr_at_start = measured.score, measured.score_at_start
-            result.per_layer, result.per_layer_at_start = measured.per_layer, measured.per_layer_at_start
-            result.steps, result.losses = measured.steps, measured.losses
-            result.sparse_correlations = measured.sparse_correlations
-            if measured.degenerate_layers:
+            if degenerate:
                 result.status = "excluded"
-                result.reason = degenerate_reason(measured.degenerate_layers)
+                result.reason = degenerate_reason(degenerate)
+            elif result.scores.get(rank_by) is None:
+                result.status = "excluded"
+                result.reason = f"not ranked: no {rank_by} for this candidate (see its notes)"
         except CandidateSkipped as e:
             result.reason = str(e)
         except (ValueError, RuntimeError) as e:  # a network/plans problem of this candidate only
@@ -192,14 +237,17 @@ def rank_candidates(paths: Sequence[str], target: TargetTask, steps: int | str =
         if logs is not None:
             logs[name] = log.getvalue()
         results.append(result)
+    higher = DIRECTION["higher_is_better"] if rank_by == DIRECTION["estimator"] else True
     ranked = [r for r in results if r.status == "ranked"]
-    ranked.sort(key=lambda r: (-r.ac_corr if HIGHER_AC_CORR_IS_BETTER else r.ac_corr, r.name))
+    ranked.sort(key=lambda r: (-r.scores[rank_by] if higher else r.scores[rank_by], r.name))
     for i, r in enumerate(ranked, start=1):
         r.rank = i
     numeric_steps = ranked[0].steps if ranked else (0 if steps == "epoch" else int(steps))
+    if not any(e in STEP_ESTIMATORS for e in estimators):
+        numeric_steps = 0
     return Ranking(target.dataset_name, target.configuration, target.plans_identifier, numeric_steps,
-                   layers if isinstance(layers, str) else list(layers), seed, lr, HIGHER_AC_CORR_IS_BETTER,
-                   DIRECTION_NOTE, results)
+                   layers if isinstance(layers, str) else list(layers), seed, lr, higher,
+                   direction_statement(rank_by), results, list(estimators), rank_by)
 
 
 def degenerate_reason(layers: Sequence[str]) -> str:
@@ -226,25 +274,28 @@ def write_results(ranking: Ranking, folder: str, overwrite: bool = False) -> lis
     written = []
     csv_file = os.path.join(folder, "ranking.csv")
     layer_names = sorted({n for c in ranking.measured for n in c.per_layer})
+    with_steps = any(e in STEP_ESTIMATORS for e in ranking.estimators)
     with open(csv_file, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["rank", "candidate", "family", "ac_corr", "ac_corr_at_start", "logme", "steps", "seconds",
+        writer.writerow(["rank", "candidate", "family", *ranking.estimators,
+                         *(["ac_corr_at_start"] if with_steps else []), "steps", "seconds",
                          *[f"layer:{n}" for n in layer_names], "status", "reason", "path"])
         for c in ranking.listed:
-            writer.writerow([c.rank or "", c.name, c.family or "", _fmt(c.ac_corr), _fmt(c.ac_corr_at_start),
-                             _fmt(c.logme), c.steps, f"{c.seconds:.2f}",
+            writer.writerow([c.rank or "", c.name, c.family or "", *[_fmt(c.scores.get(e)) for e in ranking.estimators],
+                             *([_fmt(c.ac_corr_at_start)] if with_steps else []), c.steps, f"{c.seconds:.2f}",
                              *[_fmt(c.per_layer.get(n)) for n in layer_names], c.status, c.reason, c.path])
     written.append(csv_file)
     json_file = os.path.join(folder, "ranking.json")
     with open(json_file, "w") as f:
         json.dump(ranking.to_json(), f, indent=2)
     written.append(json_file)
+    if ranking.measured:
+        written.append(plot_scores(ranking, os.path.join(folder, "ranking.png")))
     matrices = {f"{c.name}::{layer}": s for c in ranking.measured for layer, s in c.sparse_correlations.items()}
     if matrices:
         npz_file = os.path.join(folder, "sparse_correlations.npz")
         np.savez_compressed(npz_file, **matrices)
         written.append(npz_file)
-        written.append(plot_scores(ranking, os.path.join(folder, "ranking.png")))
         written.append(plot_sparse_correlations(ranking, os.path.join(folder, "sparse_correlations.png")))
     return written
 
@@ -253,33 +304,42 @@ def _fmt(value: float | None) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.6f}"
 
 
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
 def format_table(ranking: Ranking, max_layers: int = 4) -> str:
-    """The ranked table (and the skipped candidates) as text."""
+    """One table, one column per estimator (the ranked candidates), then the excluded candidates
+    with their scores and reasons, and the skipped ones."""
     lines = []
     layer_names = []
     for c in ranking.ranked:
         for n in c.per_layer:
             if n not in layer_names:
                 layer_names.append(n)
-    shown = layer_names[:max_layers]
-    has_logme = any(c.logme is not None for c in ranking.ranked)
-    header = ["rank", "candidate", "family", "AC-Corr", "at step 0"] + (["LogME"] if has_logme else []) + \
-        [f"{n}" for n in shown] + ["seconds"]
-    rows = []
-    for c in ranking.ranked:
-        rows.append([str(c.rank), c.name, c.family or "", f"{c.ac_corr:.4f}", f"{c.ac_corr_at_start:.4f}"]
-                    + ([f"{c.logme:.4f}" if c.logme is not None else ""] if has_logme else [])
-                    + [f"{c.per_layer[n]:.4f}" if n in c.per_layer else "" for n in shown] + [f"{c.seconds:.1f}"])
+    with_ac_corr = "ac_corr" in ranking.estimators
+    shown = layer_names[:max_layers] if with_ac_corr else []
+    columns: list[tuple[str, callable]] = []
+    for est in ranking.estimators:
+        label = ESTIMATORS[est][0] + (" (order)" if est == ranking.rank_by else "")
+        columns.append((label, lambda c, est=est: _cell(c.scores.get(est))))
+        if est == "ac_corr":
+            columns.append(("at step 0", lambda c: _cell(c.ac_corr_at_start)))
+    columns += [(n, lambda c, n=n: _cell(c.per_layer.get(n))) for n in shown]
+    header = ["rank", "candidate", "family"] + [h for h, _ in columns] + ["seconds"]
+    rows = [[str(c.rank), c.name, c.family or ""] + [f(c) for _, f in columns] + [f"{c.seconds:.1f}"]
+            for c in ranking.ranked]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     lines.append("  ".join("-" * w for w in widths))
     lines.extend("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows)
-    if len(layer_names) > max_layers:
+    if with_ac_corr and len(layer_names) > max_layers:
         lines.append(f"({len(layer_names) - max_layers} more layer(s) in ranking.csv)")
     if not rows:
         lines.append("(no candidate could be ranked)")
     for c in ranking.excluded:
-        lines.append(f"excluded: {c.name} (AC-Corr {c.ac_corr:.4f}): {c.reason}")
+        values = ", ".join(f"{ESTIMATORS[e][0]} {_cell(c.scores.get(e))}" for e in ranking.estimators)
+        lines.append(f"excluded: {c.name} ({values}): {c.reason}")
     for c in ranking.skipped:
         lines.append(f"skipped: {c.name}: {c.reason}")
     return "\n".join(lines)

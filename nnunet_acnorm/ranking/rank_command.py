@@ -1,6 +1,8 @@
-"""``nnUNetv2_acnorm_rank``: rank pretrained checkpoints for an nnU-Net dataset by AC-Corr.
+"""``nnUNetv2_acnorm_rank``: transferability estimators for pretrained checkpoints on an nnU-Net
+dataset, side by side (AC-Corr, AC-Corr over all layers, LogME, H-score), ordered by one of them.
 
     nnUNetv2_acnorm_rank -d 501 -c 3d_fullres -i a.pth b.pth c.pth [--steps 1 | --epoch]
+                         [--estimators ac_corr,logme,hscore] [--rank_by ac_corr]
                          [--layers deepest|all|NAME ...] [-o OUTDIR] [-device cpu|cuda] [--seed 0]
 """
 from __future__ import annotations
@@ -10,14 +12,18 @@ import os
 import sys
 
 from nnunet_acnorm.pretrained_loaders import FAMILIES
+from nnunet_acnorm.ranking.direction import DIRECTION, ESTIMATORS, UnknownEstimator, parse_estimators
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nnUNetv2_acnorm_rank",
-        description="Rank pretrained checkpoints for fine-tuning on an nnU-Net dataset by AC-Corr: each candidate "
-                    "becomes an AC-Norm network (source = its pretrained affines), is fine-tuned for a few steps on "
-                    "the same seeded batches, and scored by the sum of its sparse correlation matrix S.")
+        description="Transferability estimators for pretrained checkpoints on an nnU-Net dataset, side by side: "
+                    "each candidate becomes an AC-Norm network (source = its pretrained affines); LogME and H-score "
+                    "score its pretrained features at labelled voxels, AC-Corr the sum of its sparse correlation "
+                    "matrix S after a few fine-tuning steps on the same seeded batches. Until the direction "
+                    "experiment has settled which estimator to trust, the order is a convention, not a "
+                    "recommendation (the command says so).")
     p.add_argument("-d", dest="dataset", required=True, help="target dataset name or id")
     p.add_argument("-c", dest="configuration", required=True, help="configuration, e.g. 3d_fullres")
     p.add_argument("-i", dest="candidates", nargs="+", required=True, help="candidate checkpoint files")
@@ -36,8 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate of the steps (default 1e-3, the rate the direction experiment used)")
     p.add_argument("--tau", type=float, default=1.0, help="temperature of the correlation (default 1.0)")
-    p.add_argument("--logme", action="store_true",
-                   help="also compute LogME on the deepest encoder norm's features at labelled voxels")
+    p.add_argument("--estimators", default="ac_corr",
+                   help="comma-separated estimators, computed in one run on the same batches: "
+                        f"{', '.join(ESTIMATORS)} (default ac_corr)")
+    p.add_argument("--rank_by", default=DIRECTION["estimator"],
+                   help=f"the estimator that orders the table, higher first (default {DIRECTION['estimator']}; "
+                        "added to --estimators if missing)")
+    p.add_argument("--logme", action="store_true", help="alias: add logme to --estimators")
     p.add_argument("-f", dest="family", choices=sorted(FAMILIES), default=None,
                    help="force the family of every candidate (default: detected per file)")
     p.add_argument("--trust_pickle", action="store_true",
@@ -87,6 +98,13 @@ def rank_entry(argv: list[str] | None = None) -> None:
         layers = _layers_arg(args.layers)
     except ValueError as e:
         fail(str(e))
+    try:
+        estimators = parse_estimators(args.estimators.split(",") + (["logme"] if args.logme else []))
+        parse_estimators([args.rank_by])
+    except UnknownEstimator as e:
+        fail(f"--estimators / --rank_by: {e}")
+    if args.rank_by not in estimators:
+        estimators.insert(0, args.rank_by)
 
     from nnunet_acnorm.ranking.nnunet_target import RankingError, load_target
     from nnunet_acnorm.ranking.rank import existing_results, format_table, rank_candidates, write_results
@@ -105,7 +123,8 @@ def rank_entry(argv: list[str] | None = None) -> None:
 
     logs: dict[str, str] = {}
     ranking = rank_candidates(args.candidates, target, steps="epoch" if args.epoch else args.steps, layers=layers,
-                              seed=args.seed, device=args.device, lr=args.lr, tau=args.tau, with_logme=args.logme,
+                              seed=args.seed, device=args.device, lr=args.lr, tau=args.tau, estimators=estimators,
+                              rank_by=args.rank_by,
                               family=args.family, trust_pickle=args.trust_pickle,
                               adapt_input_channels=args.adapt_input_channels, progress=not args.no_progress, logs=logs)
     written = write_results(ranking, output, overwrite=args.overwrite)
@@ -115,8 +134,10 @@ def rank_entry(argv: list[str] | None = None) -> None:
             with open(os.path.join(output, "logs", name.replace(os.sep, "_") + ".txt"), "w") as f:
                 f.write(text)
 
-    print(f"\nAC-Corr ranking on {target.dataset_name} {target.configuration} (plans {target.plans_identifier}); "
-          f"{ranking.steps} step(s) per candidate, layers: {ranking.layers}, seed {ranking.seed}")
+    steps_text = f"{ranking.steps} step(s) per candidate, layers: {ranking.layers}, " if ranking.steps else ""
+    print(f"\nTransferability estimates on {target.dataset_name} {target.configuration} (plans "
+          f"{target.plans_identifier}): {', '.join(ranking.estimators)}; {steps_text}seed {ranking.seed}; "
+          f"ordered by highest {ranking.rank_by}")
     print(format_table(ranking))
     print(f"\n{ranking.direction_note}.")
     epoch = ranking.epoch_seconds()
@@ -124,10 +145,15 @@ def rank_entry(argv: list[str] | None = None) -> None:
         per_candidate = sum(c.seconds for c in ranking.measured) / len(ranking.measured)
         print(f"Cost: {per_candidate:.1f} s per candidate (including preparation) vs about {epoch:.0f} s for one "
               f"nnU-Net fine-tuning epoch (250 iterations at the measured step time)")
-    best = ranking.ranked[0] if ranking.ranked else None
-    if best is not None:
-        print(f"Best: {best.name}. Fine-tune it with:\n  nnUNetv2_train {args.dataset} {args.configuration} FOLD "
-              f"-p {best.plans_identifier} -tr nnUNetTrainerACNorm -pretrained_weights {best.pretrained_weights}")
+    top = ranking.ranked[0] if ranking.ranked else None
+    if top is not None:
+        command = (f"nnUNetv2_train {args.dataset} {args.configuration} FOLD -p {top.plans_identifier} "
+                   f"-tr nnUNetTrainerACNorm -pretrained_weights {top.pretrained_weights}")
+        if ranking.reliable:
+            print(f"Recommended (highest {ranking.rank_by}): {top.name}. Fine-tune it with:\n  {command}")
+        else:
+            print(f"Highest {ranking.rank_by}: {top.name} (not a recommendation: see above). To fine-tune it:"
+                  f"\n  {command}")
     print(f"Results: {', '.join(written)}")
     if not ranking.ranked:
         fail("no candidate could be ranked (see the reasons above)" if not ranking.excluded else
