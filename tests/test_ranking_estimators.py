@@ -184,3 +184,18 @@ def test_untrained_affines_are_flagged_because_s_is_full_by_construction():
         trained.norm.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
     convert_to_acnorm(trained)
     assert ac_corr_after_steps(trained, lambda b: 0.0, [{}], steps=1).degenerate_layers == []
+
+
+def test_a_2d_nnunet_checkpoint_is_2d_by_its_stem_not_the_family_default():
+    """The direction experiment's 2d sources were skipped as '3D nnunet_v2 network does not fit 2d'."""
+    from types import SimpleNamespace
+
+    from nnunet_acnorm.pretrained_loaders import FAMILIES
+    from nnunet_acnorm.ranking.nnunet_target import _spatial_dims
+
+    family = FAMILIES["nnunet_v2"]
+    stem = "encoder.stages.0.0.convs.0.conv.weight"
+    for shape, dims in (((8, 1, 3, 3), 2), ((8, 1, 3, 3, 3), 3)):
+        weights = SimpleNamespace(stem_weight_key=stem, state_dict={stem: torch.zeros(shape)})
+        assert _spatial_dims(family, weights) == dims
+    assert _spatial_dims(family, SimpleNamespace(stem_weight_key=None, state_dict={})) == family.spatial_dims

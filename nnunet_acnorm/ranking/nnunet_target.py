@@ -261,6 +261,16 @@ def _stem_input_channels(weights) -> int | None:
     return weights.info.get("input_channels", weights.family.input_channels)
 
 
+def _spatial_dims(fam, weights) -> int:
+    """The file's own number of spatial dimensions where its stem convolution says (an nnU-Net v2
+    checkpoint is 2D or 3D by its plans: the family's default of 3 is wrong for a 2d model), else the
+    family's."""
+    key = weights.stem_weight_key
+    if key and key in weights.state_dict and weights.state_dict[key].dim() in (4, 5):
+        return int(weights.state_dict[key].dim()) - 2
+    return fam.spatial_dims
+
+
 def _file_tag(path: str) -> str:
     digest = hashlib.sha1()
     with open(path, "rb") as f:
@@ -290,8 +300,9 @@ def prepare_candidate(path: str, target: TargetTask, seed: int, family: str | No
             weights.info["stripped_prefix"] = stripped_prefix
     except PretrainedLoadError as e:
         raise CandidateSkipped(str(e).replace(f"{path}: ", "", 1)) from None
-    if fam.spatial_dims != len(target.plans["configurations"][target.configuration]["patch_size"]):
-        raise CandidateSkipped(f"a {fam.spatial_dims}D {fam.name} network ({weights.description}) does not fit the "
+    dims = _spatial_dims(fam, weights)
+    if dims != len(target.plans["configurations"][target.configuration]["patch_size"]):
+        raise CandidateSkipped(f"a {dims}D {fam.name} network ({weights.description}) does not fit the "
                                f"{target.configuration} configuration")
     stem_channels = _stem_input_channels(weights)
     if stem_channels is not None and stem_channels != target.num_input_channels and not adapt_input_channels:
