@@ -11,6 +11,11 @@ import numpy as np  # noqa: E402
 MAX_HEATMAP_LAYERS = 4
 
 
+def _short(name: str, size: int = 34) -> str:
+    """A candidate name for a tick label: its start and end where it is long (full names in the CSV)."""
+    return name if len(name) <= size else f"{name[:size - 14]}...{name[-11:]}"
+
+
 def plot_scores(ranking, path: str) -> str:
     """One panel per estimator: its score per measured candidate, in the ranking's order (the
     ranked candidates, then the excluded ones: degenerate source layers, hatched and labelled as
@@ -20,10 +25,10 @@ def plot_scores(ranking, path: str) -> str:
     shown = ranking.measured
     estimators = list(ranking.estimators)
     width = max(4.0, 0.9 * len(shown) + 2)
-    fig, axes = plt.subplots(1, len(estimators), figsize=(width * len(estimators), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(estimators), figsize=(width * len(estimators), 4.6), squeeze=False)
     x = np.arange(len(shown))
     hatch = ["//" if c.status == "excluded" else "" for c in shown]
-    labels = [f"{c.rank}. {c.name}" if c.rank else f"(not ranked) {c.name}" for c in shown]
+    labels = [f"{c.rank}. {_short(c.name)}" if c.rank else f"(not ranked) {_short(c.name)}" for c in shown]
 
     def values(get):
         return [np.nan if get(c) is None else get(c) for c in shown]
