@@ -75,7 +75,20 @@ class DELTARegulariser(nn.Module):
         return self._reference[0]
 
     def reference_state(self) -> dict:
-        return {k: v.detach().cpu() for k, v in self.reference.state_dict().items()}
+        """The frozen copy's state dict on the CPU. Keys that alias one tensor (nnU-Net's modules list
+        each conv and norm twice) share one CPU tensor, so a checkpoint stores it once."""
+        copies: dict[tuple, torch.Tensor] = {}
+        out = {}
+        for key, value in self.reference.state_dict().items():
+            ident = (value.data_ptr(), tuple(value.shape), value.stride(), value.dtype)
+            if ident not in copies:
+                copies[ident] = value.detach().cpu()
+            out[key] = copies[ident]
+        return out
+
+    def reference_bytes(self) -> int:
+        """Memory of the frozen copy (its parameters and buffers, each once)."""
+        return sum(t.numel() * t.element_size() for t in (*self.reference.parameters(), *self.reference.buffers()))
 
     def to(self, *args, **kwargs):
         self._reference[0] = self.reference.to(*args, **kwargs)

@@ -393,3 +393,7 @@ TRAINERS = {name: obj for name, obj in dict(globals()).items()
 
 
 __all__ = list(TRAINERS)
+
+# the fine-tuning baselines (baseline_trainers.py) subclass the trainers above and add themselves to
+# TRAINERS when imported; importing them here makes TRAINERS complete whichever module comes first
+from nnunet_acnorm.trainers import baseline_trainers as _baseline_trainers  # noqa: E402,F401

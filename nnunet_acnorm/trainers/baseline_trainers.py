@@ -1,0 +1,414 @@
+"""nnU-Net v2 trainers for the fine-tuning baselines of the AC-Norm paper's comparison, one small
+class per idea, on the shared fine-tuning recipe of :class:`nnUNetTrainerFinetune` (schedule,
+seeding, safe checkpoints). The methods themselves are :mod:`nnunet_acnorm.finetuning`; formulas,
+defaults and the choices made for U-Nets are in docs/baselines.md.
+
+==================================  ==============================================================
+trainer                             method (class attributes = hyperparameters)
+==================================  ==============================================================
+``nnUNetTrainerL2SP``               L2-SP: ``l2sp_alpha`` = ``l2sp_beta`` = 0.01, weight decay 0
+``nnUNetTrainerDELTA``              DELTA: ``delta_alpha`` = 0.01 on the encoder stage outputs,
+                                    ``delta_beta`` = 0.01 on the new weights, weight decay 0
+``nnUNetTrainerBSS``                BSS: ``bss_k`` = 1, ``bss_eta`` = 1e-3 on the pooled bottleneck
+``nnUNetTrainerStochNormBN``        StochNorm on the BatchNorm network: ``stochnorm_p`` = 0.5
+``nnUNetTrainerLPFT``               encoder frozen for ``lpft_frozen_fraction`` = 10 % of the epochs
+``nnUNetTrainerDiscriminativeLR``   encoder lr = ``encoder_lr_factor`` (0.1) x decoder lr
+``nnUNetTrainerACNorm_<method>``    the same on top of AC-Norm (L2SP, BSS, LPFT, DiscriminativeLR)
+``nnUNetTrainer<method>BN``         the same on the BatchNorm network (as ``nnUNetTrainerBN``)
+==================================  ==============================================================
+
+The penalties are added to nnU-Net's loss by a wrapper around ``self.loss`` that is active only
+while the network is in training mode (train steps; nnU-Net's validation steps and prediction do
+not see it), so nnU-Net's ``train_step`` (deep supervision, AMP on CUDA, gradient clipping) is
+unchanged; the logged train loss includes the penalty.
+
+State that is not in the network (L2-SP's anchor w0, DELTA's frozen copy of the pretrained
+encoder) goes into one extra checkpoint entry, ``finetuning_state`` (tensors and numbers only, so
+``torch.load(weights_only=True)`` reads it), is restored exactly by ``--c``, and is ignored by
+``nnUNetv2_predict``, which loads ``network_weights`` only: the network's state dict has exactly
+the keys of the plain (or AC-Norm) network.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_acnorm.finetuning import (BSS_ETA, BSS_K, DELTA_ALPHA, DELTA_BETA, ENCODER_LR_FACTOR, L2SP_ALPHA,
+                                      L2SP_BETA, LPFT_FROZEN_FRACTION, STOCHNORM_P, DELTARegulariser,
+                                      FeatureRecorder, L2SPRegulariser, ScaledWarmupPolyLRScheduler, bss_penalty,
+                                      convert_to_stochnorm, discriminative_param_groups, frozen_epochs, set_frozen,
+                                      stage_modules)
+from nnunet_acnorm.trainers import acnorm_trainers as _base
+from nnunet_acnorm.trainers.acnorm_trainers import (_bn_builder, nnUNetTrainerACNorm, nnUNetTrainerFinetune)
+from nnunet_acnorm.trainers.pretrained_check import continue_training_from_argv, pretrained_weights_from_argv
+
+#: the checkpoint entry that holds a method's state (absent for methods without state)
+STATE_KEY = "finetuning_state"
+#: parameters nnU-Net's -pretrained_weights loader does not transfer (run/load_pretrained_weights.py)
+NEW_PARAMETER_MARKERS = (".seg_layers.",)
+
+
+def is_new_parameter(name: str) -> bool:
+    """Whether parameter ``name`` of an nnU-Net network has no pretrained value (the seg layers)."""
+    return any(marker in f".{name}" for marker in NEW_PARAMETER_MARKERS)
+
+
+def is_encoder_parameter(name: str) -> bool:
+    return name.startswith("encoder.")
+
+
+class PenalisedLoss(nn.Module):
+    """``loss(...) + penalty()`` while ``active()`` (the network in training mode), else ``loss(...)``."""
+
+    def __init__(self, loss: nn.Module, penalty, active):
+        super().__init__()
+        self.loss = loss
+        self._penalty, self._active = penalty, active
+
+    def forward(self, *args, **kwargs):
+        value = self.loss(*args, **kwargs)
+        if self._active():
+            value = value + self._penalty()
+        return value
+
+
+class _FinetuningMethodMixin:
+    """What every baseline trainer shares: the penalty hook, and the method's state in the
+    checkpoint entry ``finetuning_state`` (saved with every checkpoint, restored by ``--c``)."""
+
+    #: the method keeps state that --c must restore (anchor, frozen copy)
+    method_has_state: bool = False
+    #: the optimizer's weight decay (None: nnU-Net's 3e-5); 0 where a penalty replaces it
+    method_weight_decay: float | None = None
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.method_weight_decay is not None:
+            self.weight_decay = self.method_weight_decay
+        self._restored_method_state: dict | None = None
+
+    # -- what a method defines -------------------------------------------------------------------
+    def setup_method(self, state: dict | None) -> None:
+        """Build the method's pieces on the network, from ``state`` (--c) or from the current,
+        pretrained weights (``state`` None). Called at the start of training."""
+
+    def method_penalty(self) -> torch.Tensor | None:
+        """The penalty added to the loss of a training step (None: no penalty)."""
+        return None
+
+    def method_state(self) -> dict:
+        return {}
+
+    def describe_method(self) -> str:
+        return ""
+
+    # -- shared machinery ------------------------------------------------------------------------
+    @property
+    def started_from_pretrained(self) -> bool:
+        return pretrained_weights_from_argv() is not None
+
+    def on_train_start(self):
+        super().on_train_start()
+        restored = self._restored_method_state
+        if restored is None and self.method_has_state and not self.started_from_pretrained:
+            banner = "#" * 100
+            self.print_to_log_file(
+                f"\n{banner}\nWARNING: {type(self).__name__} was started without -pretrained_weights: its reference "
+                "(the pretrained weights) is the network's random initialisation now.\n"
+                f"{banner}\n", add_timestamp=False)
+        self.setup_method(restored)
+        if type(self).method_penalty is not _FinetuningMethodMixin.method_penalty:
+            network = self._plain_network()
+            self.loss = PenalisedLoss(self.loss, self.method_penalty, lambda: network.training)
+        what = self.describe_method()
+        if what:
+            self.print_to_log_file(f"{what}{' (state restored from the checkpoint)' if restored else ''}")
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint dict plus ``finetuning_state``, written atomically as
+        :meth:`nnUNetTrainerFinetune.save_checkpoint` does."""
+        state = self.method_state() if self.method_has_state else {}
+        if not state or self.local_rank != 0 or self.disable_checkpointing:
+            return super().save_checkpoint(filename)
+        mod = self._plain_network()
+        checkpoint = {
+            "network_weights": mod.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            STATE_KEY: state,
+        }
+        tmp = f"{filename}.tmp"
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, filename)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        if isinstance(filename_or_checkpoint, str):
+            filename, checkpoint = self._read_own_checkpoint(filename_or_checkpoint)
+        else:
+            filename, checkpoint = "the checkpoint", filename_or_checkpoint
+        super().load_checkpoint(checkpoint)
+        state = checkpoint.get(STATE_KEY)
+        if self.method_has_state and continue_training_from_argv() and not state:
+            raise SystemExit(f"{type(self).__name__}: error: {filename} has no '{STATE_KEY}' entry: the method's "
+                             "reference (pretrained anchor / frozen copy) cannot be recovered, so --c cannot continue "
+                             "this training exactly; a checkpoint written by this trainer always holds it")
+        self._restored_method_state = state or None
+
+
+# -- L2-SP ------------------------------------------------------------------------------------------
+class _L2SPMixin(_FinetuningMethodMixin):
+    """L2-SP (Li et al. 2018): alpha/2 ||w - w0||^2 on the pretrained weights, beta/2 ||w||^2 on the
+    new ones (the segmentation layers); the optimizer's weight decay is 0 (the penalty replaces it)."""
+
+    l2sp_alpha: float = L2SP_ALPHA
+    l2sp_beta: float = L2SP_BETA
+    method_has_state = True
+    method_weight_decay = 0.0
+
+    def setup_method(self, state):
+        network = self._plain_network()
+        if state is not None:
+            self.l2sp = L2SPRegulariser.from_state(network, state["l2sp"], alpha=self.l2sp_alpha,
+                                                   beta=self.l2sp_beta)
+        else:
+            self.l2sp = L2SPRegulariser.from_network(network, is_new_parameter, alpha=self.l2sp_alpha,
+                                                     beta=self.l2sp_beta)
+
+    def method_penalty(self):
+        return self.l2sp()
+
+    def method_state(self):
+        return {"l2sp": self.l2sp.state()}
+
+    def describe_method(self):
+        return (f"L2-SP: alpha {self.l2sp_alpha} on {len(self.l2sp.anchored_names)} pretrained parameter tensors, "
+                f"beta {self.l2sp_beta} on {len(self.l2sp.new_names)} new ones; weight decay {self.weight_decay}")
+
+
+# -- DELTA ------------------------------------------------------------------------------------------
+class _DELTAMixin(_FinetuningMethodMixin):
+    """DELTA (Li et al. 2019): alpha x the mean squared distance of the encoder stage outputs to
+    those of a frozen copy of the pretrained encoder (uniform channel attention), plus beta/2 ||w||^2
+    on the new weights; weight decay 0."""
+
+    delta_alpha: float = DELTA_ALPHA
+    delta_beta: float = DELTA_BETA
+    method_has_state = True
+    method_weight_decay = 0.0
+
+    def setup_method(self, state):
+        network = self._plain_network()
+        stages = stage_modules(network)
+        if not stages[0].startswith("encoder."):
+            raise RuntimeError(f"{type(self).__name__}: the network has no nnU-Net encoder")
+        reference = None if state is None else state["delta"]["reference"]
+        self.delta = DELTARegulariser(network, "encoder", stages, alpha=self.delta_alpha,
+                                      reference_state=reference)
+        self._new_params = [p for n, p in network.named_parameters() if is_new_parameter(n)]
+
+    def method_penalty(self):
+        value = self.delta()
+        if self.delta_beta:
+            value = value + 0.5 * self.delta_beta * sum(p.float().pow(2).sum() for p in self._new_params)
+        return value
+
+    def method_state(self):
+        return {"delta": {"reference": self.delta.reference_state(), "alpha": self.delta_alpha}}
+
+    def describe_method(self):
+        mib = self.delta.reference_bytes() / 2 ** 20
+        return (f"DELTA: alpha {self.delta_alpha} on {len(self.delta.stage_names)} encoder stage outputs (uniform "
+                f"channel attention), beta {self.delta_beta} on the new weights; frozen copy of the encoder "
+                f"{mib:.1f} MiB; weight decay {self.weight_decay}")
+
+
+# -- BSS --------------------------------------------------------------------------------------------
+class _BSSMixin(_FinetuningMethodMixin):
+    """BSS (Chen et al. 2019): eta x the k smallest squared singular values of the batch's bottleneck
+    features (the last encoder stage, averaged over its positions: one row per sample)."""
+
+    bss_k: int = BSS_K
+    bss_eta: float = BSS_ETA
+
+    def setup_method(self, state):
+        network = self._plain_network()
+        self._bss_stage = stage_modules(network)[-1]
+        self.bss_features = FeatureRecorder({self._bss_stage: network.get_submodule(self._bss_stage)})
+
+    def method_penalty(self):
+        features = self.bss_features.features.pop(self._bss_stage)
+        return bss_penalty(features, self.bss_k, self.bss_eta)
+
+    def describe_method(self):
+        return f"BSS: eta {self.bss_eta}, k {self.bss_k} smallest singular values of the pooled {self._bss_stage}"
+
+
+# -- StochNorm --------------------------------------------------------------------------------------
+def _stochnorm_builder(base_builder, p: float):
+    """A ``build_network_architecture`` that turns every BatchNorm of ``base_builder``'s network into
+    a StochNorm with probability ``p`` (same state dict keys; plain BatchNorm in eval mode)."""
+
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        network = base_builder(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                               enable_deep_supervision)
+        if convert_to_stochnorm(network, p) == 0:
+            raise RuntimeError("StochNorm: the network has no BatchNorm; use nnUNetTrainerStochNormBN (a BatchNorm "
+                               "network) or plans with BatchNorm")
+        return network
+
+    return staticmethod(build_network_architecture)
+
+
+class nnUNetTrainerStochNormBN(_FinetuningMethodMixin, nnUNetTrainerFinetune):
+    """StochNorm (Kou et al. 2020) on the BatchNorm network (as ``nnUNetTrainerBN``): in training each
+    channel uses the moving statistics with probability ``stochnorm_p`` = 0.5. A subclass with another
+    p sets ``build_network_architecture = _stochnorm_builder(_bn_builder, p)``."""
+
+    stochnorm_p: float = STOCHNORM_P
+    build_network_architecture = _stochnorm_builder(_bn_builder, STOCHNORM_P)
+
+    def initialize(self):
+        super().initialize()
+        if self.is_ddp:  # nnU-Net's SyncBatchNorm conversion would silently replace the StochNorms
+            raise RuntimeError(f"{type(self).__name__}: StochNorm is not available with DDP (-num_gpus > 1)")
+
+    def describe_method(self):
+        from nnunet_acnorm.finetuning.stochnorm import _StochNormMixin
+        layers = [m for m in self._plain_network().modules() if isinstance(m, _StochNormMixin)]
+        return f"StochNorm: {len(layers)} BatchNorm layer(s), p {layers[0].p if layers else '-'}"
+
+
+# -- LP-FT and discriminative learning rates ---------------------------------------------------------
+class _LPFTMixin(_FinetuningMethodMixin):
+    """LP-FT (Kumar et al. 2022): the encoder is frozen (parameters and BatchNorm statistics) for the
+    first ``lpft_frozen_fraction`` of the epochs, the decoder and head train; then everything."""
+
+    lpft_frozen_fraction: float = LPFT_FROZEN_FRACTION
+
+    @property
+    def lpft_frozen_epochs(self) -> int:
+        return frozen_epochs(self.num_epochs, self.lpft_frozen_fraction)
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()  # network.train(), learning rate
+        frozen = self.current_epoch < self.lpft_frozen_epochs
+        set_frozen(self._plain_network().encoder, frozen)
+        if frozen or self.current_epoch == self.lpft_frozen_epochs:
+            self.print_to_log_file(f"LP-FT: encoder {'frozen' if frozen else 'released: fine-tuning everything'}")
+
+    def on_train_end(self):
+        set_frozen(self._plain_network().encoder, False)
+        super().on_train_end()
+
+    def describe_method(self):
+        return f"LP-FT: encoder frozen for the first {self.lpft_frozen_epochs} of {self.num_epochs} epochs"
+
+
+class _DiscriminativeLRMixin(_FinetuningMethodMixin):
+    """Discriminative learning rate: the encoder at ``encoder_lr_factor`` x the learning rate of the
+    decoder and head, through the whole schedule (warm-up and poly decay scale both)."""
+
+    encoder_lr_factor: float = ENCODER_LR_FACTOR
+
+    def configure_optimizers(self):
+        network = self.network  # nnU-Net calls this before the DDP wrap, possibly after torch.compile
+        network = network.module if isinstance(network, DDP) else network
+        network = network._orig_mod if isinstance(network, OptimizedModule) else network
+        groups = discriminative_param_groups(network, is_encoder_parameter, self.encoder_lr_factor)
+        optimizer = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
+                                    nesterov=True)
+        lr_scheduler = ScaledWarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs)
+        self.print_to_log_file(f"Fine-tuning schedule: linear warm-up over {self.warmup_epochs} epoch(s) to lr "
+                               f"{self.initial_lr} (encoder x {self.encoder_lr_factor}), then poly decay over "
+                               f"{self.num_epochs} epochs")
+        return optimizer, lr_scheduler
+
+    def describe_method(self):
+        return f"discriminative learning rate: encoder lr = {self.encoder_lr_factor} x decoder lr"
+
+
+# -- the trainers (InstanceNorm networks as planned, BatchNorm networks, AC-Norm) --------------------
+class nnUNetTrainerL2SP(_L2SPMixin, nnUNetTrainerFinetune):
+    """L2-SP fine-tuning of the planned network."""
+
+
+class nnUNetTrainerDELTA(_DELTAMixin, nnUNetTrainerFinetune):
+    """DELTA fine-tuning of the planned network."""
+
+
+class nnUNetTrainerBSS(_BSSMixin, nnUNetTrainerFinetune):
+    """BSS fine-tuning of the planned network."""
+
+
+class nnUNetTrainerLPFT(_LPFTMixin, nnUNetTrainerFinetune):
+    """LP-FT: decoder-only warm-up with the encoder frozen, then full fine-tuning."""
+
+
+class nnUNetTrainerDiscriminativeLR(_DiscriminativeLRMixin, nnUNetTrainerFinetune):
+    """Fine-tuning with the encoder at a tenth of the decoder's learning rate."""
+
+
+class nnUNetTrainerL2SPBN(_L2SPMixin, nnUNetTrainerFinetune):
+    build_network_architecture = staticmethod(_bn_builder)
+
+
+class nnUNetTrainerDELTABN(_DELTAMixin, nnUNetTrainerFinetune):
+    build_network_architecture = staticmethod(_bn_builder)
+
+
+class nnUNetTrainerBSSBN(_BSSMixin, nnUNetTrainerFinetune):
+    build_network_architecture = staticmethod(_bn_builder)
+
+
+class nnUNetTrainerLPFTBN(_LPFTMixin, nnUNetTrainerFinetune):
+    build_network_architecture = staticmethod(_bn_builder)
+
+
+class nnUNetTrainerDiscriminativeLRBN(_DiscriminativeLRMixin, nnUNetTrainerFinetune):
+    build_network_architecture = staticmethod(_bn_builder)
+
+
+class nnUNetTrainerACNorm_L2SP(_L2SPMixin, nnUNetTrainerACNorm):
+    """AC-Norm and L2-SP: the anchor holds the pretrained target affines too (the source affines are
+    buffers, frozen anyway)."""
+
+
+class nnUNetTrainerACNorm_BSS(_BSSMixin, nnUNetTrainerACNorm):
+    """AC-Norm and BSS."""
+
+
+class nnUNetTrainerACNorm_LPFT(_LPFTMixin, nnUNetTrainerACNorm):
+    """AC-Norm and LP-FT (the encoder's AC-Norm affines are frozen with it in the first phase)."""
+
+
+class nnUNetTrainerACNorm_DiscriminativeLR(_DiscriminativeLRMixin, nnUNetTrainerACNorm):
+    """AC-Norm with the encoder at a tenth of the decoder's learning rate."""
+
+
+#: every trainer of this module, by name; also added to ``acnorm_trainers.TRAINERS`` (fold, discovery)
+TRAINERS = {name: obj for name, obj in dict(globals()).items()
+            if isinstance(obj, type) and issubclass(obj, nnUNetTrainer) and name.startswith("nnUNetTrainer")
+            and obj.__module__ == __name__}
+_base.TRAINERS.update(TRAINERS)
+
+__all__ = list(TRAINERS)
