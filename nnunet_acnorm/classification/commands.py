@@ -20,6 +20,11 @@ import numpy as np
 from nnunet_acnorm.classification.errors import ClassificationInputError
 
 DEFAULT_BATCH_SIZE = {2: 16, 3: 8}
+#: -method -> what it is (the trainers: classification.trainer.METHODS)
+METHOD_NAMES = {"acnorm": "AC-Norm on every BatchNorm", "vanilla": "plain fine-tuning",
+                "l2sp": "L2-SP", "acnorm_l2sp": "AC-Norm and L2-SP", "delta": "DELTA",
+                "bss": "batch spectral shrinkage", "stochnorm": "StochNorm", "lpft": "LP-FT (head first, then all)",
+                "dlr": "discriminative learning rate (pretrained layers x 0.1)"}
 
 
 def _fail(message: str) -> None:
@@ -137,7 +142,12 @@ def train_parser() -> argparse.ArgumentParser:
                    help="family of -pretrained (default: recognised from the file's keys)")
     p.add_argument("--trust_pickle", action="store_true",
                    help="allow full unpickling of -pretrained (only for files from a trusted source)")
-    p.add_argument("--vanilla", action="store_true", help="plain fine-tuning (no AC-Norm), for comparison")
+    p.add_argument("-method", default=None, choices=list(METHOD_NAMES),
+                   help="fine-tuning method (default acnorm): " + "; ".join(f"{k} = {v}" for k, v in
+                                                                         METHOD_NAMES.items())
+                        + " (docs/baselines.md)")
+    p.add_argument("--vanilla", action="store_true", help="plain fine-tuning (no AC-Norm), for comparison: "
+                                                          "the same as -method vanilla")
     p.add_argument("-arch", choices=["resnet", "genesis", "medicalnet"], default=None,
                    help="network when training without -pretrained (only with --vanilla)")
     p.add_argument("-depth", type=int, default=None, help="ResNet depth for -arch resnet (default 50) or "
@@ -182,8 +192,7 @@ def _train(argv) -> None:
                                                       infer_num_classes, load_or_create_splits)
     from nnunet_acnorm.classification.networks import (ARCHITECTURES, DEFAULT_INTENSITY,
                                                        describe_pretrained)
-    from nnunet_acnorm.classification.trainer import (CHECKPOINT_NAMES, TRAINERS, ClassificationTrainer,
-                                                      ClassificationTrainer_vanilla, load_checkpoint)
+    from nnunet_acnorm.classification.trainer import CHECKPOINT_NAMES, METHODS, TRAINERS, load_checkpoint
     args = train_parser().parse_args(argv)
     _check_train_arguments(args)
     device = _device(args.device)
@@ -191,7 +200,10 @@ def _train(argv) -> None:
         raise ClassificationInputError(f"-f {args.f}: the splits have folds 0..4 (or use -f all)")
     fold_folder = os.path.join(args.o, f"fold_{args.f}")
     existing = [n for n in CHECKPOINT_NAMES if os.path.isfile(os.path.join(fold_folder, n))]
-    trainer_class = ClassificationTrainer_vanilla if args.vanilla else ClassificationTrainer
+    if args.vanilla and args.method not in (None, "vanilla"):
+        raise ClassificationInputError(f"--vanilla is -method vanilla; it contradicts -method {args.method}")
+    method = "vanilla" if args.vanilla else args.method or "acnorm"
+    trainer_class = METHODS[method]
 
     checkpoint = None
     if args.c:
@@ -208,20 +220,21 @@ def _train(argv) -> None:
 
     if checkpoint is not None:
         config = dict(checkpoint["config"])
-        if config["trainer_name"] != trainer_class.__name__:
+        trained = TRAINERS[config["trainer_name"]]
+        if trained is not trainer_class:
             raise ClassificationInputError(
                 f"{fold_folder} was trained with {config['trainer_name']}; --c must keep it "
-                f"({'drop' if args.vanilla else 'add'} --vanilla)")
-        trainer_class = TRAINERS[config["trainer_name"]]
+                f"(-method {trained.method_name}" + (", or --vanilla)" if trained.method_name == "vanilla" else ")"))
+        trainer_class = trained
         if args.num_epochs is not None:
             config["num_epochs"] = args.num_epochs
         if args.num_workers is not None:
             config["num_workers"] = args.num_workers
     else:
-        if args.pretrained is None and not args.vanilla:
+        if args.pretrained is None and method != "vanilla":
             raise ClassificationInputError(
-                "AC-Norm fine-tunes a pretrained network: pass -pretrained FILE (or --vanilla -arch ... "
-                "to train a network from scratch)")
+                f"{'AC-Norm' if method == 'acnorm' else '-method ' + method} fine-tunes a pretrained network: pass "
+                "-pretrained FILE (or --vanilla -arch ... to train a network from scratch)")
         if args.pretrained is not None:
             if not os.path.isfile(args.pretrained):
                 raise ClassificationInputError(f"pretrained file {args.pretrained} does not exist")

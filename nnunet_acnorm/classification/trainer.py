@@ -12,6 +12,10 @@ Variants, one idea each (nnU-Net style):
   plain network first, then every BatchNorm becomes an AC-BatchNorm whose frozen source affines are
   the pretrained ones (``convert_to_acnorm``), as in the paper.
 - :class:`ClassificationTrainer_vanilla`: plain fine-tuning of the same network (comparison).
+- the fine-tuning baselines (``-method``; :mod:`nnunet_acnorm.finetuning`, docs/baselines.md):
+  :class:`ClassificationTrainer_L2SP`, ``_ACNorm_L2SP``, ``_DELTA``, ``_BSS``, ``_StochNorm``,
+  ``_LPFT``, ``_DiscriminativeLR``. Their state outside the network (L2-SP's anchor, DELTA's frozen
+  copy) is the checkpoint entry ``finetuning_state``; prediction does not need it.
 
 Checkpoints hold only tensors and plain Python values: they load with
 ``torch.load(weights_only=True)``. Under AC-Norm the network state holds ``source_weight`` /
@@ -40,6 +44,10 @@ from nnunet_acnorm.classification.metrics import (classification_metrics, format
                                                   plot_confusion_matrix, save_summary)
 from nnunet_acnorm.classification.networks import build_network, load_pretrained_weights
 from nnunet_acnorm.classification.plots import plot_progress
+from nnunet_acnorm.finetuning import (BSS_ETA, BSS_K, DELTA_ALPHA, DELTA_BETA, ENCODER_LR_FACTOR, L2SP_ALPHA,
+                                      L2SP_BETA, LPFT_FROZEN_FRACTION, STOCHNORM_P, DELTARegulariser,
+                                      FeatureRecorder, L2SPRegulariser, bss_penalty, convert_to_stochnorm,
+                                      discriminative_param_groups, frozen_epochs, set_frozen, stage_modules)
 from nnunet_acnorm.norms import convert_to_acnorm
 from nnunet_acnorm.trainers.pretrained_check import set_strict_source
 
@@ -69,6 +77,33 @@ class ClassificationTrainer:
         self.optimizer = self.lr_scheduler = self.grad_scaler = self.loss = None
         self.log_file: str | None = None
 
+    # -- hooks of the fine-tuning methods (defaults: none) ----------------------------------------
+    #: short name for -method
+    method_name: str = "acnorm"
+    #: optimizer weight decay instead of -weight_decay (None: keep it); 0 where a penalty replaces it
+    method_weight_decay: float | None = None
+
+    def setup_method(self, state: dict | None) -> None:
+        """Build the method's pieces on ``self.network`` (pretrained weights loaded), from ``state``
+        (a continued training) or from the current weights."""
+
+    def method_penalty(self) -> torch.Tensor | None:
+        return None
+
+    def method_state(self) -> dict:
+        return {}
+
+    def method_param_groups(self) -> list[dict]:
+        return [{"params": list(self.network.parameters())}]
+
+    def on_epoch_start(self) -> None:
+        """After ``network.train()``, before the epoch's steps."""
+
+    @property
+    def head_prefix(self) -> str:
+        from nnunet_acnorm.classification.networks import ARCHITECTURES
+        return ARCHITECTURES[self.config["architecture"]][2]
+
     # -- one idea per variant --------------------------------------------------------------------
     def adapt_network(self, network: nn.Module, set_source: bool = True) -> None:
         """Turn every affine norm into AC-Norm. ``set_source=True`` after loading pretrained
@@ -86,10 +121,17 @@ class ClassificationTrainer:
             self.print_to_log_file(message)
         self.adapt_network(network, set_source=True)
         self._finish_initialization(network)
+        self.setup_method(None)
 
     def initialize_from_checkpoint(self, checkpoint: dict) -> None:
         os.makedirs(self.output_folder, exist_ok=True)
         self._finish_initialization(self.network_from_checkpoint(checkpoint, type(self)))
+        state = checkpoint.get("finetuning_state")
+        if type(self).method_state is not ClassificationTrainer.method_state and not state:
+            raise ClassificationInputError(
+                f"the checkpoint of {type(self).__name__} has no 'finetuning_state' entry: the method's reference "
+                "(pretrained anchor / frozen copy) cannot be recovered, so --c cannot continue it exactly")
+        self.setup_method(state or None)
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
@@ -119,9 +161,10 @@ class ClassificationTrainer:
 
     def _finish_initialization(self, network: nn.Module) -> None:
         self.network = network.to(self.device)
-        self.optimizer = torch.optim.SGD(self.network.parameters(), lr=float(self.config["initial_lr"]),
-                                         momentum=0.9, nesterov=True,
-                                         weight_decay=float(self.config["weight_decay"]))
+        weight_decay = float(self.config["weight_decay"]) if self.method_weight_decay is None else \
+            self.method_weight_decay
+        self.optimizer = torch.optim.SGD(self.method_param_groups(), lr=float(self.config["initial_lr"]),
+                                         momentum=0.9, nesterov=True, weight_decay=weight_decay)
         self.grad_scaler = torch.amp.GradScaler("cuda") if self.amp else None
 
     def _learning_rate(self, epoch: int) -> float:
@@ -184,6 +227,9 @@ class ClassificationTrainer:
             "fold": self.fold,
             "config": self.config,
         }
+        state = self.method_state()
+        if state:
+            checkpoint["finetuning_state"] = state
         path = os.path.join(self.output_folder, file_name)
         torch.save(checkpoint, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -198,6 +244,9 @@ class ClassificationTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             loss = self.loss(self.network(images), labels)
+            penalty = self.method_penalty()
+            if penalty is not None:
+                loss = loss + penalty
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the training loss became {loss.item()} at epoch {self.current_epoch}: lower "
@@ -231,8 +280,9 @@ class ClassificationTrainer:
             start = time.time()
             lr = self._learning_rate(self.current_epoch)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             self.network.train()
+            self.on_epoch_start()
             losses = [self.train_step(x, y) for x, y in tqdm(
                 train_loader, desc=f"epoch {self.current_epoch}", disable=not self.show_progress,
                 leave=False, file=sys.stdout)]
@@ -285,12 +335,142 @@ class ClassificationTrainer:
 class ClassificationTrainer_vanilla(ClassificationTrainer):
     """Plain fine-tuning: the network keeps its BatchNorms (the comparison of the paper)."""
 
+    method_name = "vanilla"
+
     def adapt_network(self, network: nn.Module, set_source: bool = True) -> None:
         if set_source:
             self.print_to_log_file("vanilla fine-tuning: norms left as they are")
 
 
-TRAINERS = {cls.__name__: cls for cls in (ClassificationTrainer, ClassificationTrainer_vanilla)}
+class ClassificationTrainer_L2SP(ClassificationTrainer_vanilla):
+    """L2-SP (Li et al. 2018): alpha/2 ||w - w0||^2 on the pretrained weights, beta/2 ||w||^2 on the
+    new head; weight decay 0 (the penalty replaces it)."""
+
+    method_name = "l2sp"
+    method_weight_decay = 0.0
+    l2sp_alpha: float = L2SP_ALPHA
+    l2sp_beta: float = L2SP_BETA
+
+    def setup_method(self, state):
+        if state is not None:
+            self.l2sp = L2SPRegulariser.from_state(self.network, state["l2sp"], alpha=self.l2sp_alpha,
+                                                   beta=self.l2sp_beta)
+        else:
+            head = self.head_prefix
+            self.l2sp = L2SPRegulariser.from_network(self.network, lambda n: n.startswith(head),
+                                                     alpha=self.l2sp_alpha, beta=self.l2sp_beta)
+            self.print_to_log_file(f"L2-SP: alpha {self.l2sp_alpha} on {len(self.l2sp.anchored_names)} pretrained "
+                                   f"parameter tensors, beta {self.l2sp_beta} on {len(self.l2sp.new_names)} new ones")
+
+    def method_penalty(self):
+        return self.l2sp()
+
+    def method_state(self):
+        return {"l2sp": self.l2sp.state()}
+
+
+class ClassificationTrainer_ACNorm_L2SP(ClassificationTrainer_L2SP):
+    """AC-Norm on every BatchNorm and L2-SP (the anchor holds the pretrained target affines too)."""
+
+    method_name = "acnorm_l2sp"
+    adapt_network = ClassificationTrainer.adapt_network
+
+
+class ClassificationTrainer_DELTA(ClassificationTrainer_vanilla):
+    """DELTA (Li et al. 2019): alpha x the mean squared distance of the stage outputs (ResNet layer1-4,
+    Genesis down_tr64-512) to a frozen copy of the pretrained network, uniform channel attention, plus
+    beta/2 ||w||^2 on the new head; weight decay 0."""
+
+    method_name = "delta"
+    method_weight_decay = 0.0
+    delta_alpha: float = DELTA_ALPHA
+    delta_beta: float = DELTA_BETA
+
+    def setup_method(self, state):
+        reference = None if state is None else state["delta"]["reference"]
+        self.delta = DELTARegulariser(self.network, "", stage_modules(self.network), alpha=self.delta_alpha,
+                                      reference_state=reference)
+        head = self.head_prefix
+        self._new_params = [p for n, p in self.network.named_parameters() if n.startswith(head)]
+        if state is None:
+            self.print_to_log_file(f"DELTA: alpha {self.delta_alpha} on {', '.join(self.delta.stage_names)}, "
+                                   f"beta {self.delta_beta} on the head")
+
+    def method_penalty(self):
+        value = self.delta()
+        if self.delta_beta:
+            value = value + 0.5 * self.delta_beta * sum(p.float().pow(2).sum() for p in self._new_params)
+        return value
+
+    def method_state(self):
+        return {"delta": {"reference": self.delta.reference_state(), "alpha": self.delta_alpha}}
+
+
+class ClassificationTrainer_BSS(ClassificationTrainer_vanilla):
+    """BSS (Chen et al. 2019): eta x the k smallest squared singular values of the batch of features
+    the head receives (pooled over positions)."""
+
+    method_name = "bss"
+    bss_k: int = BSS_K
+    bss_eta: float = BSS_ETA
+
+    def setup_method(self, state):
+        head = self.head_prefix.rstrip(".")
+        self._bss = FeatureRecorder({head: self.network.get_submodule(head)}, inputs=True)
+        self._bss_name = head
+
+    def method_penalty(self):
+        return bss_penalty(self._bss.features.pop(self._bss_name), self.bss_k, self.bss_eta)
+
+
+class ClassificationTrainer_StochNorm(ClassificationTrainer_vanilla):
+    """StochNorm (Kou et al. 2020): every BatchNorm uses the moving statistics per channel with
+    probability ``stochnorm_p`` = 0.5 in training (same state dict keys as BatchNorm)."""
+
+    method_name = "stochnorm"
+    stochnorm_p: float = STOCHNORM_P
+
+    def adapt_network(self, network: nn.Module, set_source: bool = True) -> None:
+        count = convert_to_stochnorm(network, self.stochnorm_p)
+        if set_source:
+            self.print_to_log_file(f"StochNorm: {count} BatchNorm layer(s), p {self.stochnorm_p}")
+
+
+class ClassificationTrainer_LPFT(ClassificationTrainer_vanilla):
+    """LP-FT (Kumar et al. 2022): only the new head trains (linear probe; the rest frozen, BatchNorm
+    statistics included) for ``lpft_frozen_fraction`` of the epochs, then everything."""
+
+    method_name = "lpft"
+    lpft_frozen_fraction: float = LPFT_FROZEN_FRACTION
+
+    def on_epoch_start(self):
+        frozen = self.current_epoch < frozen_epochs(self.num_epochs, self.lpft_frozen_fraction)
+        head = self.head_prefix.rstrip(".")
+        for name, child in self.network.named_children():
+            if name != head:
+                set_frozen(child, frozen)
+        self.print_to_log_file(f"LP-FT: {'linear probe, everything but the head frozen' if frozen else 'fine-tuning everything'}")
+
+
+class ClassificationTrainer_DiscriminativeLR(ClassificationTrainer_vanilla):
+    """Discriminative learning rate: the pretrained layers at ``encoder_lr_factor`` (0.1) x the learning
+    rate of the new head."""
+
+    method_name = "dlr"
+    encoder_lr_factor: float = ENCODER_LR_FACTOR
+
+    def method_param_groups(self):
+        head = self.head_prefix
+        return discriminative_param_groups(self.network, lambda n: not n.startswith(head), self.encoder_lr_factor)
+
+
+TRAINERS = {cls.__name__: cls for cls in (ClassificationTrainer, ClassificationTrainer_vanilla,
+                                          ClassificationTrainer_L2SP, ClassificationTrainer_ACNorm_L2SP,
+                                          ClassificationTrainer_DELTA, ClassificationTrainer_BSS,
+                                          ClassificationTrainer_StochNorm, ClassificationTrainer_LPFT,
+                                          ClassificationTrainer_DiscriminativeLR)}
+#: -method name -> trainer
+METHODS = {cls.method_name: cls for cls in TRAINERS.values()}
 
 
 @torch.no_grad()
