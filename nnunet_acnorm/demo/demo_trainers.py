@@ -76,6 +76,15 @@ class nnUNetTrainerACNormBN_tauAuto_acnormDemo(_DemoSchedule, nnUNetTrainerACNor
     """AC-BatchNorm with calibrated per-layer temperatures, short."""
 
 
+# -- the fine-tuning baselines (trainers/baseline_trainers.py), short ------------------------------
+from nnunet_acnorm.trainers import baseline_trainers as _baselines  # noqa: E402
+
+for _name in ("nnUNetTrainerL2SP", "nnUNetTrainerACNorm_L2SP", "nnUNetTrainerDELTA", "nnUNetTrainerBSS",
+              "nnUNetTrainerLPFT", "nnUNetTrainerDiscriminativeLR", "nnUNetTrainerStochNormBN"):
+    globals()[f"{_name}_acnormDemo"] = type(f"{_name}_acnormDemo", (_DemoSchedule, _baselines.TRAINERS[_name]),
+                                            {"__doc__": f"{_name}, short."})
+
+
 DEMO_TRAINERS = {name: obj for name, obj in dict(globals()).items()
                  if isinstance(obj, type) and name.endswith("_acnormDemo")}
 __all__ = list(DEMO_TRAINERS)
