@@ -70,6 +70,14 @@ METHODS = {
     "vanilla_BN": ("nnUNetTrainerFinetuneBN_acnormDemo", "BN"),
     "acnorm_BN_tau1": ("nnUNetTrainerACNormBN_tau1_acnormDemo", "BN"),
     "acnorm_BN_tauAuto": ("nnUNetTrainerACNormBN_tauAuto_acnormDemo", "BN"),
+    # the fine-tuning baselines (docs/baselines.md)
+    "l2sp": ("nnUNetTrainerL2SP_acnormDemo", "IN"),
+    "acnorm_l2sp": ("nnUNetTrainerACNorm_L2SP_acnormDemo", "IN"),
+    "delta": ("nnUNetTrainerDELTA_acnormDemo", "IN"),
+    "bss": ("nnUNetTrainerBSS_acnormDemo", "IN"),
+    "lpft": ("nnUNetTrainerLPFT_acnormDemo", "IN"),
+    "dlr": ("nnUNetTrainerDiscriminativeLR_acnormDemo", "IN"),
+    "stochnorm_BN": ("nnUNetTrainerStochNormBN_acnormDemo", "BN"),
 }
 PRETRAIN_TRAINERS = {"IN": "nnUNetTrainerScratch_acnormDemo", "BN": "nnUNetTrainerScratchBN_acnormDemo"}
 PRETRAIN_SEED = 0
@@ -229,8 +237,9 @@ class Experiment:
 
 
 #: comparison groups: (name, methods, baseline); each group's methods share a source checkpoint
-GROUPS = [("IN", ["scratch", "vanilla", "acnorm_tau1", "acnorm_tauAuto"], "vanilla"),
-          ("BN", ["vanilla_BN", "acnorm_BN_tau1", "acnorm_BN_tauAuto"], "vanilla_BN")]
+GROUPS = [("IN", ["scratch", "vanilla", "acnorm_tau1", "acnorm_tauAuto", "l2sp", "acnorm_l2sp", "delta", "bss", "lpft",
+                  "dlr"], "vanilla"),
+          ("BN", ["vanilla_BN", "acnorm_BN_tau1", "acnorm_BN_tauAuto", "stochnorm_BN"], "vanilla_BN")]
 
 
 def results_markdown(results: dict) -> str:
