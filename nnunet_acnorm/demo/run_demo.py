@@ -124,7 +124,9 @@ def run_demo(out: Path, pretrain_epochs: int, finetune_epochs: int, iterations: 
     ext = with_trainer_folder(env.get("nnUNet_extTrainer"), trainer_shim_folder())
     env["nnUNet_extTrainer"] = with_trainer_folder(ext, str(DEMO_TRAINER_FOLDER))
     parallel, threads = thread_plan(len(FINETUNE_TRAINERS))
-    train_env = dict(env, nnUNet_n_proc_DA="0", **{SEED_ENV: str(seed)})
+    # nnUNet_def_n_proc=1: nnU-Net's final validation of each training exports through a pool of 8 spawned
+    # processes by default, each importing torch (minutes of CPU on 2 cores); one does the same work here
+    train_env = dict(env, nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1", **{SEED_ENV: str(seed)})
     t0 = time.time()
 
     print("[0] Building datasets from the bundled TotalSegmentator examples (labels: "
