@@ -47,7 +47,8 @@ from nnunet_acnorm.classification.plots import plot_progress
 from nnunet_acnorm.finetuning import (BSS_ETA, BSS_K, DELTA_ALPHA, DELTA_BETA, ENCODER_LR_FACTOR, L2SP_ALPHA,
                                       L2SP_BETA, LPFT_FROZEN_FRACTION, STOCHNORM_P, DELTARegulariser,
                                       FeatureRecorder, L2SPRegulariser, bss_penalty, convert_to_stochnorm,
-                                      discriminative_param_groups, frozen_epochs, set_frozen, stage_modules)
+                                      discriminative_param_groups, frozen_epochs, set_frozen, new_weights_penalty,
+                                      stage_modules)
 from nnunet_acnorm.norms import convert_to_acnorm
 from nnunet_acnorm.trainers.pretrained_check import set_strict_source
 
@@ -397,10 +398,7 @@ class ClassificationTrainer_DELTA(ClassificationTrainer_vanilla):
                                    f"beta {self.delta_beta} on the head")
 
     def method_penalty(self):
-        value = self.delta()
-        if self.delta_beta:
-            value = value + 0.5 * self.delta_beta * sum(p.float().pow(2).sum() for p in self._new_params)
-        return value
+        return self.delta() + new_weights_penalty(self._new_params, self.delta_beta)
 
     def method_state(self):
         return {"delta": {"reference": self.delta.reference_state(), "alpha": self.delta_alpha}}

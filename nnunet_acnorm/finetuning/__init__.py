@@ -11,14 +11,14 @@ trainers (:mod:`nnunet_acnorm.trainers.baseline_trainers`) and the classificatio
 from nnunet_acnorm.finetuning.bss import BSS_ETA, BSS_K, bss_penalty
 from nnunet_acnorm.finetuning.delta import DELTA_ALPHA, DELTA_BETA, DELTARegulariser, feature_distance
 from nnunet_acnorm.finetuning.features import FeatureRecorder, pooled, stage_modules
-from nnunet_acnorm.finetuning.l2sp import L2SP_ALPHA, L2SP_BETA, L2SPRegulariser
+from nnunet_acnorm.finetuning.l2sp import L2SP_ALPHA, L2SP_BETA, L2SPRegulariser, new_weights_penalty
 from nnunet_acnorm.finetuning.lpft import (ENCODER_LR_FACTOR, LPFT_FROZEN_FRACTION, ScaledWarmupPolyLRScheduler,
                                            discriminative_param_groups, frozen_epochs, set_frozen)
 from nnunet_acnorm.finetuning.stochnorm import (STOCHNORM_P, StochNorm1d, StochNorm2d, StochNorm3d,
                                                 convert_to_stochnorm)
 
 __all__ = ["BSS_ETA", "BSS_K", "bss_penalty", "DELTA_ALPHA", "DELTA_BETA", "DELTARegulariser", "feature_distance",
-           "FeatureRecorder", "pooled", "stage_modules", "L2SP_ALPHA", "L2SP_BETA", "L2SPRegulariser",
+           "FeatureRecorder", "pooled", "stage_modules", "L2SP_ALPHA", "L2SP_BETA", "L2SPRegulariser", "new_weights_penalty",
            "ENCODER_LR_FACTOR", "LPFT_FROZEN_FRACTION", "ScaledWarmupPolyLRScheduler", "discriminative_param_groups",
            "frozen_epochs", "set_frozen", "STOCHNORM_P", "StochNorm1d", "StochNorm2d", "StochNorm3d",
            "convert_to_stochnorm"]

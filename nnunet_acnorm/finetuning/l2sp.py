@@ -20,6 +20,13 @@ L2SP_ALPHA = 0.01
 L2SP_BETA = 0.01
 
 
+def new_weights_penalty(params, beta: float) -> Tensor | float:
+    """beta/2 ||w||^2 over ``params`` (weights without a pretrained value, e.g. a fresh head); 0 if beta is 0."""
+    if not beta:
+        return 0.0
+    return 0.5 * beta * sum(p.float().pow(2).sum() for p in params)
+
+
 class L2SPRegulariser(nn.Module):
     """The L2-SP penalty of ``network``'s trainable parameters.
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from nnunet_acnorm.ranking.logme import checked_features_and_labels
+
 
 def standardise(features: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Zero mean, unit variance per channel; channels with (near-)zero variance are dropped."""
@@ -47,12 +49,7 @@ def class_mean_features(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def hscore(features: np.ndarray, labels: np.ndarray, shrinkage: bool = True) -> float:
     """H-score of integer class ``labels`` (n,) given ``features`` (n x D); ``shrinkage=False``
     uses the plain sample covariance (the paper's estimate, a pseudo-inverse where singular)."""
-    features = np.asarray(features, dtype=np.float64)
-    labels = np.asarray(labels).reshape(-1)
-    if features.ndim != 2 or features.shape[0] != labels.shape[0]:
-        raise ValueError(f"features must be (n, D) with n = len(labels); got {features.shape} and {labels.shape}")
-    if not np.isfinite(features).all():
-        raise ValueError("features contain NaN or infinite values")
+    features, labels = checked_features_and_labels(features, labels)
     if len(np.unique(labels)) < 2:
         raise ValueError("H-score needs at least two classes among the sampled labels")
     f = standardise(features)

@@ -77,15 +77,22 @@ def fit_evidence(features: np.ndarray, target: np.ndarray, max_iterations: int =
     return EvidenceFit(alpha=alpha, beta=beta, evidence=evidence, iterations=iterations)
 
 
-def logme(features: np.ndarray, labels: np.ndarray, max_iterations: int = 100, tol: float = 1e-5) -> float:
-    """LogME of integer class ``labels`` (n,) given ``features`` (n x D): the mean over classes
-    of the maximised evidence per sample of each class's one-hot indicator."""
+def checked_features_and_labels(features, labels) -> tuple[np.ndarray, np.ndarray]:
+    """``features`` as float64 (n x D) and ``labels`` as (n,), or ValueError naming what is wrong
+    (shared by the feature-based estimators: LogME, H-score)."""
     features = np.asarray(features, dtype=np.float64)
     labels = np.asarray(labels).reshape(-1)
     if features.ndim != 2 or features.shape[0] != labels.shape[0]:
         raise ValueError(f"features must be (n, D) with n = len(labels); got {features.shape} and {labels.shape}")
     if not np.isfinite(features).all():
         raise ValueError("features contain NaN or infinite values")
+    return features, labels
+
+
+def logme(features: np.ndarray, labels: np.ndarray, max_iterations: int = 100, tol: float = 1e-5) -> float:
+    """LogME of integer class ``labels`` (n,) given ``features`` (n x D): the mean over classes
+    of the maximised evidence per sample of each class's one-hot indicator."""
+    features, labels = checked_features_and_labels(features, labels)
     classes = np.unique(labels)
     if len(classes) < 2:
         raise ValueError("LogME needs at least two classes among the sampled labels")

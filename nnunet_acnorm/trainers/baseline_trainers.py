@@ -43,7 +43,7 @@ from nnunet_acnorm.finetuning import (BSS_ETA, BSS_K, DELTA_ALPHA, DELTA_BETA, E
                                       L2SP_BETA, LPFT_FROZEN_FRACTION, STOCHNORM_P, DELTARegulariser,
                                       FeatureRecorder, L2SPRegulariser, ScaledWarmupPolyLRScheduler, bss_penalty,
                                       convert_to_stochnorm, discriminative_param_groups, frozen_epochs, set_frozen,
-                                      stage_modules)
+                                      new_weights_penalty, stage_modules)
 from nnunet_acnorm.trainers import acnorm_trainers as _base
 from nnunet_acnorm.trainers.acnorm_trainers import (_bn_builder, nnUNetTrainerACNorm, nnUNetTrainerFinetune)
 from nnunet_acnorm.trainers.pretrained_check import continue_training_from_argv, pretrained_weights_from_argv
@@ -226,10 +226,7 @@ class _DELTAMixin(_FinetuningMethodMixin):
         self._new_params = [p for n, p in network.named_parameters() if is_new_parameter(n)]
 
     def method_penalty(self):
-        value = self.delta()
-        if self.delta_beta:
-            value = value + 0.5 * self.delta_beta * sum(p.float().pow(2).sum() for p in self._new_params)
-        return value
+        return self.delta() + new_weights_penalty(self._new_params, self.delta_beta)
 
     def method_state(self):
         return {"delta": {"reference": self.delta.reference_state(), "alpha": self.delta_alpha}}
