@@ -8,7 +8,7 @@ import os
 
 
 def _append_trainer_folder():
-    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nnunet_acnorm", "trainers", "nnunet_ext")
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nnunet_acnorm", "nnunet", "nnunet_ext")
     if not os.path.isdir(folder):  # e.g. a source checkout without the package next to it
         return
     current = os.environ.get("nnUNet_extTrainer", "")

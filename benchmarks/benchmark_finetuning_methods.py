@@ -1,7 +1,7 @@
 """Training-step time and memory of each fine-tuning baseline relative to vanilla fine-tuning, in
 one interleaved run on the same plans and batch (ratios).
 
-Each method is set up as its nnU-Net trainer does it (nnunet_acnorm.trainers.baseline_trainers): the
+Each method is set up as its nnU-Net trainer does it (nnunet_acnorm.nnunet.baseline_trainers): the
 trainer's own ``build_network_architecture``, the pieces of :mod:`nnunet_acnorm.finetuning`, the
 penalty added through the trainers' loss wrapper; the step is nnU-Net's (deep-supervision Dice+CE,
 SGD with Nesterov momentum, gradient clipping at 12; see benchmark_trainer.py). LP-FT is measured
@@ -60,8 +60,8 @@ def build(name: str, plans, configuration, classes, device, pretrained_in: dict,
     """(setup, state bytes) of method ``name``, set up as its trainer does."""
     from nnunet_acnorm.finetuning import (DELTARegulariser, FeatureRecorder, L2SPRegulariser, bss_penalty,
                                           discriminative_param_groups, set_frozen, stage_modules)
-    from nnunet_acnorm.trainers import baseline_trainers as bt
-    from nnunet_acnorm.trainers.acnorm_trainers import (nnUNetTrainerACNorm, nnUNetTrainerFinetune,
+    from nnunet_acnorm.nnunet import baseline_trainers as bt
+    from nnunet_acnorm.nnunet.trainers import (nnUNetTrainerACNorm, nnUNetTrainerFinetune,
                                                         nnUNetTrainerFinetuneBN)
 
     trainer = {"vanilla": nnUNetTrainerFinetune, "AC-Norm": nnUNetTrainerACNorm,
@@ -127,7 +127,7 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
 
-    from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerFinetune, nnUNetTrainerFinetuneBN
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerFinetune, nnUNetTrainerFinetuneBN
 
     torch.manual_seed(0)
     pm = {"in": Setup(nnUNetTrainerFinetune, plans, "bench", args.classes, device),

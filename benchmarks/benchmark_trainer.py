@@ -69,7 +69,7 @@ class Setup:
         self.cm = pm.get_configuration(configuration)
         self.network = trainer_class.build_network_architecture(pm, self.cm, 1, n_classes, True)
         if pretrained_state is not None:
-            from nnunet_acnorm.trainers.pretrained_check import set_strict_source
+            from nnunet_acnorm.nnunet.pretrained import set_strict_source
 
             set_strict_source(self.network, False)  # as -pretrained_weights: plain keys set the AC-Norm sources
             self.network.load_state_dict(pretrained_state, strict=False)
@@ -152,7 +152,7 @@ def main(argv=None):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from nnunet_acnorm.norms import fold_acnorm
-    from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNorm
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from nnunet_acnorm.ac_corr import norm_affines
+from nnunet_acnorm.norms.ac_corr import norm_affines
 from nnunet_acnorm.norms import calibrated_tau, domain_indicator, source_diagonal, sparse_correlation
-from nnunet_acnorm.safe_load import safe_torch_load
+from nnunet_acnorm.checkpoints.io import safe_torch_load
 
 
 def _state_dict(path: Path) -> dict:

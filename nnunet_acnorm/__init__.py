@@ -1,5 +1,5 @@
 """nnunet-acnorm: AC-Norm fine-tuning and AC-Corr transferability estimation for nnU-Net v2."""
-from nnunet_acnorm.ac_corr import ACCorr, ac_corr_from_model, ac_corr_from_state_dicts
+from nnunet_acnorm.norms.ac_corr import ACCorr, ac_corr_from_model, ac_corr_from_state_dicts
 from nnunet_acnorm.norms import (ACBatchNorm1d, ACBatchNorm2d, ACBatchNorm3d, ACGroupNorm,
                                  ACInstanceNorm1d, ACInstanceNorm2d, ACInstanceNorm3d,
                                  ConversionReport, acnorm_modules, acnorm_sync_batchnorm,

@@ -127,7 +127,7 @@ def run_console(script: str, *args, env: dict | None = None, timeout: float = 60
 def acnorm_trainer_env(base_dir, training: bool = True, **extra) -> dict:
     """:func:`nnunet_env` with the test trainers and the plugin's trainer folder on nnUNet_extTrainer
     (explicitly: an editable install has no start-up hook; the hook has its own test)."""
-    from nnunet_acnorm.trainers.discovery import trainer_shim_folder
+    from nnunet_acnorm.nnunet.discovery import trainer_shim_folder
 
     env = nnunet_env(base_dir, training=training, extra_trainer_folders=(TEST_TRAINER_FOLDER,), **extra)
     parts = [p for p in env["nnUNet_extTrainer"].split(os.pathsep) if p]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from nnunet_acnorm import ac_corr_from_model, ac_corr_from_state_dicts, convert_to_acnorm
-from nnunet_acnorm.ac_corr import ac_corr_of_layer, deepest_encoder_layer, norm_affines
+from nnunet_acnorm.norms.ac_corr import ac_corr_of_layer, deepest_encoder_layer, norm_affines
 from tests.test_conversion import plain_conv_unet
 
 E = math.exp

@@ -381,8 +381,8 @@ def test_cls_predict_refuses_stripped_acnorm_checkpoint(fundus, cls_trained, tmp
 def test_checkpoint_writes_are_atomic(tmp_path):
     """A save that fails half-way (a kill, a full disk) leaves the previous checkpoint as it was
     and no temporary file: the trainers' save_checkpoint and the import's writes."""
-    from nnunet_acnorm.safe_load import atomic_torch_save
-    from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNorm
+    from nnunet_acnorm.checkpoints.io import atomic_torch_save
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm
 
     class Unpicklable:
         def __reduce__(self):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunet_acnorm.safe_load import safe_torch_load
+from nnunet_acnorm.checkpoints.io import safe_torch_load
 from tests.nnunet_fixtures import acnorm_trainer_env, copy_test_images, make_tiny_dataset, run_console
 
 pytestmark = pytest.mark.integration
@@ -39,7 +39,7 @@ PREDICTED = ("nnUNetTrainerL2SP", "nnUNetTrainerDELTA", "nnUNetTrainerStochNormB
 TINY_TRAINERS = '''
 import os
 import torch
-from nnunet_acnorm.trainers.baseline_trainers import TRAINERS as _TRAINERS
+from nnunet_acnorm.nnunet.baseline_trainers import TRAINERS as _TRAINERS
 
 
 class _Tiny:

@@ -109,7 +109,7 @@ def read_csv(path):
 
 
 def bn_affines_of_file(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    from nnunet_acnorm.pretrained_loaders import load_pretrained
+    from nnunet_acnorm.checkpoints import load_pretrained
     return load_pretrained(path).norm_affines()
 
 
@@ -355,7 +355,7 @@ def test_3d_medicalnet_vanilla_two_folds_ensemble(data3d):
 
 def test_moco_v2_resnet50_loads_and_converts(tmp_path):
     """Full-width ResNet-50 in the MoCo v2 layout (the torchvision layout is used end to end above)."""
-    from nnunet_acnorm.classification.networks import (build_network, describe_pretrained,
+    from nnunet_acnorm.networks.classifiers import (build_network, describe_pretrained,
                                                        load_pretrained_weights)
     from nnunet_acnorm.norms import acnorm_modules, convert_to_acnorm
     family = "moco_v2"

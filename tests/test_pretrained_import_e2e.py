@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_acnorm.pretrained_loaders import load_pretrained
+from nnunet_acnorm.checkpoints import load_pretrained
 from tests import checkpoint_factories as cf
 from tests.nnunet_fixtures import acnorm_trainer_env, copy_test_images, make_tiny_dataset, run_console
 
@@ -124,9 +124,9 @@ def test_imported_checkpoint_sets_acnorm_sources(workspace, tmp_path, family, mo
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_acnorm.norms import acnorm_modules
-    from nnunet_acnorm.pretrained_loaders.import_command import run_import
-    from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNorm
-    from nnunet_acnorm.trainers.pretrained_check import set_strict_source
+    from nnunet_acnorm.commands.import_pretrained import run_import
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm
+    from nnunet_acnorm.nnunet.pretrained import set_strict_source
 
     file = FACTORIES[family](tmp_path)
     monkeypatch.setenv("nnUNet_preprocessed", workspace["env_plan"]["nnUNet_preprocessed"])

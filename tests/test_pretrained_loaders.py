@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 from nnunet_acnorm.networks import GenesisUNet3D, MedicalNetResNet3D
-from nnunet_acnorm.pretrained_loaders import FAMILIES, PretrainedLoadError, load_pretrained
+from nnunet_acnorm.checkpoints import FAMILIES, PretrainedLoadError, load_pretrained
 from tests import checkpoint_factories as cf
 
 

@@ -129,7 +129,7 @@ def test_seeded_ranking_is_deterministic_and_equals_a_direct_computation(workspa
     ws = workspace
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(var, ws["env"][var])
-    from nnunet_acnorm.ac_corr import ac_corr_from_state_dicts
+    from nnunet_acnorm.norms.ac_corr import ac_corr_from_state_dicts
     from nnunet_acnorm.ranking.nnunet_target import load_target
     from nnunet_acnorm.ranking.rank import rank_candidates
 

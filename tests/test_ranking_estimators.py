@@ -190,7 +190,7 @@ def test_a_2d_nnunet_checkpoint_is_2d_by_its_stem_not_the_family_default():
     """The direction experiment's 2d sources were skipped as '3D nnunet_v2 network does not fit 2d'."""
     from types import SimpleNamespace
 
-    from nnunet_acnorm.pretrained_loaders import FAMILIES
+    from nnunet_acnorm.checkpoints import FAMILIES
     from nnunet_acnorm.ranking.nnunet_target import _spatial_dims
 
     family = FAMILIES["nnunet_v2"]

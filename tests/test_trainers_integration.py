@@ -106,7 +106,7 @@ def test_continue_training_restores_acnorm_state(pipeline):
 
 
 def test_optimizer_never_holds_source_affines(pipeline):
-    from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNorm
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     final = _load(pipeline["model_folder"] / "fold_0" / "checkpoint_final.pth")
@@ -220,7 +220,7 @@ def test_missing_pretrained_file(pipeline):
 
 
 def test_fold_bad_input(pipeline, tmp_path, capsys):
-    from nnunet_acnorm.deployment.fold_model_folder import fold_entry
+    from nnunet_acnorm.nnunet.fold import fold_entry
 
     env = pipeline["env"]
     with pytest.raises(SystemExit) as exit_info:
@@ -234,7 +234,7 @@ def test_fold_bad_input(pipeline, tmp_path, capsys):
 
 def test_training_without_pretrained_weights_warns_loudly(pipeline, monkeypatch):
     from nnunet_acnorm.norms import acnorm_modules
-    from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNorm
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm
 
     pre = Path(pipeline["env"]["nnUNet_preprocessed"]) / "Dataset912_TinyTarget"
     monkeypatch.setenv("nnUNet_preprocessed", str(pre.parent))  # nnU-Net reads these at use time

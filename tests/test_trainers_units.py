@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from benchmarks.benchmark_trainer import default_plans
-from nnunet_acnorm.trainers.discovery import trainer_shim_folder, with_trainer_folder
-from nnunet_acnorm.trainers.schedules import WarmupPolyLRScheduler
+from nnunet_acnorm.nnunet.discovery import trainer_shim_folder, with_trainer_folder
+from nnunet_acnorm.nnunet.schedules import WarmupPolyLRScheduler
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def test_warmup_then_poly_schedule():
 
 
 def test_schedule_attributes_are_overridable():
-    from nnunet_acnorm.trainers.acnorm_trainers import (TRAINERS, nnUNetTrainerACNorm, nnUNetTrainerACNorm_50epochs,
+    from nnunet_acnorm.nnunet.trainers import (TRAINERS, nnUNetTrainerACNorm, nnUNetTrainerACNorm_50epochs,
                                                         nnUNetTrainerFinetune)
 
     assert nnUNetTrainerACNorm_50epochs.finetune_num_epochs == 50
@@ -54,7 +54,7 @@ def test_schedule_attributes_are_overridable():
 def test_temperature_of_each_trainer(name, mode, norm):
     """The default temperature is calibrated per layer; the _tau1 variants keep the paper's 1."""
     from nnunet_acnorm.norms import acnorm_modules
-    from nnunet_acnorm.trainers.acnorm_trainers import TRAINERS
+    from nnunet_acnorm.nnunet.trainers import TRAINERS
 
     plans = _plans(norm="torch.nn.modules.batchnorm.BatchNorm3d") if "BN" in name else _plans()
     layers = acnorm_modules(_build(TRAINERS[name], plans)).values()
@@ -105,7 +105,7 @@ def test_trainer_path_command_prints_the_shim_folder():
 
 def test_nnunet_finds_the_real_classes_through_the_shim_folder():
     code = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"
-            "from nnunet_acnorm.trainers import acnorm_trainers as m\n"
+            "from nnunet_acnorm.nnunet import trainers as m\n"
             "for n in ('nnUNetTrainerACNorm', 'nnUNetTrainerACNormBN', 'nnUNetTrainerFinetune', "
             "'nnUNetTrainerACNorm_100epochs'):\n"
             "    assert f(n) is getattr(m, n), n\n"
@@ -132,8 +132,8 @@ def test_acnorm_network_loads_plain_checkpoint_through_stock_loader(tmp_path):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from nnunet_acnorm.norms import ACInstanceNorm3d, acnorm_modules
-    from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNorm
-    from nnunet_acnorm.trainers.pretrained_check import set_strict_source
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm
+    from nnunet_acnorm.nnunet.pretrained import set_strict_source
 
     plain = _build(nnUNetTrainer)
     with torch.no_grad():
@@ -162,8 +162,8 @@ def test_bn_trainer_builds_acbatchnorm_and_folds_to_batchnorm(tmp_path):
     from nnunetv2.training.nnUNetTrainer.variants.network_architecture.nnUNetTrainerBN import nnUNetTrainerBN
 
     from nnunet_acnorm.norms import ACBatchNorm3d, acnorm_modules, fold_acnorm
-    from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNormBN, nnUNetTrainerFinetuneBN
-    from nnunet_acnorm.trainers.pretrained_check import set_strict_source
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNormBN, nnUNetTrainerFinetuneBN
+    from nnunet_acnorm.nnunet.pretrained import set_strict_source
 
     plain = _build(nnUNetTrainerBN)
     plain.train()
@@ -188,8 +188,8 @@ def test_bn_trainer_builds_acbatchnorm_and_folds_to_batchnorm(tmp_path):
 def test_pretrained_check_names_key_and_both_shapes(tmp_path):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNorm
-    from nnunet_acnorm.trainers.pretrained_check import (PretrainedWeightsError, check_pretrained_weights,
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm
+    from nnunet_acnorm.nnunet.pretrained import (PretrainedWeightsError, check_pretrained_weights,
                                                          pretrained_weights_from_argv)
 
     net = _build(nnUNetTrainerACNorm)
@@ -221,7 +221,7 @@ def test_pretrained_check_names_key_and_both_shapes(tmp_path):
 
 
 def test_untrusted_checkpoint_is_not_executed(tmp_path):
-    from nnunet_acnorm.trainers.pretrained_check import load_nnunet_checkpoint
+    from nnunet_acnorm.nnunet.pretrained import load_nnunet_checkpoint
 
     class Evil:
         def __reduce__(self):

@@ -42,7 +42,7 @@ from nnunet_acnorm.classification.dataset import Case
 from nnunet_acnorm.classification.errors import ClassificationInputError
 from nnunet_acnorm.classification.metrics import (classification_metrics, format_metrics,
                                                   plot_confusion_matrix, save_summary)
-from nnunet_acnorm.classification.networks import build_network, load_pretrained_weights
+from nnunet_acnorm.networks.classifiers import build_network, load_pretrained_weights
 from nnunet_acnorm.classification.plots import plot_progress
 from nnunet_acnorm.finetuning import (BSS_ETA, BSS_K, DELTA_ALPHA, DELTA_BETA, ENCODER_LR_FACTOR, L2SP_ALPHA,
                                       L2SP_BETA, LPFT_FROZEN_FRACTION, STOCHNORM_P, DELTARegulariser,
@@ -50,7 +50,7 @@ from nnunet_acnorm.finetuning import (BSS_ETA, BSS_K, DELTA_ALPHA, DELTA_BETA, E
                                       discriminative_param_groups, frozen_epochs, set_frozen, new_weights_penalty,
                                       stage_modules)
 from nnunet_acnorm.norms import convert_to_acnorm
-from nnunet_acnorm.trainers.pretrained_check import set_strict_source
+from nnunet_acnorm.nnunet.pretrained import set_strict_source
 
 SELECTION_METRICS = {"kappa": "quadratic_weighted_kappa", "auc": "auc_macro", "accuracy": "accuracy"}
 IMBALANCE_SCHEMES = ("loss", "sampling", "none")
@@ -102,7 +102,7 @@ class ClassificationTrainer:
 
     @property
     def head_prefix(self) -> str:
-        from nnunet_acnorm.classification.networks import ARCHITECTURES
+        from nnunet_acnorm.networks.classifiers import ARCHITECTURES
         return ARCHITECTURES[self.config["architecture"]][2]
 
     # -- one idea per variant --------------------------------------------------------------------

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from nnunet_acnorm.trainers.acnorm_trainers import (nnUNetTrainerACNorm, nnUNetTrainerACNorm_tau1,
+from nnunet_acnorm.nnunet.trainers import (nnUNetTrainerACNorm, nnUNetTrainerACNorm_tau1,
                                                     nnUNetTrainerACNorm_tauAuto, nnUNetTrainerACNormBN,
                                                     nnUNetTrainerACNormBN_tau1, nnUNetTrainerACNormBN_tauAuto,
                                                     nnUNetTrainerFinetune, nnUNetTrainerFinetuneBN)
@@ -77,7 +77,7 @@ class nnUNetTrainerACNormBN_tauAuto_acnormDemo(_DemoSchedule, nnUNetTrainerACNor
 
 
 # -- the fine-tuning baselines (trainers/baseline_trainers.py), short ------------------------------
-from nnunet_acnorm.trainers import baseline_trainers as _baselines  # noqa: E402
+from nnunet_acnorm.nnunet import baseline_trainers as _baselines  # noqa: E402
 
 for _name in ("nnUNetTrainerL2SP", "nnUNetTrainerACNorm_L2SP", "nnUNetTrainerDELTA", "nnUNetTrainerBSS",
               "nnUNetTrainerLPFT", "nnUNetTrainerDiscriminativeLR", "nnUNetTrainerStochNormBN"):

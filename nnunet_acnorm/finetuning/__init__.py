@@ -1,5 +1,5 @@
 """Fine-tuning baselines of the AC-Norm paper's comparison, as small pieces shared by the nnU-Net
-trainers (:mod:`nnunet_acnorm.trainers.baseline_trainers`) and the classification trainer
+trainers (:mod:`nnunet_acnorm.nnunet.baseline_trainers`) and the classification trainer
 (``nnUNetv2_acnorm_cls_train -method``). Formulas, defaults and choices: docs/baselines.md.
 
 - :mod:`.l2sp`: L2-SP (Li et al. 2018), distance of the weights to the pretrained ones;

@@ -4,7 +4,7 @@ published description so that the published state dicts load by name.
 Attribute names follow the upstream ``UNet3D`` exactly (``down_tr64 ... down_tr512``,
 ``up_tr256 ... up_tr64``, ``out_tr``; each stage ``ops.{0,1}.{conv1,bn1}``; up stages
 ``up_conv``), so a published file loads with ``load_state_dict(strict=True)`` once its ``module.``
-prefix is stripped (see :mod:`nnunet_acnorm.pretrained_loaders`).
+prefix is stripped (see :mod:`nnunet_acnorm.checkpoints`).
 
 Decisions (documented in docs/pretrained_loaders.md):
 

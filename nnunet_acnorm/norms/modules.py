@@ -40,7 +40,7 @@ class _ACNorm(nn.Module):
     plain_norm_class: type[nn.Module]
     #: True: a state dict must hold this layer's source affines (a plain one is an error). The
     #: nnU-Net trainers build their networks strict; only -pretrained_weights turns it off
-    #: (nnunet_acnorm.trainers.pretrained_check.set_strict_source)
+    #: (nnunet_acnorm.nnunet.pretrained.set_strict_source)
     strict_source: bool = False
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, tau: float | str = 1.0,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_acnorm.ac_corr import ACCorr, LayerSelection, ac_corr_from_affines, select_layers
+from nnunet_acnorm.norms.ac_corr import ACCorr, LayerSelection, ac_corr_from_affines, select_layers
 from nnunet_acnorm.norms import acnorm_modules
 from nnunet_acnorm.ranking.logme import logme
 

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_acnorm.pretrained_loaders import FAMILIES, PretrainedLoadError, read_checkpoint, resolve_family
-from nnunet_acnorm.pretrained_loaders.core import apply_family
-from nnunet_acnorm.preprocessed_dataset import PreprocessedDatasetError, read_preprocessed_dataset
+from nnunet_acnorm.checkpoints import FAMILIES, PretrainedLoadError, read_checkpoint, resolve_family
+from nnunet_acnorm.checkpoints.family import apply_family
+from nnunet_acnorm.nnunet.dataset import PreprocessedDatasetError, read_preprocessed_dataset
 
 #: keys nnU-Net's -pretrained_weights loader does not transfer
 HEAD_KEY_PART = ".seg_layers."
@@ -222,8 +222,8 @@ def _canonical(keys) -> list[str]:
 def build_acnorm_network(plans: dict, target: TargetTask, seed: int) -> nn.Module:
     """The network ``nnUNetTrainerACNorm_tau1`` builds for these plans (deep supervision on): AC-Corr
     is defined at the paper's tau = 1 (docs/method.md section 2), also for the step it measures."""
-    from nnunet_acnorm.trainers.acnorm_trainers import nnUNetTrainerACNorm_tau1 as nnUNetTrainerACNorm
-    from nnunet_acnorm.trainers.pretrained_check import set_strict_source
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm_tau1 as nnUNetTrainerACNorm
+    from nnunet_acnorm.nnunet.pretrained import set_strict_source
 
     plans_manager, cm, lm = _managers(plans, target.configuration, target.dataset_json)
     torch.manual_seed(seed)  # the fresh segmentation head is the same for every candidate of an architecture
@@ -327,7 +327,7 @@ def prepare_candidate(path: str, target: TargetTask, seed: int, family: str | No
 
 def _prepare_by_import(path: str, family: str, target: TargetTask, seed: int, trust_pickle: bool,
                        notes: list[str], log) -> PreparedCandidate:
-    from nnunet_acnorm.pretrained_loaders.import_command import ImportError_, run_import
+    from nnunet_acnorm.commands.import_pretrained import ImportError_, run_import
 
     plans_name = f"{target.plans_identifier}__rank_{family}_{_file_tag(path)}"
     plans_file = os.path.join(target.preprocessed_folder, plans_name + ".json")

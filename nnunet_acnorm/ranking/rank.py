@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from nnunet_acnorm.ac_corr import LayerSelection, select_layers
+from nnunet_acnorm.norms.ac_corr import LayerSelection, select_layers
 from nnunet_acnorm.norms import acnorm_modules
 from nnunet_acnorm.ranking.direction import (DIRECTION, ESTIMATORS, UnknownEstimator, direction_statement,  # noqa: F401
                                              parse_estimators, reliable)

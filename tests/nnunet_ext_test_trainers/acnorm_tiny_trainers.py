@@ -7,7 +7,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.network_architecture.nnUNetTrainerBN import nnUNetTrainerBN
 
-from nnunet_acnorm.trainers.acnorm_trainers import (nnUNetTrainerACNorm, nnUNetTrainerACNormBN,
+from nnunet_acnorm.nnunet.trainers import (nnUNetTrainerACNorm, nnUNetTrainerACNormBN,
                                                     nnUNetTrainerFinetune)
 
 

@@ -1,6 +1,6 @@
 # Shim for nnU-Net's external trainer lookup (nnUNet_extTrainer): the fine-tuning baselines
 # (L2-SP, DELTA, BSS, StochNorm, LP-FT, discriminative lr). The classes live in the package.
-from nnunet_acnorm.trainers.baseline_trainers import *  # noqa: F401,F403
-from nnunet_acnorm.trainers.baseline_trainers import TRAINERS
+from nnunet_acnorm.nnunet.baseline_trainers import *  # noqa: F401,F403
+from nnunet_acnorm.nnunet.baseline_trainers import TRAINERS
 
 __all__ = list(TRAINERS)

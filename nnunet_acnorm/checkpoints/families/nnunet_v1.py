@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import re
 
-from nnunet_acnorm.pretrained_loaders._recognise import has_tensor, state_under
-from nnunet_acnorm.pretrained_loaders.core import PretrainedFamily, PretrainedLoadError, StateDict
+from nnunet_acnorm.checkpoints.recognise import has_tensor, state_under
+from nnunet_acnorm.checkpoints.family import PretrainedFamily, PretrainedLoadError, StateDict
 
 _ENC = re.compile(r"^conv_blocks_context\.(\d+)\.blocks\.(\d+)\.(conv|instnorm)\.(.+)$")
 _BOTTLENECK = re.compile(r"^conv_blocks_context\.(\d+)\.([01])\.blocks\.(\d+)\.(conv|instnorm)\.(.+)$")

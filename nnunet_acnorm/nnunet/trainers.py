@@ -27,13 +27,13 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_acnorm.norms import AUTO_TAU, acnorm_modules, acnorm_sync_batchnorm, convert_to_acnorm
 from nnunet_acnorm.norms.modules import SOURCE_KEYS, describe_temperatures
-from nnunet_acnorm.trainers.pretrained_check import (NnunetCheckpointError, PretrainedWeightsError,
+from nnunet_acnorm.nnunet.pretrained import (NnunetCheckpointError, PretrainedWeightsError,
                                                      check_pretrained_weights, continue_training_from_argv,
                                                      describe_missing_sources, load_nnunet_checkpoint,
                                                      missing_source_layers, pretrained_weights_from_argv,
                                                      remove_run_output, set_strict_source)
-from nnunet_acnorm.trainers.schedules import WarmupPolyLRScheduler
-from nnunet_acnorm.trainers.seeding import (SEED_ENV, apply_cpu_thread_limit, resolve_seed, seed_everything,
+from nnunet_acnorm.nnunet.schedules import WarmupPolyLRScheduler
+from nnunet_acnorm.nnunet.seeding import (SEED_ENV, apply_cpu_thread_limit, resolve_seed, seed_everything,
                                             seeded_augmenters)
 
 
@@ -396,4 +396,4 @@ __all__ = list(TRAINERS)
 
 # the fine-tuning baselines (baseline_trainers.py) subclass the trainers above and add themselves to
 # TRAINERS when imported; importing them here makes TRAINERS complete whichever module comes first
-from nnunet_acnorm.trainers import baseline_trainers as _baseline_trainers  # noqa: E402,F401
+from nnunet_acnorm.nnunet import baseline_trainers as _baseline_trainers  # noqa: E402,F401

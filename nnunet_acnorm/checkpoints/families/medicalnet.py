@@ -4,8 +4,8 @@ from __future__ import annotations
 import re
 
 from nnunet_acnorm.networks.medicalnet_resnet import MEDICALNET_LAYERS
-from nnunet_acnorm.pretrained_loaders._recognise import has_tensor, state_under
-from nnunet_acnorm.pretrained_loaders.core import PretrainedFamily, PretrainedLoadError
+from nnunet_acnorm.checkpoints.recognise import has_tensor, state_under
+from nnunet_acnorm.checkpoints.family import PretrainedFamily, PretrainedLoadError
 
 _BLOCK = re.compile(r"^(?:module\.)?layer(\d)\.(\d+)\.")
 

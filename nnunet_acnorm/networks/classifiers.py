@@ -9,7 +9,7 @@
 - ``medicalnet`` (3D, 1 channel): a MedicalNet 3D ResNet (depth from the file) with ``classifier`` =
   GAP, Linear(512 x expansion, n) (family ``medicalnet``).
 
-Reading and key mapping of the files is :func:`nnunet_acnorm.pretrained_loaders.load_pretrained`'s
+Reading and key mapping of the files is :func:`nnunet_acnorm.checkpoints.load_pretrained`'s
 job; here the mapped state dict is loaded into the plain network, whose head stays random.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def build_network(config: dict) -> nn.Module:
 
 def read_pretrained(path: str, family: str | None, trust_pickle: bool):
     """The pretrained file through the project's loader; errors become one-line input errors."""
-    from nnunet_acnorm.pretrained_loaders import load_pretrained
+    from nnunet_acnorm.checkpoints import load_pretrained
     try:
         return load_pretrained(path, family=family, trust_pickle=trust_pickle)
     except (ValueError, KeyError, OSError, RuntimeError) as e:

@@ -1,8 +1,8 @@
 """torchvision ResNet (ImageNet weights, e.g. resnet50-0676ba61.pth / resnet50-11ad3fa6.pth): 2D."""
 from __future__ import annotations
 
-from nnunet_acnorm.pretrained_loaders._recognise import has_tensor
-from nnunet_acnorm.pretrained_loaders.core import PretrainedFamily
+from nnunet_acnorm.checkpoints.recognise import has_tensor
+from nnunet_acnorm.checkpoints.family import PretrainedFamily
 
 RESNET_ENCODER = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
 _DEPTHS = {(2, 2, 2, 2, False): 18, (3, 4, 6, 3, False): 34, (3, 4, 6, 3, True): 50,

@@ -1,8 +1,8 @@
 """Models Genesis, Semantic Genesis and TransVW: the Models Genesis 3D U-Net (BatchNorm)."""
 from __future__ import annotations
 
-from nnunet_acnorm.pretrained_loaders._recognise import any_key_starts, has_tensor, state_under
-from nnunet_acnorm.pretrained_loaders.core import PretrainedFamily
+from nnunet_acnorm.checkpoints.recognise import any_key_starts, has_tensor, state_under
+from nnunet_acnorm.checkpoints.family import PretrainedFamily
 
 GENESIS_ENCODER = ("down_tr64.", "down_tr128.", "down_tr256.", "down_tr512.")
 

@@ -1,9 +1,9 @@
 """SuPreM U-Net: the Models Genesis 3D U-Net as the backbone of SuPreM's universal model."""
 from __future__ import annotations
 
-from nnunet_acnorm.pretrained_loaders._recognise import has_tensor, state_under
-from nnunet_acnorm.pretrained_loaders.genesis import GENESIS_ENCODER, _read_info as _genesis_info
-from nnunet_acnorm.pretrained_loaders.core import PretrainedFamily
+from nnunet_acnorm.checkpoints.recognise import has_tensor, state_under
+from nnunet_acnorm.checkpoints.families.genesis import GENESIS_ENCODER, _read_info as _genesis_info
+from nnunet_acnorm.checkpoints.family import PretrainedFamily
 
 PREFIX = "module.backbone."
 

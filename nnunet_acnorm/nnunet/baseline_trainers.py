@@ -44,9 +44,9 @@ from nnunet_acnorm.finetuning import (BSS_ETA, BSS_K, DELTA_ALPHA, DELTA_BETA, E
                                       FeatureRecorder, L2SPRegulariser, ScaledWarmupPolyLRScheduler, bss_penalty,
                                       convert_to_stochnorm, discriminative_param_groups, frozen_epochs, set_frozen,
                                       new_weights_penalty, stage_modules)
-from nnunet_acnorm.trainers import acnorm_trainers as _base
-from nnunet_acnorm.trainers.acnorm_trainers import (_bn_builder, nnUNetTrainerACNorm, nnUNetTrainerFinetune)
-from nnunet_acnorm.trainers.pretrained_check import continue_training_from_argv, pretrained_weights_from_argv
+from nnunet_acnorm.nnunet import trainers as _base
+from nnunet_acnorm.nnunet.trainers import (_bn_builder, nnUNetTrainerACNorm, nnUNetTrainerFinetune)
+from nnunet_acnorm.nnunet.pretrained import continue_training_from_argv, pretrained_weights_from_argv
 
 #: the checkpoint entry that holds a method's state (absent for methods without state)
 STATE_KEY = "finetuning_state"
@@ -402,7 +402,7 @@ class nnUNetTrainerACNorm_DiscriminativeLR(_DiscriminativeLRMixin, nnUNetTrainer
     """AC-Norm with the encoder at a tenth of the decoder's learning rate."""
 
 
-#: every trainer of this module, by name; also added to ``acnorm_trainers.TRAINERS`` (fold, discovery)
+#: every trainer of this module, by name; also added to ``trainers.TRAINERS`` (fold, discovery)
 TRAINERS = {name: obj for name, obj in dict(globals()).items()
             if isinstance(obj, type) and issubclass(obj, nnUNetTrainer) and name.startswith("nnUNetTrainer")
             and obj.__module__ == __name__}

@@ -60,7 +60,7 @@ def _split_model_folder_name(model_folder: Path) -> tuple[str, str, str]:
 
 
 def _find_trainer_class(trainer_name: str):
-    from nnunet_acnorm.trainers.acnorm_trainers import TRAINERS
+    from nnunet_acnorm.nnunet.trainers import TRAINERS
 
     if trainer_name in TRAINERS:
         return TRAINERS[trainer_name]
@@ -102,8 +102,8 @@ def fold_model_folder(model_folder, output_folder=None, overwrite: bool = False,
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_acnorm.norms import acnorm_modules, fold_acnorm
-    from nnunet_acnorm.safe_load import plain_python
-    from nnunet_acnorm.trainers.pretrained_check import (describe_missing_sources, load_nnunet_checkpoint,
+    from nnunet_acnorm.checkpoints.io import plain_python
+    from nnunet_acnorm.nnunet.pretrained import (describe_missing_sources, load_nnunet_checkpoint,
                                                          missing_source_layers, set_strict_source)
 
     model_folder = Path(model_folder).resolve()

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from nnunet_acnorm.demo.datasets import CT_ORGANS, MR_ORGANS, write_raw_dataset
-from nnunet_acnorm.trainers.seeding import SEED_ENV
+from nnunet_acnorm.nnunet.seeding import SEED_ENV
 
 DEMO_TRAINER_FOLDER = Path(__file__).resolve().parent / "nnunet_ext"
 SOURCE, TARGET = CT_ORGANS, MR_ORGANS
@@ -107,7 +107,7 @@ def thread_plan(n_jobs: int, cpus: int | None = None) -> tuple[int, int]:
 
 def run_demo(out: Path, pretrain_epochs: int, finetune_epochs: int, iterations: int, overwrite: bool,
              seed: int = 0) -> dict:
-    from nnunet_acnorm.trainers.discovery import trainer_shim_folder, with_trainer_folder
+    from nnunet_acnorm.nnunet.discovery import trainer_shim_folder, with_trainer_folder
 
     out = out.resolve()
     if out.exists() and any(out.iterdir()):

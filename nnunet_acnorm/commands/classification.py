@@ -190,7 +190,7 @@ def _train(argv) -> None:
     import torch
     from nnunet_acnorm.classification.dataset import (collect_cases, detect_dim, fold_cases,
                                                       infer_num_classes, load_or_create_splits)
-    from nnunet_acnorm.classification.networks import (ARCHITECTURES, DEFAULT_INTENSITY,
+    from nnunet_acnorm.networks.classifiers import (ARCHITECTURES, DEFAULT_INTENSITY,
                                                        describe_pretrained)
     from nnunet_acnorm.classification.trainer import CHECKPOINT_NAMES, METHODS, TRAINERS, load_checkpoint
     args = train_parser().parse_args(argv)

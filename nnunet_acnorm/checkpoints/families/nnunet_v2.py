@@ -1,8 +1,8 @@
 """nnU-Net v2 checkpoints (checkpoint_final.pth / checkpoint_best.pth of another dataset)."""
 from __future__ import annotations
 
-from nnunet_acnorm.pretrained_loaders._recognise import state_under
-from nnunet_acnorm.pretrained_loaders.core import PretrainedFamily, StateDict
+from nnunet_acnorm.checkpoints.recognise import state_under
+from nnunet_acnorm.checkpoints.family import PretrainedFamily, StateDict
 
 #: aliases of modules registered twice in dynamic-network-architectures networks; loading the
 #: canonical key fills them

@@ -27,7 +27,7 @@ def _fail(prog: str, message: str) -> None:
 def _install_safe_torch_load() -> None:
     import torch
 
-    from nnunet_acnorm.safe_load import safe_torch_load
+    from nnunet_acnorm.checkpoints.io import safe_torch_load
 
     if getattr(torch.load, "_acnorm_safe", False):
         return
@@ -49,7 +49,7 @@ def _run(entry_name: str, prog: str) -> None:
     _install_safe_torch_load()
     from nnunetv2.inference import predict_from_raw_data
 
-    from nnunet_acnorm.safe_load import CheckpointReadError
+    from nnunet_acnorm.checkpoints.io import CheckpointReadError
 
     try:
         getattr(predict_from_raw_data, entry_name)()

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_acnorm.pretrained_loaders import FAMILIES, PretrainedLoadError, PretrainedWeights, load_pretrained
-from nnunet_acnorm.preprocessed_dataset import PreprocessedDatasetError, check_identifier, read_preprocessed_dataset
-from nnunet_acnorm.safe_load import atomic_torch_save, atomic_write_text
+from nnunet_acnorm.checkpoints import FAMILIES, PretrainedLoadError, PretrainedWeights, load_pretrained
+from nnunet_acnorm.nnunet.dataset import PreprocessedDatasetError, check_identifier, read_preprocessed_dataset
+from nnunet_acnorm.checkpoints.io import atomic_torch_save, atomic_write_text
 
 GENESIS_NET = "nnunet_acnorm.networks.genesis_unet3d.GenesisUNet3D"
 MEDICALNET_NET = "nnunet_acnorm.networks.medicalnet_resnet.MedicalNetUNet3D"

@@ -20,7 +20,7 @@ import sys
 import torch
 from torch import nn
 
-from nnunet_acnorm.safe_load import CheckpointReadError, numpy_safe_globals, safe_torch_load, wrapper_prefix
+from nnunet_acnorm.checkpoints.io import CheckpointReadError, numpy_safe_globals, safe_torch_load, wrapper_prefix
 
 #: keys nnU-Net's loader does not transfer (they depend on the number of classes)
 SKIPPED_KEY_PARTS = (".seg_layers.",)

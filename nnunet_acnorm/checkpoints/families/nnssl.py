@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from copy import deepcopy
 
-from nnunet_acnorm.pretrained_loaders._recognise import state_under
-from nnunet_acnorm.pretrained_loaders.core import PretrainedFamily, PretrainedLoadError, StateDict
-from nnunet_acnorm.pretrained_loaders.nnunet_v2 import drop_aliases
+from nnunet_acnorm.checkpoints.recognise import state_under
+from nnunet_acnorm.checkpoints.family import PretrainedFamily, PretrainedLoadError, StateDict
+from nnunet_acnorm.checkpoints.families.nnunet_v2 import drop_aliases
 
 DNA = "dynamic_network_architectures.architectures.unet."
 _IMPORT_KW = ["conv_op", "norm_op", "dropout_op", "nonlin"]

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from nnunet_acnorm.safe_load import CheckpointReadError, safe_torch_load
+from nnunet_acnorm.checkpoints.io import CheckpointReadError, safe_torch_load
 
 StateDict = dict[str, torch.Tensor]
 

@@ -1,9 +1,9 @@
 """MoCo v2 (self-supervised on ImageNet, e.g. moco_v2_800ep_pretrain.pth.tar): 2D ResNet-50."""
 from __future__ import annotations
 
-from nnunet_acnorm.pretrained_loaders._recognise import has_tensor, state_under
-from nnunet_acnorm.pretrained_loaders.core import PretrainedFamily
-from nnunet_acnorm.pretrained_loaders.torchvision_resnet import IMAGENET_RESNET50, resnet_info
+from nnunet_acnorm.checkpoints.recognise import has_tensor, state_under
+from nnunet_acnorm.checkpoints.family import PretrainedFamily
+from nnunet_acnorm.checkpoints.families.torchvision_resnet import IMAGENET_RESNET50, resnet_info
 
 PREFIX = "module.encoder_q."
 

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import os
 
-from nnunet_acnorm.pretrained_loaders.core import (PretrainedFamily, PretrainedLoadError, PretrainedWeights,
+from nnunet_acnorm.checkpoints.family import (PretrainedFamily, PretrainedLoadError, PretrainedWeights,
                                                    apply_family, read_checkpoint)
-from nnunet_acnorm.safe_load import wrapper_prefix
-from nnunet_acnorm.pretrained_loaders.genesis import GENESIS
-from nnunet_acnorm.pretrained_loaders.medicalnet import MEDICALNET
-from nnunet_acnorm.pretrained_loaders.moco_v2 import MOCO_V2
-from nnunet_acnorm.pretrained_loaders.nnssl import NNSSL
-from nnunet_acnorm.pretrained_loaders.nnunet_v1 import NNUNET_V1
-from nnunet_acnorm.pretrained_loaders.nnunet_v2 import NNUNET_V2
-from nnunet_acnorm.pretrained_loaders.suprem import SUPREM
-from nnunet_acnorm.pretrained_loaders.torchvision_resnet import TORCHVISION_RESNET
+from nnunet_acnorm.checkpoints.io import wrapper_prefix
+from nnunet_acnorm.checkpoints.families.genesis import GENESIS
+from nnunet_acnorm.checkpoints.families.medicalnet import MEDICALNET
+from nnunet_acnorm.checkpoints.families.moco_v2 import MOCO_V2
+from nnunet_acnorm.checkpoints.families.nnssl import NNSSL
+from nnunet_acnorm.checkpoints.families.nnunet_v1 import NNUNET_V1
+from nnunet_acnorm.checkpoints.families.nnunet_v2 import NNUNET_V2
+from nnunet_acnorm.checkpoints.families.suprem import SUPREM
+from nnunet_acnorm.checkpoints.families.torchvision_resnet import TORCHVISION_RESNET
 
 #: every supported family, in detection order
 FAMILIES: dict[str, PretrainedFamily] = {f.name: f for f in (

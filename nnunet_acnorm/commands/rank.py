@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from nnunet_acnorm.pretrained_loaders import FAMILIES
+from nnunet_acnorm.checkpoints import FAMILIES
 from nnunet_acnorm.ranking.direction import DIRECTION, ESTIMATORS, UnknownEstimator, parse_estimators
 
 
