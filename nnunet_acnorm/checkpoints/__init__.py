@@ -13,7 +13,7 @@ import os
 
 from nnunet_acnorm.checkpoints.family import (PretrainedFamily, PretrainedLoadError, PretrainedWeights,
                                                    apply_family, read_checkpoint)
-from nnunet_acnorm.checkpoints.io import wrapper_prefix
+from nnunet_acnorm.checkpoints.keys import wrapper_prefix
 from nnunet_acnorm.checkpoints.families.genesis import GENESIS
 from nnunet_acnorm.checkpoints.families.medicalnet import MEDICALNET
 from nnunet_acnorm.checkpoints.families.moco_v2 import MOCO_V2

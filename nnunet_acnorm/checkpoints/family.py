@@ -4,18 +4,48 @@ from __future__ import annotations
 
 import os
 import re
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
 
 from nnunet_acnorm.checkpoints.io import CheckpointReadError, safe_torch_load
+from nnunet_acnorm.norms.ac_corr import norm_affines
+from nnunet_acnorm.errors import InputError
 
 StateDict = dict[str, torch.Tensor]
 
 
-class PretrainedLoadError(ValueError):
+class PretrainedLoadError(InputError):
     """A pretrained file cannot be used; the message says what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Intensity:
+    """How the pretraining normalised its input, typed (no string to parse back).
+
+    ``scheme``: ``ct_window`` (Hounsfield units clipped to ``window`` and scaled to [0, 1]),
+    ``zscore`` / ``zscore_foreground`` (per image), ``imagenet_rgb`` (``mean`` / ``std`` per RGB
+    channel), ``nnunet_plans`` / ``dataset_plans`` (whatever the plans of the pretraining said).
+    """
+
+    scheme: str
+    window: tuple[float, float] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __str__(self) -> str:
+        if self.window is not None:
+            return f"{self.scheme}[{self.window[0]:g},{self.window[1]:g}]->[0,1]"
+        if self.mean is not None:
+            return f"{self.scheme}(mean={list(self.mean)},std={list(self.std or ())})"
+        return self.scheme
+
+
+#: ``plan_architecture(weights, configuration, channel_names, notes)``: edits the configuration (nnU-Net
+#: plans format, a copy) so that it builds this family's network; appends what it decided to ``notes``
+PlanHook = Callable[["PretrainedWeights", dict, dict, list], None]
 
 
 def _identity_key(key: str) -> str | None:
@@ -47,7 +77,7 @@ class PretrainedFamily:
     #: input channels of the pretrained stem (None: read from the file / plan)
     input_channels: int | None
     #: intensity normalisation used in pretraining (how the import sets the plans)
-    intensity_normalisation: str
+    intensity: Intensity
     norm_type: str
     #: what the file provides ("encoder + decoder", "encoder")
     loaded_parts: str
@@ -63,6 +93,10 @@ class PretrainedFamily:
     stem_weight_key: str | None = None
     #: prefixes (our names) of the encoder; an import must match at least these
     encoder_prefixes: tuple[str, ...] = ()
+    #: how nnUNetv2_acnorm_import plans this family's network (None: the family cannot be planned)
+    plan_architecture: PlanHook | None = None
+    #: the classification network its weights fit (``networks.classifiers.ARCHITECTURES``), or None
+    classifier: str | None = None
 
 
 @dataclass
@@ -91,25 +125,14 @@ class PretrainedWeights:
         return text
 
     def norm_affines(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{module name: (weight, bias)} of every norm layer in the file (keys with running stats
-        or named like a norm), in our names."""
-        out = {}
-        for key, value in self.state_dict.items():
-            if not key.endswith(".weight") or value.dim() != 1:
-                continue
-            module = key[: -len(".weight")]
-            bias = self.state_dict.get(module + ".bias")
-            if bias is not None and bias.dim() == 1 and bias.shape == value.shape and _is_norm_name(
-                    module, self.state_dict):
-                out[module] = (value, bias)
-        return out
+        """{module name: (weight, bias)} of every norm layer in the file, in our names (the rule of
+        :func:`nnunet_acnorm.norms.ac_corr.norm_affines`)."""
+        return norm_affines(self.state_dict)
 
 
-_NORM_NAME = re.compile(r"(^|\.)(bn\d*|norm|instnorm|downsample\.1)$")
-
-
-def _is_norm_name(module: str, state_dict: StateDict) -> bool:
-    return module + ".running_mean" in state_dict or bool(_NORM_NAME.search(module))
+def plan_file_architecture(weights: PretrainedWeights, config: dict, channel_names: dict, notes: list) -> None:
+    """The planning hook of families whose files carry their nnU-Net ``architecture`` entry."""
+    config["architecture"] = deepcopy(weights.info["architecture"])
 
 
 def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Any:

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from nnunet_acnorm.errors import InputError
+
 #: why a checkpoint could not be read
 KINDS = ("missing", "directory", "empty", "pickle", "corrupt")
 
@@ -30,7 +32,7 @@ _UNSUPPORTED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLO
 _TORCH_LOAD = torch.load
 
 
-class CheckpointReadError(ValueError):
+class CheckpointReadError(InputError):
     """A checkpoint file cannot be read safely; ``kind`` is one of :data:`KINDS`."""
 
     def __init__(self, message: str, kind: str, path: str, detail: str = ""):
@@ -125,17 +127,3 @@ def plain_python(value: Any) -> Any:
         return tuple(plain_python(v) for v in value)
     return value
 
-
-#: prefixes that wrappers add to every key of a state dict (DDP / DataParallel, torch.compile)
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def wrapper_prefix(keys) -> str | None:
-    """The wrapper prefix every key of ``keys`` carries (``module.``, ``_orig_mod.``), or None."""
-    keys = [k for k in keys if isinstance(k, str)]
-    if not keys:
-        return None
-    for prefix in WRAPPER_PREFIXES:
-        if all(k.startswith(prefix) for k in keys):
-            return prefix
-    return None

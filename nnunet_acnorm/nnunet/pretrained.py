@@ -17,20 +17,17 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
 from torch import nn
 
-from nnunet_acnorm.checkpoints.io import CheckpointReadError, numpy_safe_globals, safe_torch_load, wrapper_prefix
+from nnunet_acnorm.checkpoints.io import CheckpointReadError, safe_torch_load
+from nnunet_acnorm.checkpoints.keys import first_misfit, transferable_keys, wrapper_prefix
+from nnunet_acnorm.errors import InputError
 
-#: keys nnU-Net's loader does not transfer (they depend on the number of classes)
-SKIPPED_KEY_PARTS = (".seg_layers.",)
-
-
-class PretrainedWeightsError(ValueError):
+class PretrainedWeightsError(InputError):
     """The pretrained checkpoint cannot initialise this network."""
 
 
-class NnunetCheckpointError(ValueError):
+class NnunetCheckpointError(InputError):
     """An nnU-Net checkpoint cannot be used. ``kind``: ``missing``, ``directory``, ``empty``,
     ``corrupt`` (truncated or not a PyTorch file), ``pickle`` (needs arbitrary pickled objects),
     ``format`` (a PyTorch file, but no nnU-Net checkpoint)."""
@@ -108,38 +105,31 @@ def check_pretrained_weights(network: nn.Module, fname: str, plans_name: str | N
     checkpoint = _load_pretrained_checkpoint(fname)
     pretrained = checkpoint["network_weights"]
     model_state = network.state_dict()
-    prefix = wrapper_prefix(pretrained)
-    for key, value in model_state.items():
-        if any(part in key for part in SKIPPED_KEY_PARTS):
-            continue
-        if key not in pretrained:
-            if prefix is not None and prefix + key in pretrained:
-                raise PretrainedWeightsError(
-                    f"{fname}: every key is under the prefix '{prefix}' (saved from a DDP/DataParallel-wrapped or "
-                    f"compiled network), which nnU-Net's -pretrained_weights loader does not strip: '{key}' is there "
-                    f"as '{prefix}{key}'. Re-save network_weights without the prefix, or convert the file with "
-                    f"nnUNetv2_acnorm_import -i {fname}, which strips it")
+    misfit = first_misfit(model_state, pretrained, transferable_keys(model_state))
+    if misfit is None:
+        return pretrained
+    key = misfit.key
+    if misfit.kind == "missing":
+        prefix = wrapper_prefix(pretrained)
+        if prefix is not None and prefix + key in pretrained:
             raise PretrainedWeightsError(
-                f"{fname} does not fit this network: key '{key}' (shape {tuple(value.shape)}) is missing "
-                f"in the checkpoint. It comes from another architecture or plans; "
-                f"{_misfit_advice(checkpoint, plans_name)}")
-        theirs = pretrained[key]
-        if tuple(theirs.shape) != tuple(value.shape):
-            raise PretrainedWeightsError(
-                f"{fname} does not fit this network: first mismatching key '{key}' has shape "
-                f"{tuple(theirs.shape)} in the checkpoint but {tuple(value.shape)} in the network. It comes "
-                "from another architecture, plans or number of input channels; "
-                f"{_misfit_advice(checkpoint, plans_name)}")
-        if theirs.is_floating_point() and not torch.isfinite(theirs).all():
-            raise PretrainedWeightsError(
-                f"{fname}: key '{key}' contains NaN or infinite values; the checkpoint is corrupted or "
-                "comes from a diverged run")
-    return pretrained
-
-
-def _numpy_checkpoint_globals() -> list:
-    """numpy objects nnU-Net checkpoints hold (in their training logs): safe to unpickle."""
-    return numpy_safe_globals()
+                f"{fname}: every key is under the prefix '{prefix}' (saved from a DDP/DataParallel-wrapped or "
+                f"compiled network), which nnU-Net's -pretrained_weights loader does not strip: '{key}' is there "
+                f"as '{prefix}{key}'. Re-save network_weights without the prefix, or convert the file with "
+                f"nnUNetv2_acnorm_import -i {fname}, which strips it")
+        raise PretrainedWeightsError(
+            f"{fname} does not fit this network: key '{key}' (shape {misfit.network_shape}) is missing "
+            f"in the checkpoint. It comes from another architecture or plans; "
+            f"{_misfit_advice(checkpoint, plans_name)}")
+    if misfit.kind == "shape":
+        raise PretrainedWeightsError(
+            f"{fname} does not fit this network: first mismatching key '{key}' has shape "
+            f"{misfit.file_shape} in the checkpoint but {misfit.network_shape} in the network. It comes "
+            "from another architecture, plans or number of input channels; "
+            f"{_misfit_advice(checkpoint, plans_name)}")
+    raise PretrainedWeightsError(
+        f"{fname}: key '{key}' contains NaN or infinite values; the checkpoint is corrupted or "
+        "comes from a diverged run")
 
 
 def load_nnunet_checkpoint(fname: str, map_location="cpu") -> dict:

@@ -6,11 +6,16 @@ than torch's on CPU, which is what a layer of a few hundred channels pays. float
 Differences to the torch version: the queries of the searchsorted are sorted first (a merge is
 about 4x faster than random look-ups), and the decay table is built from the consecutive gaps by
 products (one exp per channel instead of one per table entry). Tests compare both implementations
-with the dense float64 oracle.
+with the dense float64 oracle. The exact kept-set rule itself (TwoSum mirror point, interval ends)
+and the scan are one code for both: ``functional._mirror_point``, ``functional._split_and_ends``
+and ``functional._laplace_scan_`` work on arrays as on tensors. This module is a second
+implementation for speed, not an independent oracle (the tests' oracle is the dense formula).
 """
 from __future__ import annotations
 
 import numpy as np
+
+from nnunet_acnorm.norms.functional import _laplace_scan_, _mirror_point, _split_and_ends
 
 
 def source_layout(ys: np.ndarray, tau: float) -> tuple:
@@ -32,21 +37,14 @@ def kept_intervals(ys: np.ndarray, yt: np.ndarray, layout: tuple | None = None):
     """(y, order, rank, q, low, high) as functional._kept_intervals (``layout``: source_layout(ys, .))."""
     c = ys.size
     y, order, rank, start, end, _ = source_layout(ys, 1.0) if layout is None else layout
-    two_t = 2.0 * yt
-    mirror = two_t - ys
-    back = mirror - two_t
-    err = (two_t - (mirror - back)) + (-ys - back)
+    mirror, err = _mirror_point(ys, yt)
     values = np.concatenate((yt, mirror))
     by_value = np.argsort(values)
     below = np.empty(2 * c, dtype=np.int64)
     below[by_value] = np.searchsorted(y, values[by_value])      # sorted queries: a merge
     at = np.minimum(below, c - 1)
     upto = np.where((below < c) & (y[at] == values), end[at], below)
-    q = upto[:c]
-    below_m, upto_m = below[c:], upto[c:]
-    diagonal_left = ys <= yt
-    low = np.where(diagonal_left, start[rank], np.where(err <= 0, below_m, upto_m))
-    high = np.where(diagonal_left, np.where(err >= 0, upto_m, below_m), end[rank])
+    q, low, high = _split_and_ends(np.where, ys, yt, err, below, upto, start[rank], end[rank])
     return y, order, rank, q, low, high
 
 def _decay_table(y2: np.ndarray, tau: float) -> np.ndarray:
@@ -60,12 +58,6 @@ def _decay_table(y2: np.ndarray, tau: float) -> np.ndarray:
             s = 1 << (step - 1)
             table[:, step, 2 * s:] = table[:, step - 1, 2 * s:] * table[:, step - 1, s:-s]
     return table
-
-def _laplace_scan_(x: np.ndarray, table: np.ndarray) -> np.ndarray:
-    for step in range(table.shape[1]):
-        s = 1 << step
-        x[..., s:] += table[:, None, step, s:] * x[..., :-s]
-    return x
 
 def kept_sums(ys: np.ndarray, yt: np.ndarray, tau: float, weights: np.ndarray, layout: tuple | None = None):
     """As functional._sorted_kept_sums: kept sums (ch, C) by target row, and the saved state.

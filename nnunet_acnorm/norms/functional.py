@@ -238,22 +238,40 @@ def _kept_intervals(ys: Tensor, yt: Tensor):
     y, order = torch.sort(ys, stable=True)
     rank = torch.empty_like(order).scatter_(0, order, arange)
     start, end = _tie_groups(y, arange)
-    # the mirror point 2t - ys_i as mirror + err exactly (TwoSum; 2t is exact)
-    two_t = 2.0 * yt
-    mirror = two_t - ys
-    back = mirror - two_t
-    err = (two_t - (mirror - back)) + (-ys - back)
+    mirror, err = _mirror_point(ys, yt)
     values = torch.cat([yt, mirror])
     below = torch.searchsorted(y, values)                     # #{y < v}
     at = below.clamp(max=c - 1)
     upto = torch.where((below < c) & (y[at] == values), end[at], below)   # #{y <= v}
+    q, low, high = _split_and_ends(torch.where, ys, yt, err, below, upto, start[rank], end[rank])
+    return y, order, rank, q, low, high
+
+
+# The two helpers below are the exact kept-set rule, shared by this torch implementation and the
+# NumPy one (``_sorted_numpy``): the same operations on tensors or on arrays, hence the same
+# results; each caller does its own sort and search.
+
+def _mirror_point(ys, yt):
+    """The mirror point 2t - ys_i, as mirror + err exactly (TwoSum; 2t is exact). Tensors or arrays."""
+    two_t = 2.0 * yt
+    mirror = two_t - ys
+    back = mirror - two_t
+    return mirror, (two_t - (mirror - back)) + (-ys - back)
+
+
+def _split_and_ends(where, ys, yt, err, below, upto, own_start, own_end):
+    """The split q and the kept interval [L, R) of each row, from the counts of the sorted source
+    indicators below (#{y < v}) and up to (#{y <= v}) the queries v = (yt, mirror) concatenated, and
+    each row's own tie group [own_start, own_end) in sorted positions. ``where``: ``torch.where`` or
+    ``numpy.where``, as the arrays are."""
+    c = ys.shape[0]
     q = upto[:c]
     below_m, upto_m = below[c:], upto[c:]
     diagonal_left = ys <= yt
     # diagonal left of t: kept y in [ys_i, mirror]; right of t: kept y in [mirror, ys_i]
-    low = torch.where(diagonal_left, start[rank], torch.where(err <= 0, below_m, upto_m))
-    high = torch.where(diagonal_left, torch.where(err >= 0, upto_m, below_m), end[rank])
-    return y, order, rank, q, low, high
+    low = where(diagonal_left, own_start, where(err <= 0, below_m, upto_m))
+    high = where(diagonal_left, where(err >= 0, upto_m, below_m), own_end)
+    return q, low, high
 
 
 def _decay_table(y2: Tensor, tau: float) -> Tensor:
@@ -267,7 +285,8 @@ def _decay_table(y2: Tensor, tau: float) -> Tensor:
 
 
 def _laplace_scan_(x: Tensor, table: Tensor) -> Tensor:
-    """In place, x (2, ch, C): x[d, :, j] <- sum_{k <= j} x[d, :, k] exp((y2[d, k] - y2[d, j]) / tau)."""
+    """In place, x (2, ch, C): x[d, :, j] <- sum_{k <= j} x[d, :, k] exp((y2[d, k] - y2[d, j]) / tau).
+    Tensors or NumPy arrays (the NumPy path uses it too)."""
     for step in range(table.shape[1]):
         shift = 1 << step
         x[..., shift:] += table[:, None, step, shift:] * x[..., :-shift]

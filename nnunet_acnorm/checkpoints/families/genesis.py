@@ -1,8 +1,9 @@
 """Models Genesis, Semantic Genesis and TransVW: the Models Genesis 3D U-Net (BatchNorm)."""
 from __future__ import annotations
 
+from nnunet_acnorm.checkpoints.family import Intensity, PretrainedFamily
 from nnunet_acnorm.checkpoints.recognise import any_key_starts, has_tensor, state_under
-from nnunet_acnorm.checkpoints.family import PretrainedFamily
+from nnunet_acnorm.networks.genesis_unet3d import GENESIS_CT_WINDOW
 
 GENESIS_ENCODER = ("down_tr64.", "down_tr128.", "down_tr256.", "down_tr512.")
 
@@ -29,6 +30,26 @@ def _read_info(checkpoint, state) -> dict:
     return {}
 
 
+def plan_genesis_unet(weights, config: dict, channel_names: dict, notes: list) -> None:
+    """Planning hook of the families built on the Models Genesis 3D U-Net (Genesis, SuPreM): CT goes
+    into the network raw and the network applies the family's pretraining window."""
+    window = weights.family.intensity.window
+    arch_kwargs = {"base_features": int(weights.info.get("base_features", 32)), "act": "relu",
+                   "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], "input_window": None}
+    n_channels = len(channel_names)
+    if all(str(v).lower() == "ct" for v in channel_names.values()):
+        arch_kwargs["input_window"] = list(window)
+        config["normalization_schemes"] = ["NoNormalization"] * n_channels
+        config["use_mask_for_norm"] = [False] * n_channels
+        notes.append(f"intensity: raw HU into the network, which clips to [{window[0]:g}, {window[1]:g}] "
+                     "and scales to [0, 1] as in pretraining (plans: NoNormalization)")
+    else:
+        notes.append("intensity: the dataset is not CT, so the pretraining window does not apply; "
+                     f"keeping the dataset's normalisation {config['normalization_schemes']}")
+    config["architecture"] = {"network_class_name": weights.family.network, "arch_kwargs": arch_kwargs,
+                              "_kw_requires_import": []}
+
+
 GENESIS = PretrainedFamily(
     name="genesis",
     description="Models Genesis / Semantic Genesis / TransVW 3D U-Net (self-supervised on chest CT)",
@@ -37,7 +58,7 @@ GENESIS = PretrainedFamily(
     network="nnunet_acnorm.networks.genesis_unet3d.GenesisUNet3D",
     spatial_dims=3,
     input_channels=1,
-    intensity_normalisation="ct_window[-1000,1000]->[0,1]",
+    intensity=Intensity("ct_window", window=GENESIS_CT_WINDOW),
     norm_type="BatchNorm3d",
     loaded_parts="encoder + decoder",
     licence="code MIT; weights from the authors on request (research use; check their terms)",
@@ -48,4 +69,6 @@ GENESIS = PretrainedFamily(
     read_info=_read_info,
     stem_weight_key="down_tr64.ops.0.conv1.weight",
     encoder_prefixes=GENESIS_ENCODER,
+    plan_architecture=plan_genesis_unet,
+    classifier="genesis",
 )

@@ -5,7 +5,7 @@ import re
 
 from nnunet_acnorm.networks.medicalnet_resnet import MEDICALNET_LAYERS
 from nnunet_acnorm.checkpoints.recognise import has_tensor, state_under
-from nnunet_acnorm.checkpoints.family import PretrainedFamily, PretrainedLoadError
+from nnunet_acnorm.checkpoints.family import Intensity, PretrainedFamily, PretrainedLoadError
 
 _BLOCK = re.compile(r"^(?:module\.)?layer(\d)\.(\d+)\.")
 
@@ -33,6 +33,16 @@ def _read_info(checkpoint, state) -> dict:
             "base_features": int(stem.shape[0])}
 
 
+def _plan(weights, config: dict, channel_names: dict, notes: list) -> None:
+    info = weights.info
+    config["architecture"] = {"network_class_name": weights.family.network, "arch_kwargs": {
+        "depth": int(info["depth"]), "shortcut_type": info["shortcut_type"],
+        "base_features": int(info["base_features"]), "decoder_features": [64, 32, 16],
+        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]}, "_kw_requires_import": []}
+    config["normalization_schemes"] = ["ZScoreNormalization"] * len(channel_names)
+    notes.append("intensity: z-score per image (nnU-Net ZScoreNormalization), as MedicalNet's pretraining")
+
+
 MEDICALNET = PretrainedFamily(
     name="medicalnet",
     description="MedicalNet (Med3D) 3D ResNet-10/18/34/50/101/152/200 encoder",
@@ -42,7 +52,7 @@ MEDICALNET = PretrainedFamily(
     network="nnunet_acnorm.networks.medicalnet_resnet.MedicalNetUNet3D",
     spatial_dims=3,
     input_channels=1,
-    intensity_normalisation="zscore_foreground",
+    intensity=Intensity("zscore_foreground"),
     norm_type="BatchNorm3d",
     loaded_parts="encoder",
     licence="MIT",
@@ -52,4 +62,6 @@ MEDICALNET = PretrainedFamily(
     read_info=_read_info,
     stem_weight_key="conv1.weight",
     encoder_prefixes=("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4."),
+    plan_architecture=_plan,
+    classifier="medicalnet",
 )

@@ -7,8 +7,9 @@ from __future__ import annotations
 from copy import deepcopy
 
 from nnunet_acnorm.checkpoints.recognise import state_under
-from nnunet_acnorm.checkpoints.family import PretrainedFamily, PretrainedLoadError, StateDict
-from nnunet_acnorm.checkpoints.families.nnunet_v2 import drop_aliases
+from nnunet_acnorm.checkpoints.family import (Intensity, PretrainedFamily, PretrainedLoadError, StateDict,
+                                             plan_file_architecture)
+from nnunet_acnorm.checkpoints.keys import drop_aliases
 
 DNA = "dynamic_network_architectures.architectures.unet."
 _IMPORT_KW = ["conv_op", "norm_op", "dropout_op", "nonlin"]
@@ -88,6 +89,21 @@ def _filter(state: StateDict, info: dict) -> StateDict:
     return state
 
 
+def _plan(weights, config: dict, channel_names: dict, notes: list) -> None:
+    info, n_channels = weights.info, len(channel_names)
+    plan_file_architecture(weights, config, channel_names, notes)
+    config["normalization_schemes"] = list(info.get("normalization_schemes") or ["ZScoreNormalization"])
+    config["normalization_schemes"] = (config["normalization_schemes"] * n_channels)[:n_channels]
+    if info.get("spacing"):
+        spacing = [float(s) for s in info["spacing"]]
+        if [float(s) for s in config["spacing"]] != spacing:
+            notes.append(f"spacing: {config['spacing']} -> {spacing} (the pretraining spacing)")
+        config["spacing"] = spacing
+    if info.get("patch_size"):
+        notes.append(f"patch size: nnssl recommends {list(info['patch_size'])} for fine-tuning; keeping "
+                     "the dataset's (divisible by the network's strides); edit the plans to change it")
+
+
 NNSSL = PretrainedFamily(
     name="nnssl",
     description="nnssl / OpenMind self-supervised ResEnc (MAE: encoder + decoder; contrastive: encoder)",
@@ -96,7 +112,7 @@ NNSSL = PretrainedFamily(
     network="(from the adaptation plan: dynamic-network-architectures ResidualEncoderUNet)",
     spatial_dims=3,
     input_channels=None,
-    intensity_normalisation="zscore",
+    intensity=Intensity("zscore"),
     norm_type="InstanceNorm3d",
     loaded_parts="encoder (+ decoder for MAE-type files)",
     licence="code Apache-2.0; OpenMind weights: see the model card",
@@ -104,4 +120,5 @@ NNSSL = PretrainedFamily(
     filter_state_dict=_filter,
     read_info=_read_info,
     encoder_prefixes=("encoder.",),
+    plan_architecture=_plan,
 )

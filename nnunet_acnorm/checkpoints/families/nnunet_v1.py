@@ -18,7 +18,8 @@ from __future__ import annotations
 import re
 
 from nnunet_acnorm.checkpoints.recognise import has_tensor, state_under
-from nnunet_acnorm.checkpoints.family import PretrainedFamily, PretrainedLoadError, StateDict
+from nnunet_acnorm.checkpoints.family import (Intensity, PretrainedFamily, PretrainedLoadError, StateDict,
+                                             plan_file_architecture)
 
 _ENC = re.compile(r"^conv_blocks_context\.(\d+)\.blocks\.(\d+)\.(conv|instnorm)\.(.+)$")
 _BOTTLENECK = re.compile(r"^conv_blocks_context\.(\d+)\.([01])\.blocks\.(\d+)\.(conv|instnorm)\.(.+)$")
@@ -113,7 +114,7 @@ NNUNET_V1 = PretrainedFamily(
     network="dynamic_network_architectures.architectures.unet.PlainConvUNet",
     spatial_dims=3,
     input_channels=None,
-    intensity_normalisation="dataset_plans",
+    intensity=Intensity("dataset_plans"),
     norm_type="InstanceNorm3d",
     loaded_parts="encoder + decoder (transposed-conv biases fresh)",
     licence="that of the model's provider (Models Genesis: code MIT, weights on request)",
@@ -123,4 +124,5 @@ NNUNET_V1 = PretrainedFamily(
     read_info=_read_info,
     stem_weight_key="encoder.stages.0.0.convs.0.conv.weight",
     encoder_prefixes=("encoder.",),
+    plan_architecture=plan_file_architecture,
 )

@@ -1,18 +1,9 @@
 """nnU-Net v2 checkpoints (checkpoint_final.pth / checkpoint_best.pth of another dataset)."""
 from __future__ import annotations
 
+from nnunet_acnorm.checkpoints.family import Intensity, PretrainedFamily, StateDict, plan_file_architecture
+from nnunet_acnorm.checkpoints.keys import drop_aliases
 from nnunet_acnorm.checkpoints.recognise import state_under
-from nnunet_acnorm.checkpoints.family import PretrainedFamily, StateDict
-
-#: aliases of modules registered twice in dynamic-network-architectures networks; loading the
-#: canonical key fills them
-ALIAS_PARTS = (".all_modules.",)
-ALIAS_PREFIXES = ("decoder.encoder.",)
-
-
-def drop_aliases(state: StateDict) -> StateDict:
-    return {k: v for k, v in state.items()
-            if not k.startswith(ALIAS_PREFIXES) and not any(p in k for p in ALIAS_PARTS)}
 
 
 def _recognise(checkpoint) -> bool:
@@ -43,6 +34,14 @@ def _filter(state: StateDict, info: dict) -> StateDict:
     return {k: v for k, v in drop_aliases(state).items() if not k.startswith("decoder.seg_layers.")}
 
 
+def _plan(weights, config: dict, channel_names: dict, notes: list) -> None:
+    if "architecture" in weights.info:
+        plan_file_architecture(weights, config, channel_names, notes)
+    else:
+        notes.append("architecture: the file has no plans in its init_args; using the dataset's planned "
+                     "architecture (pretraining with these plans, as nnU-Net's pretraining workflow does)")
+
+
 NNUNET_V2 = PretrainedFamily(
     name="nnunet_v2",
     description="nnU-Net v2 checkpoint (supervised pretraining on another dataset)",
@@ -51,7 +50,7 @@ NNUNET_V2 = PretrainedFamily(
     network="(from the plans stored in the checkpoint's init_args)",
     spatial_dims=3,
     input_channels=None,
-    intensity_normalisation="nnunet_plans",
+    intensity=Intensity("nnunet_plans"),
     norm_type="InstanceNorm (plans' norm_op)",
     loaded_parts="encoder + decoder",
     licence="that of the data it was trained on",
@@ -59,4 +58,5 @@ NNUNET_V2 = PretrainedFamily(
     filter_state_dict=_filter,
     read_info=_read_info,
     encoder_prefixes=("encoder.",),
+    plan_architecture=_plan,
 )

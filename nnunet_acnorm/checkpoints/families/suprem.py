@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from nnunet_acnorm.checkpoints.recognise import has_tensor, state_under
-from nnunet_acnorm.checkpoints.families.genesis import GENESIS_ENCODER, _read_info as _genesis_info
-from nnunet_acnorm.checkpoints.family import PretrainedFamily
+from nnunet_acnorm.checkpoints.families.genesis import GENESIS_ENCODER, plan_genesis_unet
+from nnunet_acnorm.checkpoints.families.genesis import _read_info as _genesis_info
+from nnunet_acnorm.checkpoints.family import Intensity, PretrainedFamily
 
 PREFIX = "module.backbone."
 
@@ -33,7 +34,7 @@ SUPREM = PretrainedFamily(
     network="nnunet_acnorm.networks.genesis_unet3d.GenesisUNet3D",
     spatial_dims=3,
     input_channels=1,
-    intensity_normalisation="ct_window[-175,250]->[0,1]",  # SuPreM training: ScaleIntensityRanged, clipped
+    intensity=Intensity("ct_window", window=(-175.0, 250.0)),  # SuPreM training: ScaleIntensityRanged, clipped
     norm_type="BatchNorm3d",
     loaded_parts="encoder + decoder",
     licence="code MIT (SuPreM repository); weights trained on AbdomenAtlas 1.1 CT: check its terms",
@@ -42,4 +43,5 @@ SUPREM = PretrainedFamily(
     read_info=_read_info,
     stem_weight_key="down_tr64.ops.0.conv1.weight",
     encoder_prefixes=GENESIS_ENCODER,
+    plan_architecture=plan_genesis_unet,
 )

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from nnunet_acnorm.checkpoints.recognise import has_tensor
-from nnunet_acnorm.checkpoints.family import PretrainedFamily
+from nnunet_acnorm.checkpoints.family import Intensity, PretrainedFamily
 
 RESNET_ENCODER = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
 _DEPTHS = {(2, 2, 2, 2, False): 18, (3, 4, 6, 3, False): 34, (3, 4, 6, 3, True): 50,
@@ -14,10 +14,11 @@ IMAGENET_RESNET50 = dict(
     network="torchvision.models.resnet50",
     spatial_dims=2,
     input_channels=3,
-    intensity_normalisation="imagenet_rgb(mean=[0.485,0.456,0.406],std=[0.229,0.224,0.225])",
+    intensity=Intensity("imagenet_rgb", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
     norm_type="BatchNorm2d",
     stem_weight_key="conv1.weight",
     encoder_prefixes=RESNET_ENCODER,
+    classifier="resnet",
 )
 
 
