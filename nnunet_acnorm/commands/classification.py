@@ -18,6 +18,7 @@ import sys
 import numpy as np
 
 from nnunet_acnorm.classification.errors import ClassificationInputError
+from nnunet_acnorm.commands._cli import run_command
 
 DEFAULT_BATCH_SIZE = {2: 16, 3: 8}
 #: -method -> what it is (the trainers: classification.trainer.METHODS)
@@ -27,23 +28,9 @@ METHOD_NAMES = {"acnorm": "AC-Norm on every BatchNorm", "vanilla": "plain fine-t
                 "dlr": "discriminative learning rate (pretrained layers x 0.1)"}
 
 
-def _fail(message: str) -> None:
-    if "Original Traceback" in message:  # raised in a DataLoader worker: keep the error's own line
-        last = message.strip().splitlines()[-1]
-        message = last.split(": ", 1)[1] if ": " in last else last
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
-def _run(main, argv):
-    try:
-        return main(argv)
-    except ClassificationInputError as e:
-        _fail(str(e))
-    except FloatingPointError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted")
+def _run(prog: str, main) -> None:
+    # a non-finite loss or output (FloatingPointError) is reported like bad input: one line, exit 1
+    run_command(prog, main, sys.argv[1:], errors=(FloatingPointError,))
 
 
 def _device(name: str):
@@ -114,6 +101,14 @@ def _check_results_folder(results: str, dim: int, num_classes: int) -> None:
             "the labels, or use another -o (nothing was written)")
 
 
+def _parser(prog: str, description: str, required: dict[str, str]) -> argparse.ArgumentParser:
+    """The parser of the console script ``prog``, with its ``required`` options (flag -> help) first."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    for flag, text in required.items():
+        p.add_argument(flag, required=True, help=text)
+    return p
+
+
 def _fold_arg(value: str):
     if value == "all":
         return "all"
@@ -125,15 +120,13 @@ def _fold_arg(value: str):
 # -- train ------------------------------------------------------------------------------------------
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nnUNetv2_acnorm_cls_train",
-        description="Fine-tune a pretrained classifier on one fold (AC-Norm on every BatchNorm, or "
-                    "plain fine-tuning with --vanilla). 2D: RGB PNG/JPEG/TIFF images, torchvision "
-                    "ResNet (ResNet-50). 3D: NIfTI/NRRD/MHA volumes, Models Genesis or MedicalNet encoders.")
-    p.add_argument("-i", required=True, help="folder of images")
-    p.add_argument("-l", required=True, help="CSV with a header: image identifier column, label column "
-                                             "(integer classes 0..N-1)")
-    p.add_argument("-o", required=True, help="results folder: splits_final.json and fold_X/ go here")
+    p = _parser("nnUNetv2_acnorm_cls_train",
+                "Fine-tune a pretrained classifier on one fold (AC-Norm on every BatchNorm, or "
+                "plain fine-tuning with --vanilla). 2D: RGB PNG/JPEG/TIFF images, torchvision "
+                "ResNet (ResNet-50). 3D: NIfTI/NRRD/MHA volumes, Models Genesis or MedicalNet encoders.",
+                {"-i": "folder of images",
+                 "-l": "CSV with a header: image identifier column, label column (integer classes 0..N-1)",
+                 "-o": "results folder: splits_final.json and fold_X/ go here"})
     p.add_argument("-f", required=True, type=_fold_arg, help="fold 0-4 of the 5-fold split, or 'all'")
     p.add_argument("-pretrained", help="pretrained checkpoint (torchvision or MoCo v2 ResNet-50 for 2D; "
                                        "Models Genesis or MedicalNet for 3D)")
@@ -190,8 +183,8 @@ def _train(argv) -> None:
     import torch
     from nnunet_acnorm.classification.dataset import (collect_cases, detect_dim, fold_cases,
                                                       infer_num_classes, load_or_create_splits)
-    from nnunet_acnorm.networks.classifiers import (ARCHITECTURES, DEFAULT_INTENSITY,
-                                                       describe_pretrained)
+    from nnunet_acnorm.classification.pretrained import describe_pretrained
+    from nnunet_acnorm.networks.classifiers import ARCHITECTURES
     from nnunet_acnorm.classification.trainer import CHECKPOINT_NAMES, METHODS, TRAINERS, load_checkpoint
     args = train_parser().parse_args(argv)
     _check_train_arguments(args)
@@ -245,7 +238,7 @@ def _train(argv) -> None:
         else:
             if args.arch is None:
                 raise ClassificationInputError("without -pretrained, pass -arch resnet|genesis|medicalnet")
-            dim, channels, _ = ARCHITECTURES[args.arch]
+            dim, channels = ARCHITECTURES[args.arch].dim, ARCHITECTURES[args.arch].in_channels
             depth = {"resnet": args.depth or 50, "medicalnet": args.depth or 18}.get(args.arch)
             net = {"architecture": args.arch, "dim": dim, "in_channels": channels,
                    "pretrained_family": None, "depth": depth, "base_features": None, "shortcut_type": None}
@@ -254,7 +247,7 @@ def _train(argv) -> None:
                                            f"({net['dim']}D)")
         config = {**net, "num_classes": None, "image_size": args.image_size,
                   "patch_size": list(args.patch_size) if args.patch_size else None,
-                  "intensity": args.intensity or DEFAULT_INTENSITY.get(net["architecture"]),
+                  "intensity": args.intensity or ARCHITECTURES[net["architecture"]].default_intensity,
                   "num_epochs": args.num_epochs if args.num_epochs is not None else 100,
                   "batch_size": args.batch_size or DEFAULT_BATCH_SIZE[net["dim"]],
                   "initial_lr": args.initial_lr, "weight_decay": args.weight_decay,
@@ -320,19 +313,14 @@ def _train(argv) -> None:
     torch.cuda.empty_cache() if device.type == "cuda" else None
 
 
-def train_entry() -> None:
-    _run(_train, sys.argv[1:])
-
-
 # -- predict ----------------------------------------------------------------------------------------
 
 def predict_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nnUNetv2_acnorm_cls_predict",
-                                description="Predict class probabilities with the ensemble of the folds "
-                                            "trained in -m (mean of their softmax outputs).")
-    p.add_argument("-i", required=True, help="folder of images")
-    p.add_argument("-o", required=True, help="output CSV: image, prediction, probability_0..N-1")
-    p.add_argument("-m", required=True, help="results folder of nnUNetv2_acnorm_cls_train (holds fold_X/)")
+    p = _parser("nnUNetv2_acnorm_cls_predict",
+                "Predict class probabilities with the ensemble of the folds trained in -m (mean of their "
+                "softmax outputs).",
+                {"-i": "folder of images", "-o": "output CSV: image, prediction, probability_0..N-1",
+                 "-m": "results folder of nnUNetv2_acnorm_cls_train (holds fold_X/)"})
     p.add_argument("-f", nargs="+", type=_fold_arg, default=None,
                    help="folds to ensemble (default: every fold_X in -m holding -chk)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
@@ -391,18 +379,14 @@ def _predict(argv) -> None:
           f"({', '.join(os.path.basename(d) for d in folders)}): {args.o}")
 
 
-def predict_entry() -> None:
-    _run(_predict, sys.argv[1:])
-
-
 # -- evaluate ---------------------------------------------------------------------------------------
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nnUNetv2_acnorm_cls_evaluate",
-                                description="Accuracy, quadratic weighted kappa, per-class and macro AUC "
-                                            "of a predictions CSV against a labels CSV.")
-    p.add_argument("-p", required=True, help="predictions CSV of nnUNetv2_acnorm_cls_predict")
-    p.add_argument("-l", required=True, help="labels CSV (identifier column, label column)")
+    p = _parser("nnUNetv2_acnorm_cls_evaluate",
+                "Accuracy, quadratic weighted kappa, per-class and macro AUC of a predictions CSV against a "
+                "labels CSV.",
+                {"-p": "predictions CSV of nnUNetv2_acnorm_cls_predict",
+                 "-l": "labels CSV (identifier column, label column)"})
     p.add_argument("-o", default=None, help="summary JSON (default: next to -p, <name>_summary.json); "
                                             "the confusion matrix goes next to it as .png")
     p.add_argument("-id_column", default=None)
@@ -460,5 +444,15 @@ def _evaluate(argv) -> None:
     print(f"summary: {out}")
 
 
+# -- console scripts (pyproject.toml) ----------------------------------------------------------------
+
+def train_entry() -> None:
+    _run("nnUNetv2_acnorm_cls_train", _train)
+
+
+def predict_entry() -> None:
+    _run("nnUNetv2_acnorm_cls_predict", _predict)
+
+
 def evaluate_entry() -> None:
-    _run(_evaluate, sys.argv[1:])
+    _run("nnUNetv2_acnorm_cls_evaluate", _evaluate)

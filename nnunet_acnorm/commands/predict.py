@@ -16,12 +16,9 @@ values only): ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 nnUNetv2_predict_from_modelfolde
 from __future__ import annotations
 
 import os
-import sys
 
-
-def _fail(prog: str, message: str) -> None:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    sys.exit(1)
+from nnunet_acnorm.commands._cli import run_command
+from nnunet_acnorm.errors import InputError
 
 
 def _install_safe_torch_load() -> None:
@@ -43,35 +40,37 @@ def _install_safe_torch_load() -> None:
     torch.load = weights_only_load
 
 
-def _run(entry_name: str, prog: str) -> None:
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # inherited by any worker process
-    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-    _install_safe_torch_load()
-    from nnunetv2.inference import predict_from_raw_data
+def _nnunet_entry(entry_name: str):
+    def main(argv=None) -> None:
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # inherited by any worker process
+        os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+        _install_safe_torch_load()
+        from nnunetv2.inference import predict_from_raw_data
 
-    from nnunet_acnorm.checkpoints.io import CheckpointReadError
+        from nnunet_acnorm.checkpoints.io import CheckpointReadError
 
-    try:
-        getattr(predict_from_raw_data, entry_name)()
-    except CheckpointReadError as e:
-        advice = (". Only if you trust its source, use nnU-Net's own command (it loads with weights_only=False)"
-                  if e.kind == "pickle" else "")
-        _fail(prog, f"{e}{advice}")
-    except RuntimeError as e:
-        text = str(e)
-        if "Error(s) in loading state_dict" not in text:
-            raise
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        _fail(prog, f"the checkpoint does not fit the network its trainer builds: "
-                    f"{lines[1] if len(lines) > 1 else lines[0]}")
+        try:
+            getattr(predict_from_raw_data, entry_name)()  # parses sys.argv itself
+        except CheckpointReadError as e:
+            advice = (". Only if you trust its source, use nnU-Net's own command (it loads with weights_only=False)"
+                      if e.kind == "pickle" else "")
+            raise InputError(f"{e}{advice}") from None
+        except RuntimeError as e:
+            text = str(e)
+            if "Error(s) in loading state_dict" not in text:
+                raise
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            raise InputError(f"the checkpoint does not fit the network its trainer builds: "
+                             f"{lines[1] if len(lines) > 1 else lines[0]}") from None
+    return main
 
 
 def predict_entry() -> None:
-    _run("predict_entry_point", "nnUNetv2_acnorm_predict")
+    run_command("nnUNetv2_acnorm_predict", _nnunet_entry("predict_entry_point"))
 
 
 def predict_from_modelfolder_entry() -> None:
-    _run("predict_entry_point_modelfolder", "nnUNetv2_acnorm_predict_from_modelfolder")
+    run_command("nnUNetv2_acnorm_predict_from_modelfolder", _nnunet_entry("predict_entry_point_modelfolder"))
 
 
 if __name__ == "__main__":

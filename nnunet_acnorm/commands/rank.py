@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from nnunet_acnorm.checkpoints import FAMILIES
+from nnunet_acnorm.commands._cli import run_command
+from nnunet_acnorm.errors import InputError
 from nnunet_acnorm.ranking.direction import DIRECTION, ESTIMATORS, UnknownEstimator, parse_estimators
+
+PROG = "nnUNetv2_acnorm_rank"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="nnUNetv2_acnorm_rank",
+        prog=PROG,
         description="Transferability estimators for pretrained checkpoints on an nnU-Net dataset, side by side: "
                     "each candidate becomes an AC-Norm network (source = its pretrained affines); LogME and H-score "
                     "score its pretrained features at labelled voxels, AC-Corr the sum of its sparse correlation "
@@ -64,7 +67,7 @@ def _layers_arg(values: list[str]):
     if values in (["deepest"], ["all"]):
         return values[0]
     if "deepest" in values or "all" in values:
-        raise ValueError("--layers takes 'deepest', 'all', or layer names, not a mix")
+        raise InputError("--layers takes 'deepest', 'all', or layer names, not a mix")
     return values
 
 
@@ -75,51 +78,39 @@ def _default_output(dataset_name: str, plans: str, configuration: str) -> str | 
     return os.path.join(results, dataset_name, f"acnorm_ranking__{plans}__{configuration}")
 
 
-def rank_entry(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    prog = "nnUNetv2_acnorm_rank"
-
-    def fail(message: str) -> None:
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        sys.exit(1)
-
     if args.steps < 1:
-        fail(f"--steps must be >= 1, got {args.steps}")
+        raise InputError(f"--steps must be >= 1, got {args.steps}")
     if not args.tau > 0:
-        fail(f"--tau must be > 0, got {args.tau}")
+        raise InputError(f"--tau must be > 0, got {args.tau}")
     if args.lr is not None and not args.lr > 0:
-        fail(f"--lr must be > 0, got {args.lr}")
+        raise InputError(f"--lr must be > 0, got {args.lr}")
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            fail("-device cuda: no CUDA device is available; use -device cpu")
-    try:
-        layers = _layers_arg(args.layers)
-    except ValueError as e:
-        fail(str(e))
+            raise InputError("-device cuda: no CUDA device is available; use -device cpu")
+    layers = _layers_arg(args.layers)
     try:
         estimators = parse_estimators(args.estimators.split(",") + (["logme"] if args.logme else []))
         parse_estimators([args.rank_by])
     except UnknownEstimator as e:
-        fail(f"--estimators / --rank_by: {e}")
+        raise InputError(f"--estimators / --rank_by: {e}") from None
     if args.rank_by not in estimators:
         estimators.insert(0, args.rank_by)
 
-    from nnunet_acnorm.ranking.nnunet_target import RankingError, load_target
+    from nnunet_acnorm.ranking.nnunet_target import load_target
     from nnunet_acnorm.ranking.rank import existing_results, format_table, rank_candidates, write_results
 
-    try:
-        target = load_target(args.dataset, args.configuration, args.plans)
-    except RankingError as e:
-        fail(str(e))
+    target = load_target(args.dataset, args.configuration, args.plans)
     output = args.output or _default_output(target.dataset_name, args.plans, args.configuration)
     if output is None:
-        fail("nnUNet_results is not set (or empty): pass -o OUTDIR")
+        raise InputError("nnUNet_results is not set (or empty): pass -o OUTDIR")
     present = existing_results(output) if os.path.isdir(output) else []
     if present and not args.overwrite:  # checked before the work, not after
-        fail(f"{output} already holds results of an earlier ranking ({', '.join(present)}); pass --overwrite to "
-             "replace them or -o for another folder")
+        raise InputError(f"{output} already holds results of an earlier ranking ({', '.join(present)}); pass "
+                         "--overwrite to replace them or -o for another folder")
 
     logs: dict[str, str] = {}
     ranking = rank_candidates(args.candidates, target, steps="epoch" if args.epoch else args.steps, layers=layers,
@@ -156,8 +147,12 @@ def rank_entry(argv: list[str] | None = None) -> None:
                   f"\n  {command}")
     print(f"Results: {', '.join(written)}")
     if not ranking.ranked:
-        fail("no candidate could be ranked (see the reasons above)" if not ranking.excluded else
-             "no candidate could be ranked: every measured candidate was excluded (see the reasons above)")
+        raise InputError("no candidate could be ranked (see the reasons above)" if not ranking.excluded else
+                         "no candidate could be ranked: every measured candidate was excluded (see the reasons above)")
+
+
+def rank_entry(argv: list[str] | None = None) -> None:
+    run_command(PROG, main, argv)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ nnUNet_extTrainer folder, ``nnunet_ext/``).
 Epochs and iterations per epoch come from ``ACNORM_DEMO_EPOCHS`` / ``ACNORM_DEMO_ITERATIONS``
 (set by ``nnUNetv2_acnorm_demo`` and ``experiments/finetune_experiment.py``), so their options
 reach the trainers run by ``nnUNetv2_train``. Every trainer here is seeded by
-``nnUNet_acnorm_seed`` (they derive from the fine-tuning trainers, see trainers/seeding.py).
+``nnUNet_acnorm_seed`` (they derive from the fine-tuning trainers, see nnunet/seeding.py).
 Everything else (recipe, temperature) is the full trainers' default, so that the demo measures
 what a user gets.
 """
@@ -76,7 +76,7 @@ class nnUNetTrainerACNormBN_tauAuto_acnormDemo(_DemoSchedule, nnUNetTrainerACNor
     """AC-BatchNorm with calibrated per-layer temperatures, short."""
 
 
-# -- the fine-tuning baselines (trainers/baseline_trainers.py), short ------------------------------
+# -- the fine-tuning baselines (nnunet/baseline_trainers.py), short ------------------------------
 from nnunet_acnorm.nnunet import baseline_trainers as _baselines  # noqa: E402
 
 for _name in ("nnUNetTrainerL2SP", "nnUNetTrainerACNorm_L2SP", "nnUNetTrainerDELTA", "nnUNetTrainerBSS",

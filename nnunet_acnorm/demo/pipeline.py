@@ -1,4 +1,4 @@
-"""``nnUNetv2_acnorm_demo``: the whole AC-Norm workflow on bundled real CT and MR, on CPU.
+"""The whole AC-Norm workflow on bundled real CT and MR, on CPU (``nnUNetv2_acnorm_demo``).
 
 1. Build two nnU-Net raw datasets from the bundled TotalSegmentator examples (labels remapped to
    0..4: background, liver, spleen, kidneys, stomach; resampled to 6 mm in-plane for speed):
@@ -14,7 +14,6 @@ Every step is a real nnU-Net console script in a subprocess; their logs go to ``
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from nnunet_acnorm.demo.datasets import CT_ORGANS, MR_ORGANS, write_raw_dataset
 from nnunet_acnorm.nnunet.seeding import SEED_ENV
+from nnunet_acnorm.errors import InputError
 
 DEMO_TRAINER_FOLDER = Path(__file__).resolve().parent / "nnunet_ext"
 SOURCE, TARGET = CT_ORGANS, MR_ORGANS
@@ -39,7 +39,7 @@ PLANS = "nnUNetPlans"
 SOURCE_PLANS = "DemoMRPlansForCT"
 
 
-class DemoError(RuntimeError):
+class DemoError(InputError):
     pass
 
 
@@ -230,36 +230,3 @@ def _print_experiment_summary(path: Path = EXPERIMENT_SUMMARY) -> None:
                        else "worse" if hi < 0 else "no difference shown")
             print(f"    {row['method']} vs {row['baseline']} ({row['seeds']} seeds): mean Dice {row['mean_dice']:.3f}, "
                   f"paired difference {row['delta']:+.3f} [95% CI {lo:+.3f}, {hi:+.3f}]: {verdict}")
-
-
-def demo_entry(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="nnUNetv2_acnorm_demo",
-        description="Run the AC-Norm workflow on the bundled real CT/MR example: pretrain on CT with stock nnU-Net, "
-                    "fine-tune on MR with AC-Norm and vanilla fine-tuning, print the Dice of both.")
-    parser.add_argument("--output", default="acnorm_demo_output", help="output folder (default: ./acnorm_demo_output)")
-    parser.add_argument("--pretrain-epochs", type=int, default=25)
-    parser.add_argument("--finetune-epochs", type=int, default=20)
-    parser.add_argument("--iterations", type=int, default=40, help="training iterations per epoch")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the pretraining and both fine-tunings "
-                        "(nnUNet_acnorm_seed); the two fine-tunings differ only by method")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    args = parser.parse_args(argv)
-    for name in ("pretrain_epochs", "finetune_epochs", "iterations"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.seed < 0:
-        parser.error("--seed must be >= 0")
-    try:
-        run_demo(Path(args.output), args.pretrain_epochs, args.finetune_epochs, args.iterations, args.overwrite,
-                 args.seed)
-    except DemoError as e:
-        print(f"nnUNetv2_acnorm_demo: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("nnUNetv2_acnorm_demo: interrupted", file=sys.stderr)
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    demo_entry()

@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from nnunet_acnorm.nnunet.schedules import WarmupPolyLRScheduler
+from nnunet_acnorm.finetuning.schedules import WarmupPolyLRScheduler
 
 LPFT_FROZEN_FRACTION = 0.1
 ENCODER_LR_FACTOR = 0.1

@@ -1,7 +1,11 @@
-"""nnU-Net v2 trainers for AC-Norm fine-tuning and the vanilla baseline.
+"""The nnU-Net v2 integration: everything that knows nnU-Net's plans, datasets, trainers and folders.
 
-The classes live in :mod:`nnunet_acnorm.nnunet.trainers` (importing it imports nnU-Net);
-nnU-Net finds them by name through the shim folder returned by
-:func:`nnunet_acnorm.nnunet.discovery.trainer_shim_folder`, which ``pip install`` adds to
-``nnUNet_extTrainer`` at every interpreter start (see ``_nnunet_acnorm_env``).
+- :mod:`~nnunet_acnorm.nnunet.trainers`, :mod:`~nnunet_acnorm.nnunet.baseline_trainers`: the
+  fine-tuning trainers (importing them imports nnU-Net). nnU-Net finds them by name through the
+  shim folder returned by :func:`nnunet_acnorm.nnunet.discovery.trainer_shim_folder`, which
+  ``pip install`` adds to ``nnUNet_extTrainer`` at every interpreter start (``_nnunet_acnorm_env``);
+- :mod:`~nnunet_acnorm.nnunet.pretrained`: the checks around ``-pretrained_weights`` and ``--c``;
+- :mod:`~nnunet_acnorm.nnunet.plans`: plans and a checkpoint for a pretrained file of any family;
+- :mod:`~nnunet_acnorm.nnunet.dataset`, :mod:`~nnunet_acnorm.nnunet.fold`,
+  :mod:`~nnunet_acnorm.nnunet.compare`, :mod:`~nnunet_acnorm.nnunet.seeding`.
 """

@@ -30,8 +30,6 @@ the keys of the plain (or AC-Norm) network.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 from torch._dynamo import OptimizedModule
@@ -39,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_acnorm.checkpoints.io import atomic_torch_save
 from nnunet_acnorm.finetuning import (BSS_ETA, BSS_K, DELTA_ALPHA, DELTA_BETA, ENCODER_LR_FACTOR, L2SP_ALPHA,
                                       L2SP_BETA, LPFT_FROZEN_FRACTION, STOCHNORM_P, DELTARegulariser,
                                       FeatureRecorder, L2SPRegulariser, ScaledWarmupPolyLRScheduler, bss_penalty,
@@ -150,13 +149,7 @@ class _FinetuningMethodMixin:
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
             STATE_KEY: state,
         }
-        tmp = f"{filename}.tmp"
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, filename)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_torch_save(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if not self.was_initialized:

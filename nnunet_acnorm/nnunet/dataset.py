@@ -10,10 +10,12 @@ import os
 import re
 from dataclasses import dataclass
 
+from nnunet_acnorm.errors import InputError
+
 _IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
-class PreprocessedDatasetError(ValueError):
+class PreprocessedDatasetError(InputError):
     """The dataset, its plans or the configuration cannot be found (one line for the user)."""
 
 

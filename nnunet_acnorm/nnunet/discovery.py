@@ -26,19 +26,3 @@ def with_trainer_folder(value: str | None, folder: str | None = None) -> str:
     if os.path.normcase(os.path.abspath(folder)) not in {os.path.normcase(os.path.abspath(p)) for p in parts}:
         parts.append(folder)
     return os.pathsep.join(parts)
-
-
-def print_trainer_path_entry() -> None:
-    """Console script ``nnUNetv2_acnorm_trainer_path``: print the folder to add to nnUNet_extTrainer."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="nnUNetv2_acnorm_trainer_path",
-        description="Print the folder that makes nnU-Net find the AC-Norm trainers, for "
-                    "'export nnUNet_extTrainer=$(nnUNetv2_acnorm_trainer_path)'. After 'pip install' this "
-                    "is done automatically at interpreter start; use this where that is switched off "
-                    "(python -S, PYTHONNOUSERSITE setups, frozen apps) or to see the folder.")
-    parser.add_argument("--append", action="store_true",
-                        help="print the current $nnUNet_extTrainer with the folder appended (keeps your folders)")
-    args = parser.parse_args()
-    print(with_trainer_folder(os.environ.get(ENV_VAR)) if args.append else trainer_shim_folder())

@@ -1,4 +1,4 @@
-"""``nnUNetv2_acnorm_fold``: turn a trained AC-Norm model folder into one for stock ``nnUNetTrainer``.
+"""Turn a trained AC-Norm model folder into one for stock ``nnUNetTrainer`` (``nnUNetv2_acnorm_fold``).
 
 Every AC-Norm layer is folded into the plain norm of its type with weight (I+S)γt and bias (I+S)βt
 (:func:`nnunet_acnorm.fold_acnorm`), which computes the same outputs at inference. The new folder
@@ -18,21 +18,20 @@ existing output folder is never touched without ``--overwrite``.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import os
 import pydoc
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from nnunet_acnorm.errors import InputError
 
 FOLDED_PLANS_SUFFIX = "ACNormFolded"
 STOCK_TRAINER = "nnUNetTrainer"
 
 
-class FoldError(ValueError):
+class FoldError(InputError):
     """The model folder cannot be folded; the message says why and what to do."""
 
 
@@ -272,50 +271,3 @@ def _write_output(model_folder: Path, output_folder: Path, overwrite: bool, new_
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-
-
-def fold_entry(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="nnUNetv2_acnorm_fold",
-        description="Fold the AC-Norm layers of a trained model folder into plain norms, for stock nnU-Net "
-                    "inference without the plugin (nnUNetv2_predict -tr nnUNetTrainer -p <plans>ACNormFolded).")
-    parser.add_argument("-d", help="dataset name or id (with -c, -tr, -p: the model folder in nnUNet_results)")
-    parser.add_argument("-c", help="configuration, e.g. 3d_fullres")
-    parser.add_argument("-tr", default="nnUNetTrainerACNorm", help="trainer (default: nnUNetTrainerACNorm)")
-    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
-    parser.add_argument("-i", help="the model folder itself (instead of -d/-c/-tr/-p)")
-    parser.add_argument("-o", help="output model folder (default: nnUNetTrainer__<plans>ACNormFolded__<config> "
-                                   "next to the model folder)")
-    parser.add_argument("-chk", nargs="+", help="checkpoint file names (default: every checkpoint_*.pth)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    args = parser.parse_args(argv)
-    try:
-        if args.i:
-            model_folder = Path(args.i)
-        else:
-            if not (args.d and args.c):
-                raise FoldError("give the model folder with -i, or -d DATASET -c CONFIGURATION [-tr] [-p]")
-            results = os.environ.get("nnUNet_results")
-            if not results:
-                raise FoldError("nnUNet_results is not set; set it or pass the model folder with -i")
-            from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-            try:
-                dataset_name = maybe_convert_to_dataset_name(args.d)
-            except RuntimeError as e:
-                raise FoldError(f"dataset {args.d} not found: {str(e).splitlines()[0]}") from None
-            model_folder = Path(results) / dataset_name / f"{args.tr}__{args.p}__{args.c}"
-        report = fold_model_folder(model_folder, args.o, overwrite=args.overwrite, checkpoint_names=args.chk)
-    except FoldError as e:
-        print(f"nnUNetv2_acnorm_fold: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"\nFolded model written to {report.output_folder}\n"
-          f"  norm_op: {report.norm_op}; checkpoints: {', '.join(report.checkpoints)}\n"
-          f"  largest softmax difference to the AC-Norm network (random input): {report.max_probability_difference:.2e}\n"
-          f"Predict with stock nnU-Net (no plugin needed):\n"
-          f"  nnUNetv2_predict_from_modelfolder -i INPUT -o OUTPUT -m {report.output_folder}\n"
-          f"  or: nnUNetv2_predict -i INPUT -o OUTPUT -d DATASET -c {report.configuration} -tr {STOCK_TRAINER} "
-          f"-p {report.plans_identifier} -f FOLDS")
-
-
-if __name__ == "__main__":
-    fold_entry()

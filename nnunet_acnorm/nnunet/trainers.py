@@ -32,7 +32,7 @@ from nnunet_acnorm.nnunet.pretrained import (NnunetCheckpointError, PretrainedWe
                                                      describe_missing_sources, load_nnunet_checkpoint,
                                                      missing_source_layers, pretrained_weights_from_argv,
                                                      remove_run_output, set_strict_source)
-from nnunet_acnorm.nnunet.schedules import WarmupPolyLRScheduler
+from nnunet_acnorm.finetuning.schedules import WarmupPolyLRScheduler
 from nnunet_acnorm.nnunet.seeding import (SEED_ENV, apply_cpu_thread_limit, resolve_seed, seed_everything,
                                             seeded_augmenters)
 
@@ -74,7 +74,7 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
     iterations_per_epoch: int | None = None
     val_iterations_per_epoch: int | None = None
     #: seed of torch/numpy/random and the augmentation workers (None: unseeded, as nnU-Net);
-    #: the environment variable ``nnUNet_acnorm_seed`` overrides it (see trainers/seeding.py)
+    #: the environment variable ``nnUNet_acnorm_seed`` overrides it (see nnunet/seeding.py)
     seed: int | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,

@@ -9,7 +9,7 @@
 - :mod:`~nnunet_acnorm.ranking.nnunet_target`: an nnU-Net dataset as the target (plans, fixed
   batches, nnU-Net's loss, candidates through the pretrained loaders and the import);
 - :mod:`~nnunet_acnorm.ranking.rank`: the ranking, its files and table;
-- :mod:`~nnunet_acnorm.commands.rank`: ``nnUNetv2_acnorm_rank``.
+- the console script ``nnUNetv2_acnorm_rank`` (``nnunet_acnorm/commands/rank.py``).
 """
 from nnunet_acnorm.ranking.estimators import (ACCorrMeasurement, ac_corr_after_steps, logme_of_layer,
                                               norm_features_at_labels)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from nnunet_acnorm.errors import InputError
+
 #: the estimators the command computes: name -> (column label, what it is). Every one ranks higher
 #: first: the literature's convention for LogME and H-score; for AC-Corr the sign of the project's
 #: (weak) evidence, see DIRECTION.
@@ -43,7 +45,7 @@ DIRECTION = {
 }
 
 
-class UnknownEstimator(ValueError):
+class UnknownEstimator(InputError):
     pass
 
 

@@ -3,21 +3,22 @@ and each candidate checkpoint turned into the AC-Norm network that ``nnUNetTrain
 fine-tune.
 
 Everything here mirrors what ``nnUNetv2_train -tr nnUNetTrainerACNorm -pretrained_weights`` does,
-without creating a trainer (whose constructor writes folders and logs into ``nnUNet_results``):
+without a training run: the trainer is only constructed, in a throw-away results folder
+(:mod:`nnunet_acnorm.nnunet.training_step`), for nnU-Net's own loss, optimiser and step:
 
 - network: ``nnUNetTrainerACNorm.build_network_architecture`` from the plans (AC-Norm with the
   source "not set"; loading the plain pretrained affines sets source = target);
 - weights: every key except the segmentation head (``.seg_layers.``), as nnU-Net's loader;
-- loss: nnU-Net's ``DC_and_CE_loss`` (``DC_and_BCE_loss`` for regions) with its deep-supervision
-  weights;
-- optimiser: the fine-tuning trainer's SGD (Nesterov, momentum 0.99) at its peak learning rate;
+- loss: the trainer's ``_build_loss`` (``DC_and_CE_loss``, ``DC_and_BCE_loss`` for regions, with
+  the deep-supervision weights);
+- optimiser: ``nnUNetTrainer.configure_optimizers`` (SGD, Nesterov, momentum 0.99, the trainer's
+  weight decay) at :data:`RANKING_LR`; the step: ``nnUNetTrainer.train_step`` in float32;
 - batches: nnU-Net's ``nnUNetDataLoader`` with the validation transforms (no augmentation), the
   cases in a seeded order and the crops from a seeded RNG, so every candidate sees the same cases
   and crops (same positions where the candidates' plans share spacing and patch size).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -32,19 +33,17 @@ from torch import nn
 
 from nnunet_acnorm.checkpoints import FAMILIES, PretrainedLoadError, read_checkpoint, resolve_family
 from nnunet_acnorm.checkpoints.family import apply_family
+from nnunet_acnorm.checkpoints.keys import canonical_keys, first_misfit, transferable_keys
+from nnunet_acnorm.errors import InputError
 from nnunet_acnorm.nnunet.dataset import PreprocessedDatasetError, read_preprocessed_dataset
 
-#: keys nnU-Net's -pretrained_weights loader does not transfer
-HEAD_KEY_PART = ".seg_layers."
-_ALIAS_PARTS = (".all_modules.",)
-_ALIAS_PREFIXES = ("decoder.encoder.",)
 
 
-class RankingError(ValueError):
+class RankingError(InputError):
     """The ranking as a whole cannot run (bad target, bad options): one line for the user."""
 
 
-class CandidateSkipped(ValueError):
+class CandidateSkipped(InputError):
     """This candidate cannot be ranked on this target; the message says why (the others go on)."""
 
 
@@ -87,11 +86,6 @@ def _managers(plans: dict, configuration: str, dataset_json: dict):
 
 
 # -- batches --------------------------------------------------------------------------------------
-def deep_supervision_scales(configuration_manager) -> list[list[float]]:
-    """nnU-Net's deep supervision scales (``nnUNetTrainer._get_deep_supervision_scales``)."""
-    return list(list(i) for i in 1 / np.cumprod(np.vstack(configuration_manager.pool_op_kernel_sizes), axis=0))[:-1]
-
-
 def case_order(identifiers: list[str], n_batches: int, batch_size: int, seed: int) -> list[list[str]]:
     """The cases of each batch: a seeded permutation of all cases, repeated as often as needed."""
     rng = np.random.RandomState(seed)
@@ -122,12 +116,12 @@ def fixed_batches(target: TargetTask, plans: dict, n_batches: int, seed: int) ->
     """``n_batches`` batches ({"data", "target"}) of the target for the configuration in ``plans``:
     the same seed gives the same cases and crops."""
     from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    _, cm, lm = _managers(plans, target.configuration, target.dataset_json)
+    trainer = _ranking_trainer(plans, target)
+    cm, lm = trainer.configuration_manager, trainer.label_manager
     dataset = _dataset(os.path.join(target.preprocessed_folder, cm.data_identifier), target)
-    transforms = nnUNetTrainer.get_validation_transforms(
-        deep_supervision_scales(cm), is_cascaded=False, foreground_labels=lm.foreground_labels,
+    transforms = trainer.get_validation_transforms(
+        trainer._get_deep_supervision_scales(), is_cascaded=False, foreground_labels=lm.foreground_labels,
         regions=lm.foreground_regions if lm.has_regions else None, ignore_label=lm.ignore_label)
     loader = nnUNetDataLoader(dataset, cm.batch_size, cm.patch_size, cm.patch_size, lm,
                               oversample_foreground_percent=0.33, transforms=transforms)
@@ -147,23 +141,21 @@ def fixed_batches(target: TargetTask, plans: dict, n_batches: int, seed: int) ->
 
 
 # -- loss and optimiser -----------------------------------------------------------------------------
-def build_loss(plans: dict, target: TargetTask) -> nn.Module:
-    """nnU-Net's training loss for these plans, with its deep-supervision weights."""
-    from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
-    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+def _ranking_trainer(plans: dict, target: TargetTask):
+    """The fine-tuning trainer whose network the ranking builds (:func:`build_acnorm_network`), for
+    ``plans``: nnU-Net's loss and hyperparameters (:mod:`nnunet_acnorm.nnunet.training_step`)."""
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm_tau1
+    from nnunet_acnorm.nnunet.training_step import construct_trainer
 
-    _, cm, lm = _managers(plans, target.configuration, target.dataset_json)
-    if lm.has_regions:
-        loss = DC_and_BCE_loss({}, {"batch_dice": cm.batch_dice, "do_bg": True, "smooth": 1e-5, "ddp": False},
-                               use_ignore_label=lm.ignore_label is not None, dice_class=MemoryEfficientSoftDiceLoss)
-    else:
-        loss = DC_and_CE_loss({"batch_dice": cm.batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
-                              weight_ce=1, weight_dice=1, ignore_label=lm.ignore_label,
-                              dice_class=MemoryEfficientSoftDiceLoss)
-    weights = np.array([1 / (2 ** i) for i in range(len(deep_supervision_scales(cm)))])
-    weights[-1] = 0
-    return DeepSupervisionWrapper(loss, weights / weights.sum())
+    return construct_trainer(nnUNetTrainerACNorm_tau1, plans, target.configuration, target.dataset_json)
+
+
+def build_loss(plans: dict, target: TargetTask) -> nn.Module:
+    """nnU-Net's training loss for these plans, with its deep-supervision weights
+    (``nnUNetTrainer._build_loss`` of the fine-tuning trainer)."""
+    from nnunet_acnorm.nnunet.training_step import build_loss as trainer_loss
+
+    return trainer_loss(_ranking_trainer(plans, target))
 
 
 #: learning rate of the ranking's fine-tuning steps: the one its direction experiment was measured
@@ -173,30 +165,29 @@ RANKING_LR = 1e-3
 
 
 def finetune_optimizer(network: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
-    """The fine-tuning trainer's optimiser (SGD, Nesterov, momentum 0.99, weight decay 3e-5) at
-    :data:`RANKING_LR` unless ``lr`` is given."""
-    lr = RANKING_LR if lr is None else lr
-    return torch.optim.SGD(network.parameters(), lr, weight_decay=3e-5, momentum=0.99, nesterov=True)
+    """The fine-tuning trainer's optimiser (``nnUNetTrainer.configure_optimizers``: SGD, Nesterov,
+    momentum 0.99, the trainer's weight decay) at :data:`RANKING_LR` unless ``lr`` is given."""
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm_tau1
+    from nnunet_acnorm.nnunet.training_step import build_optimizer, reference_trainer
+
+    return build_optimizer(reference_trainer(nnUNetTrainerACNorm_tau1), network, RANKING_LR if lr is None else lr)
 
 
 def nnunet_train_step(network: nn.Module, loss: nn.Module, optimizer: torch.optim.Optimizer,
                       device: torch.device):
-    """One step as ``nnUNetTrainer.train_step`` (forward, loss, backward, clip to 12, SGD step)."""
+    """One step as ``nnUNetTrainer.train_step`` (forward, loss, backward, clip to 12, SGD step; in
+    float32, also on CUDA: :func:`nnunet_acnorm.nnunet.training_step.make_train_step`). A loss that is
+    not finite skips the candidate."""
+    from nnunet_acnorm.nnunet.training_step import make_train_step
+
+    train_step = make_train_step(network, loss, optimizer, device)
 
     def step(batch: dict) -> float:
-        data = batch["data"].to(device)
-        target = batch["target"]
-        target = [t.to(device) for t in target] if isinstance(target, list) else target.to(device)
-        optimizer.zero_grad(set_to_none=True)
-        output = network(data)
-        value = loss(output, target)
-        if not torch.isfinite(value):
+        value = train_step(batch)
+        if not math.isfinite(value):
             raise CandidateSkipped("the loss is not finite on the target batches (NaN/inf weights or a diverging "
                                    "step); try a smaller --lr")
-        value.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
-        optimizer.step()
-        return float(value.detach())
+        return value
 
     return step
 
@@ -213,10 +204,6 @@ class PreparedCandidate:
     notes: list[str] = field(default_factory=list)
     #: the checkpoint to fine-tune from with nnUNetv2_train -pretrained_weights
     pretrained_weights: str = ""
-
-
-def _canonical(keys) -> list[str]:
-    return [k for k in keys if not k.startswith(_ALIAS_PREFIXES) and not any(p in k for p in _ALIAS_PARTS)]
 
 
 def build_acnorm_network(plans: dict, target: TargetTask, seed: int) -> nn.Module:
@@ -237,19 +224,16 @@ def load_into(network: nn.Module, weights: dict[str, torch.Tensor], path: str) -
     """nnU-Net's -pretrained_weights rule: every key except the head must be in ``weights`` with
     the same shape. Raises :class:`CandidateSkipped` naming the first misfit."""
     own = network.state_dict()
-    chosen = {}
-    for key in _canonical(own):
-        if HEAD_KEY_PART in key:
-            continue
-        if key not in weights:
-            raise CandidateSkipped(f"does not fit the planned network: key {key} is missing in the file")
-        value = weights[key]
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise CandidateSkipped(f"does not fit the planned network: {key} has shape {tuple(value.shape)} in the "
-                                   f"file, {tuple(own[key].shape)} in the network")
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise CandidateSkipped(f"tensor {key} contains NaN or infinite values (corrupted or diverged checkpoint)")
-        chosen[key] = value
+    keys = transferable_keys(canonical_keys(own))
+    misfit = first_misfit(own, weights, keys)
+    if misfit is not None and misfit.kind == "missing":
+        raise CandidateSkipped(f"does not fit the planned network: key {misfit.key} is missing in the file")
+    if misfit is not None and misfit.kind == "shape":
+        raise CandidateSkipped(f"does not fit the planned network: {misfit.key} has shape {misfit.file_shape} in the "
+                               f"file, {misfit.network_shape} in the network")
+    if misfit is not None:
+        raise CandidateSkipped(f"tensor {misfit.key} contains NaN or infinite values (corrupted or diverged checkpoint)")
+    chosen = {key: weights[key] for key in keys}
     network.load_state_dict(chosen, strict=False)
     return len(chosen)
 
@@ -322,26 +306,25 @@ def prepare_candidate(path: str, target: TargetTask, seed: int, family: str | No
                                      ["fits the target plans as it is"], os.path.abspath(path))
         except CandidateSkipped as e:
             notes.append(f"target plans: {e}; imported with its own architecture")
-    return _prepare_by_import(path, fam.name, target, seed, trust_pickle, notes, log)
+    return _prepare_by_import(weights, target, seed, notes, log)
 
 
-def _prepare_by_import(path: str, family: str, target: TargetTask, seed: int, trust_pickle: bool,
-                       notes: list[str], log) -> PreparedCandidate:
-    from nnunet_acnorm.commands.import_pretrained import ImportError_, run_import
+def _prepare_by_import(weights, target: TargetTask, seed: int, notes: list[str], log) -> PreparedCandidate:
+    from nnunet_acnorm.nnunet.plans import import_pretrained
 
+    path, family = weights.path, weights.family.name
     plans_name = f"{target.plans_identifier}__rank_{family}_{_file_tag(path)}"
     plans_file = os.path.join(target.preprocessed_folder, plans_name + ".json")
     checkpoint_file = os.path.join(target.preprocessed_folder, "acnorm_pretrained",
                                    f"{plans_name}__{target.configuration}.pth")
     reused = os.path.isfile(plans_file) and os.path.isfile(checkpoint_file)
     if not reused:
-        out = log if log is not None else io.StringIO()
-        try:
-            with contextlib.redirect_stdout(out):
-                run_import(target.dataset_name, target.configuration, path, family=family, trust_pickle=trust_pickle,
-                           source_plans=target.plans_identifier, plans_name=plans_name, output=checkpoint_file,
-                           num_processes=1, preprocess=True, overwrite=True)
-        except (ImportError_, PretrainedLoadError) as e:
+        echo = (lambda line: print(line, file=log)) if log is not None else (lambda line: None)
+        try:  # the weights read above: the file is read and its family detected once
+            import_pretrained(target.dataset_name, target.configuration, weights,
+                              source_plans=target.plans_identifier, plans_name=plans_name, output=checkpoint_file,
+                              num_processes=1, preprocess=True, overwrite=True, echo=echo)
+        except InputError as e:
             raise CandidateSkipped(str(e).replace(f"{path}: ", "", 1)) from None
     with open(plans_file) as f:
         plans = json.load(f)
@@ -349,7 +332,7 @@ def _prepare_by_import(path: str, family: str, target: TargetTask, seed: int, tr
     network = build_acnorm_network(plans, target, seed)
     loaded = load_into(network, imported["network_weights"], checkpoint_file)
     info: dict[str, Any] = imported.get("acnorm_import", {})
-    fresh = [k for k in info.get("fresh_keys", []) if HEAD_KEY_PART not in k]
+    fresh = transferable_keys(info.get("fresh_keys", []))
     notes.append(("reused" if reused else "imported") + f" as plans {plans_name}"
                  + (f"; {len(fresh)} non-head tensors start fresh (not in the file)" if fresh else ""))
     return PreparedCandidate(path, family, plans, plans_name, network, loaded, notes, checkpoint_file)

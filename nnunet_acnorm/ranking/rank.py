@@ -24,7 +24,7 @@ import torch
 
 from nnunet_acnorm.norms.ac_corr import LayerSelection, select_layers
 from nnunet_acnorm.norms import acnorm_modules
-from nnunet_acnorm.ranking.direction import (DIRECTION, ESTIMATORS, UnknownEstimator, direction_statement,  # noqa: F401
+from nnunet_acnorm.ranking.direction import (DIRECTION, ESTIMATORS, direction_statement,  # noqa: F401
                                              parse_estimators, reliable)
 from nnunet_acnorm.ranking.estimators import (_near_constant_source, ac_corr_after_steps, ac_corr_in_float64,
                                               norm_features_at_labels)
