@@ -1,6 +1,6 @@
 """Classification commands end to end (real console scripts in subprocesses) on tiny generated data:
 2D RGB images with a torchvision ResNet checkpoint, 3D NIfTI volumes with a Models Genesis and a
-MedicalNet checkpoint (all in their published formats, from tests/checkpoint_factories.py);
+MedicalNet checkpoint (all in their published formats, from tests/factories/checkpoints.py);
 AC-Norm source affines against the pretrained file; bad input; metrics by hand.
 """
 from __future__ import annotations
@@ -15,11 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.checkpoint_factories import (save_genesis_checkpoint, save_medicalnet_checkpoint,
-                                        save_moco_v2_checkpoint, save_torchvision_resnet_checkpoint)
+from nnunet_acnorm.checkpoints.io import safe_torch_load
+from tests.factories.checkpoints import (save_genesis_checkpoint, save_medicalnet_checkpoint,
+                                         save_moco_v2_checkpoint, save_torchvision_resnet_checkpoint)
+from tests.factories.images import make_rgb_dataset, make_volume_dataset
 
 BIN = os.path.dirname(sys.executable)
-ENV = {**os.environ, "nnUNet_n_proc_DA": "0", "OMP_NUM_THREADS": "1"}  # 1 thread: far faster on a shared CPU
+# 1 thread: far faster on a shared CPU (and one summation order); seeded trainings: every accuracy
+# threshold below is checked on the same network in every run
+ENV = {**os.environ, "nnUNet_n_proc_DA": "0", "OMP_NUM_THREADS": "1", "nnUNet_acnorm_seed": "0"}
 
 
 def run(script: str, *args, expect_ok: bool = True) -> subprocess.CompletedProcess:
@@ -37,45 +41,14 @@ def train(*args, expect_ok: bool = True):
 def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error: ")]
+    prog = os.path.basename(str(result.args[0]))  # every command: "<command>: error: <message>"
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith(f"{prog}: error: ")]
     assert len(lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
 
 
 # -- data -----------------------------------------------------------------------------------------
-
-def make_rgb_dataset(folder, csv_file, n: int, size: int = 32, seed: int = 0, extension: str = ".png") -> None:
-    """Class 1: red-dominated images, class 0: blue-dominated (an easy colour signal)."""
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    with open(csv_file, "w", newline="") as f:
-        f.write("id_code,diagnosis\n")
-        for i in range(n):
-            label = i % 2
-            image = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
-            image[..., 0 if label else 2] += 150
-            Image.fromarray(image).save(os.path.join(folder, f"img{i:03d}{extension}"))
-            f.write(f"img{i:03d},{label}\n")
-
-
-def make_volume_dataset(folder, csv_file, n: int, size: int = 16, seed: int = 0) -> None:
-    """CT-like patches in HU: class 1 holds a dense 8^3 'nodule' in lung-like background."""
-    import SimpleITK as sitk
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    with open(csv_file, "w", newline="") as f:
-        f.write("case,label\n")
-        for i in range(n):
-            label = i % 2
-            volume = rng.normal(-700, 50, (size, size, size)).astype(np.float32)
-            if label:
-                c = size // 2
-                volume[c - 4:c + 4, c - 4:c + 4, c - 4:c + 4] = rng.normal(300, 50, (8, 8, 8))
-            sitk.WriteImage(sitk.GetImageFromArray(volume), os.path.join(folder, f"case{i:03d}.nii.gz"))
-            f.write(f"case{i:03d},{label}\n")
-
 
 @torch.no_grad()
 def calibrate_running_stats(path, network, batches, prefix: str = "") -> None:
@@ -85,7 +58,7 @@ def calibrate_running_stats(path, network, batches, prefix: str = "") -> None:
     The factories' checkpoints hold random running statistics; a real pretrained file's statistics
     match its pretraining data. Without this, a test of a few iterations would measure how fast the
     running statistics forget random values rather than whether fine-tuning learns."""
-    checkpoint = torch.load(path, weights_only=True)
+    checkpoint = safe_torch_load(path)
     state = checkpoint.get("state_dict", checkpoint)
     own = network.state_dict()
     network.load_state_dict({k[len(prefix):]: v for k, v in state.items()
@@ -159,7 +132,7 @@ def test_2d_train_continue_outputs(trained2d):
     assert len(splits) == 5 and sorted(splits[0]["train"] + splits[0]["val"]) == [f"img{i:03d}" for i in range(40)]
     assert "continuing from epoch 2" in second.stdout and "epoch 4:" in second.stdout
     assert "epoch 1:" not in second.stdout
-    checkpoint = torch.load(fold / "checkpoint_final.pth", weights_only=True)
+    checkpoint = safe_torch_load(fold / "checkpoint_final.pth")
     assert checkpoint["current_epoch"] == 5 and len(checkpoint["logging"]["train_losses"]) == 5
     assert checkpoint["config"]["trainer_name"] == "ClassificationTrainer"
     summary = json.loads((fold / "validation/summary.json").read_text())
@@ -190,7 +163,7 @@ def test_2d_predict_evaluate_beats_chance(trained2d):
 def test_2d_acnorm_source_equals_pretrained(trained2d, data2d):
     _, results, _, _ = trained2d
     _, pretrained = data2d
-    state = torch.load(results / "fold_0" / "checkpoint_final.pth", weights_only=True)["network_weights"]
+    state = safe_torch_load(results / "fold_0" / "checkpoint_final.pth")["network_weights"]
     affines = bn_affines_of_file(pretrained)
     assert len(affines) == 20
     moved = 0
@@ -313,7 +286,7 @@ def test_3d_genesis_train_continue_predict_evaluate(data3d):
     train(*common, "-pretrained", pretrained, "-num_epochs", 3)
     second = train(*common, "--c", "-num_epochs", 6)
     assert "continuing from epoch 3" in second.stdout and "epoch 5:" in second.stdout
-    checkpoint = torch.load(results / "fold_1" / "checkpoint_final.pth", weights_only=True)
+    checkpoint = safe_torch_load(results / "fold_1" / "checkpoint_final.pth")
     assert checkpoint["config"]["architecture"] == "genesis" and checkpoint["config"]["patch_size"] == [16] * 3
     assert checkpoint["config"]["intensity"] == "ct"
     state = checkpoint["network_weights"]
@@ -341,7 +314,7 @@ def test_3d_medicalnet_vanilla_two_folds_ensemble(data3d):
     for fold in (0, 2):
         train("-i", root / "train", "-l", root / "train.csv", "-o", results, "-f", fold, "-batch_size", 8,
               "-pretrained", pretrained, "--vanilla", "-num_epochs", 1)
-    checkpoint = torch.load(results / "fold_0" / "checkpoint_final.pth", weights_only=True)
+    checkpoint = safe_torch_load(results / "fold_0" / "checkpoint_final.pth")
     assert checkpoint["config"]["trainer_name"] == "ClassificationTrainer_vanilla"
     assert checkpoint["config"]["depth"] == 10 and checkpoint["config"]["intensity"] == "zscore"
     assert not any(k.endswith("source_weight") for k in checkpoint["network_weights"])
@@ -355,8 +328,8 @@ def test_3d_medicalnet_vanilla_two_folds_ensemble(data3d):
 
 def test_moco_v2_resnet50_loads_and_converts(tmp_path):
     """Full-width ResNet-50 in the MoCo v2 layout (the torchvision layout is used end to end above)."""
-    from nnunet_acnorm.networks.classifiers import (build_network, describe_pretrained,
-                                                       load_pretrained_weights)
+    from nnunet_acnorm.classification.pretrained import describe_pretrained, load_pretrained_weights
+    from nnunet_acnorm.networks.classifiers import build_network
     from nnunet_acnorm.norms import acnorm_modules, convert_to_acnorm
     family = "moco_v2"
     path = save_moco_v2_checkpoint(tmp_path / "moco_v2_800ep_pretrain.pth.tar", queue_size=16)
@@ -373,12 +346,13 @@ def test_moco_v2_resnet50_loads_and_converts(tmp_path):
         assert torch.equal(modules[name].source_weight, weight) and torch.equal(modules[name].source_bias, bias)
     network.eval()
     with torch.no_grad():
-        assert network(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+        assert network(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))).shape == (1, 5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_mixed_precision_train_step(tmp_path, data2d):
+def test_cuda_mixed_precision_train_step(tmp_path, data2d, monkeypatch):
     from nnunet_acnorm.classification.trainer import ClassificationTrainer
+    monkeypatch.setenv("nnUNet_acnorm_seed", "0")
     _, checkpoint = data2d
     config = {"architecture": "resnet", "dim": 2, "depth": 18, "num_classes": 2, "tau": 1.0,
               "initial_lr": 0.01, "weight_decay": 3e-5, "num_epochs": 1, "pretrained_family": None}
@@ -387,10 +361,11 @@ def test_cuda_mixed_precision_train_step(tmp_path, data2d):
     trainer.loss = torch.nn.CrossEntropyLoss().cuda()
     assert trainer.amp and trainer.grad_scaler is not None
     trainer.network.train()
-    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 0, 1])
     assert all(np.isfinite(trainer.train_step(images, labels)) for _ in range(3))
     trainer.save_checkpoint("checkpoint_latest.pth")
-    saved = torch.load(tmp_path / "checkpoint_latest.pth", weights_only=True)
+    saved = safe_torch_load(tmp_path / "checkpoint_latest.pth")
     assert saved["grad_scaler_state"] and saved["network_weights"]["bn1.source_weight"].device.type == "cpu"
 
 
@@ -412,3 +387,30 @@ def test_metrics_against_hand_computed_values():
     assert m["auc_per_class"]["2"] == pytest.approx(0.75)  # positives 0.3, 0.9 vs negatives 0.1, 0.4
     assert m["auc_macro"] == pytest.approx(np.mean([1.0, 2 / 3, 0.75]))
     assert m["confusion_matrix"][2] == [0, 1, 1, 0]
+
+
+def test_splits_crop_and_logger_in_process(tmp_path):
+    """nnU-Net's split per class (stratified), acvl_utils' centre crop / pad, nnU-Net's logger."""
+    from nnunet_acnorm.classification.data_loading import center_crop_or_pad
+    from nnunet_acnorm.classification.dataset import Case, make_splits
+    from nnunet_acnorm.classification.logger import ClassificationLogger
+    cases = [Case(f"img{i:03d}", "", int(i % 4 == 0)) for i in range(40)]  # 10 of class 1, 30 of class 0
+    splits = make_splits(cases)
+    assert splits == make_splits(cases)  # seed 12345
+    for split in splits:
+        assert sorted(split["train"] + split["val"]) == [c.identifier for c in cases]
+        assert sum(int(i[3:]) % 4 == 0 for i in split["val"]) == 2 and len(split["val"]) == 8
+    volume = np.arange(5 * 6 * 3, dtype=np.float32).reshape(5, 6, 3) + 10
+    out = center_crop_or_pad(volume, (3, 6, 6))
+    assert out.shape == (3, 6, 6) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[:, :, 1:4], volume[1:4])  # z cropped from 1, x padded 1 before, 2 after
+    assert (out[:, :, [0, 4, 5]] == volume[1:4].min()).all()  # padding: the crop's lowest value
+    logger = ClassificationLogger("accuracy")
+    for epoch, accuracy in enumerate((0.5, 1.0)):
+        for key, value in (("epoch_start_timestamps", 0.0), ("lrs", 0.01), ("train_losses", 1.0), ("val_losses", 1.0),
+                           ("epoch_end_timestamps", 1.0)):
+            logger.log(key, value, epoch)
+        ema = logger.log_validation({"quadratic_weighted_kappa": None, "accuracy": accuracy, "auc_macro": 0.5}, epoch)
+    assert ema == pytest.approx(0.9 * 0.5 + 0.1 * 1.0) and logger.get_value("mean_fg_dice", None) == [0.5, 1.0]
+    logger.plot_progress_png(str(tmp_path))
+    assert (tmp_path / "progress.png").is_file()

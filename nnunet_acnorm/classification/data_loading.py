@@ -8,7 +8,8 @@
 3D (CT/MR patches, 1 channel):
   intensities: ``ct`` clips Hounsfield units to [-1000, 1000] and scales to [0, 1] (Models Genesis
   pretraining), ``zscore`` subtracts the volume's mean and divides by its std (MedicalNet),
-  ``none`` keeps them; then a centre crop / zero pad to the patch size;
+  ``none`` keeps them; then a centre crop / pad (acvl_utils' ``crop_and_pad_nd``, padded with the
+  lowest value) to the patch size;
   training: nnU-Net's batchgeneratorsv2 recipe (rotation and scaling with p=0.2, Gaussian noise,
   brightness, contrast, gamma, mirroring along every axis).
 """
@@ -20,6 +21,7 @@ from torch.utils.data import Dataset
 
 from nnunet_acnorm.classification.dataset import GRAYSCALE_MODES, Case
 from nnunet_acnorm.classification.errors import ClassificationInputError
+from nnunet_acnorm.networks.genesis_unet3d import GENESIS_CT_WINDOW
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -82,8 +84,9 @@ def read_volume(path: str) -> np.ndarray:
 
 
 def normalize_intensities(volume: np.ndarray, scheme: str) -> np.ndarray:
-    if scheme == "ct":
-        return (np.clip(volume, -1000.0, 1000.0) + 1000.0) / 2000.0
+    if scheme == "ct":  # the Models Genesis pretraining window, the one the Genesis network applies
+        low, high = GENESIS_CT_WINDOW
+        return (np.clip(volume, low, high) - low) / (high - low)
     if scheme == "zscore":
         return (volume - volume.mean()) / max(float(volume.std()), 1e-8)
     if scheme == "none":
@@ -92,17 +95,15 @@ def normalize_intensities(volume: np.ndarray, scheme: str) -> np.ndarray:
 
 
 def center_crop_or_pad(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Centre crop each axis longer than ``shape`` and zero-pad (symmetrically) each shorter one."""
-    slices, pads = [], []
-    for size, target in zip(volume.shape, shape):
-        start = max((size - target) // 2, 0)
-        slices.append(slice(start, start + min(size, target)))
-        missing = max(target - size, 0)
-        pads.append((missing // 2, missing - missing // 2))
-    out = volume[tuple(slices)]
-    if any(p != (0, 0) for p in pads):
-        out = np.pad(out, pads, mode="constant", constant_values=float(out.min()) if out.size else 0.0)
-    return out
+    """Centre crop each axis longer than ``shape`` and pad (symmetrically, the extra voxel after) each
+    shorter one, with acvl_utils' ``crop_and_pad_nd``; the padding holds the lowest value of the
+    cropped volume (background)."""
+    from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+    starts = [(size - target) // 2 if size >= target else -((target - size) // 2)
+              for size, target in zip(volume.shape, shape)]
+    bbox = [[start, start + target] for start, target in zip(starts, shape)]
+    inside = volume[tuple(slice(max(lo, 0), min(hi, size)) for (lo, hi), size in zip(bbox, volume.shape))]
+    return crop_and_pad_nd(volume, bbox, pad_value=float(inside.min()) if inside.size else 0.0)
 
 
 def transforms_3d(patch_size: tuple[int, ...]):

@@ -213,20 +213,21 @@ def infer_num_classes(cases: list[Case], num_classes: int | None) -> int:
 # -- splits --------------------------------------------------------------------------------------
 
 def make_splits(cases: list[Case], n_folds: int = 5, seed: int = 12345) -> list[dict]:
-    """nnU-Net-style splits (list of {'train': [...], 'val': [...]}), stratified by label when every
-    class has at least ``n_folds`` cases."""
-    from sklearn.model_selection import KFold, StratifiedKFold
+    """nnU-Net's splits (list of {'train': [...], 'val': [...]}, ``generate_crossval_split``: KFold,
+    shuffled, seed 12345), stratified by label when every class has at least ``n_folds`` cases: then
+    nnU-Net's split is made of each class's cases and fold i joins every class's fold i."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
     if len(cases) < n_folds:
         raise ClassificationInputError(f"{len(cases)} labelled images cannot make {n_folds} folds: "
                                        "add images or train with -f all")
-    ids = np.array([c.identifier for c in cases])
-    labels = np.array([c.label for c in cases])
-    counts = np.bincount(labels)
+    counts = np.bincount([c.label for c in cases])
     if counts[counts > 0].min() >= n_folds:
-        split = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(ids, labels)
+        groups = [[c.identifier for c in cases if c.label == k] for k in np.flatnonzero(counts)]
     else:
-        split = KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(ids)
-    return [{"train": sorted(ids[t].tolist()), "val": sorted(ids[v].tolist())} for t, v in split]
+        groups = [[c.identifier for c in cases]]
+    per_group = [generate_crossval_split(ids, seed=seed, n_splits=n_folds) for ids in groups]
+    return [{part: sorted(str(i) for splits in per_group for i in splits[fold][part]) for part in ("train", "val")}
+            for fold in range(n_folds)]
 
 
 def load_or_create_splits(splits_file: str, cases: list[Case], n_folds: int = 5) -> list[dict]:

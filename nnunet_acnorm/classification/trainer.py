@@ -6,6 +6,12 @@ selection metric on the validation cases, as nnU-Net does with its pseudo Dice),
 ``training_log_*.txt``, ``progress.png`` and ``validation/`` (predictions, ``summary.json``,
 confusion matrix of the final network on the fold's validation cases).
 
+From nnU-Net and this project it reuses: nnU-Net's logger and ``progress.png``
+(:class:`~nnunet_acnorm.classification.logger.ClassificationLogger`), the poly schedule
+(:class:`~nnunet_acnorm.finetuning.ScaledWarmupPolyLRScheduler` without warm-up, stepped per epoch),
+the seeding of the segmentation trainers (``nnUNet_acnorm_seed``; unseeded by default) and the safe
+checkpoint reading and atomic writing of :mod:`nnunet_acnorm.checkpoints.io`.
+
 Variants, one idea each (nnU-Net style):
 
 - :class:`ClassificationTrainer`: AC-Norm fine-tuning. The pretrained weights are loaded into the
@@ -18,9 +24,9 @@ Variants, one idea each (nnU-Net style):
   copy) is the checkpoint entry ``finetuning_state``; prediction does not need it.
 
 Checkpoints hold only tensors and plain Python values: they load with
-``torch.load(weights_only=True)``. Under AC-Norm the network state holds ``source_weight`` /
-``source_bias`` of every norm; the network for prediction or continuation is rebuilt, converted
-with an unset source and loaded strictly, which restores the source.
+``torch.load(weights_only=True)``; ``logging`` is the dict of nnU-Net's logger. Under AC-Norm the
+network state holds ``source_weight`` / ``source_bias`` of every norm; the network for prediction or
+continuation is rebuilt, converted with an unset source and loaded strictly, which restores the source.
 """
 from __future__ import annotations
 
@@ -42,25 +48,29 @@ from nnunet_acnorm.classification.dataset import Case
 from nnunet_acnorm.classification.errors import ClassificationInputError
 from nnunet_acnorm.classification.metrics import (classification_metrics, format_metrics,
                                                   plot_confusion_matrix, save_summary)
-from nnunet_acnorm.networks.classifiers import build_network, load_pretrained_weights
-from nnunet_acnorm.classification.plots import plot_progress
+from nnunet_acnorm.classification.pretrained import load_pretrained_weights
+from nnunet_acnorm.networks.classifiers import build_network
+from nnunet_acnorm.checkpoints.io import CheckpointReadError, atomic_torch_save, safe_torch_load
+from nnunet_acnorm.classification.logger import ClassificationLogger
 from nnunet_acnorm.finetuning import (BSS_ETA, BSS_K, DELTA_ALPHA, DELTA_BETA, ENCODER_LR_FACTOR, L2SP_ALPHA,
                                       L2SP_BETA, LPFT_FROZEN_FRACTION, STOCHNORM_P, DELTARegulariser,
-                                      FeatureRecorder, L2SPRegulariser, bss_penalty, convert_to_stochnorm,
-                                      discriminative_param_groups, frozen_epochs, set_frozen, new_weights_penalty,
-                                      stage_modules)
+                                      FeatureRecorder, L2SPRegulariser, ScaledWarmupPolyLRScheduler, bss_penalty,
+                                      convert_to_stochnorm, discriminative_param_groups, frozen_epochs, set_frozen,
+                                      new_weights_penalty, stage_modules)
 from nnunet_acnorm.norms import convert_to_acnorm
 from nnunet_acnorm.nnunet.pretrained import set_strict_source
+from nnunet_acnorm.nnunet.seeding import resolve_seed, seed_everything
 
-SELECTION_METRICS = {"kappa": "quadratic_weighted_kappa", "auc": "auc_macro", "accuracy": "accuracy"}
 IMBALANCE_SCHEMES = ("loss", "sampling", "none")
-LOG_KEYS = ("train_losses", "val_losses", "val_kappa", "val_accuracy", "val_auc_macro",
-            "ema_selection_metric", "learning_rates", "epoch_durations")
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
 
 class ClassificationTrainer:
     """AC-Norm fine-tuning of a pretrained classifier (the paper's setting: every BatchNorm)."""
+
+    #: seed of the run (None: unseeded); the environment variable ``nnUNet_acnorm_seed`` wins, as for
+    #: the segmentation trainers (:mod:`nnunet_acnorm.nnunet.seeding`)
+    seed: int | None = None
 
     def __init__(self, config: dict, fold: int | str, output_folder: str, device: torch.device,
                  show_progress: bool = True):
@@ -72,7 +82,10 @@ class ClassificationTrainer:
         self.num_epochs = int(config["num_epochs"])
         self.current_epoch = 0
         self.best_ema: float | None = None
-        self.log: dict[str, list] = {k: [] for k in LOG_KEYS}
+        self.logger = ClassificationLogger(config.get("selection_metric", "kappa"))
+        self.run_seed = resolve_seed(self.seed)
+        if self.run_seed is not None:  # before the network is built: the same new head in every run
+            seed_everything(self.run_seed)
         self.amp = device.type == "cuda"  # mixed precision on CUDA, float32 elsewhere
         self.network: nn.Module | None = None
         self.optimizer = self.lr_scheduler = self.grad_scaler = self.loss = None
@@ -103,7 +116,7 @@ class ClassificationTrainer:
     @property
     def head_prefix(self) -> str:
         from nnunet_acnorm.networks.classifiers import ARCHITECTURES
-        return ARCHITECTURES[self.config["architecture"]][2]
+        return ARCHITECTURES[self.config["architecture"]].head
 
     # -- one idea per variant --------------------------------------------------------------------
     def adapt_network(self, network: nn.Module, set_source: bool = True) -> None:
@@ -138,7 +151,7 @@ class ClassificationTrainer:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
         self.current_epoch = int(checkpoint["current_epoch"])
         self.best_ema = checkpoint["best_ema"]
-        self.log = {k: list(checkpoint["logging"][k]) for k in LOG_KEYS}
+        self.logger.load_checkpoint(checkpoint["logging"])
         self.print_to_log_file(f"continuing from epoch {self.current_epoch}")
 
     @staticmethod
@@ -167,10 +180,9 @@ class ClassificationTrainer:
         self.optimizer = torch.optim.SGD(self.method_param_groups(), lr=float(self.config["initial_lr"]),
                                          momentum=0.9, nesterov=True, weight_decay=weight_decay)
         self.grad_scaler = torch.amp.GradScaler("cuda") if self.amp else None
-
-    def _learning_rate(self, epoch: int) -> float:
-        """nnU-Net's polynomial decay (exponent 0.9) over the epochs."""
-        return float(self.config["initial_lr"]) * (1 - epoch / self.num_epochs) ** 0.9
+        # nnU-Net's poly decay (exponent 0.9, no warm-up), each group at its lr_scale, stepped per epoch
+        self.lr_scheduler = ScaledWarmupPolyLRScheduler(self.optimizer, float(self.config["initial_lr"]),
+                                                        self.num_epochs, warmup_epochs=0)
 
     def _class_weights(self, cases: list[Case]) -> np.ndarray:
         """'balanced' weights n / (K * n_c) of scikit-learn for the classes present (others: 1)."""
@@ -222,7 +234,7 @@ class ClassificationTrainer:
             "network_weights": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
             "optimizer_state": self.optimizer.state_dict(),
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "logging": {k: list(v) for k, v in self.log.items()},
+            "logging": {k: list(v) for k, v in self.logger.get_checkpoint().items()},
             "current_epoch": self.current_epoch,
             "best_ema": self.best_ema,
             "fold": self.fold,
@@ -231,9 +243,7 @@ class ClassificationTrainer:
         state = self.method_state()
         if state:
             checkpoint["finetuning_state"] = state
-        path = os.path.join(self.output_folder, file_name)
-        torch.save(checkpoint, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_torch_save(checkpoint, os.path.join(self.output_folder, file_name))
 
     # -- training --------------------------------------------------------------------------------
     def _autocast(self):
@@ -275,41 +285,40 @@ class ClassificationTrainer:
         self.print_to_log_file(f"fold {self.fold}: {len(train_cases)} training and {len(val_cases)} "
                                f"validation cases; {self.config['architecture']} on {self.device}, "
                                f"{'mixed precision' if self.amp else 'float32'}; trainer "
-                               f"{type(self).__name__}")
-        key = SELECTION_METRICS[self.config["selection_metric"]]
+                               f"{type(self).__name__}; "
+                               + ("unseeded" if self.run_seed is None else f"seed {self.run_seed}"))
         while self.current_epoch < self.num_epochs:
-            start = time.time()
-            lr = self._learning_rate(self.current_epoch)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
+            epoch = self.current_epoch
+            if self.run_seed is not None:  # per epoch: a continued (--c) run draws as an uninterrupted one
+                seed_everything(self.run_seed + 1 + epoch)
+            self.logger.log("epoch_start_timestamps", time.time(), epoch)
+            self.lr_scheduler.step(epoch)
+            lr = self.lr_scheduler.lr_at(epoch)
+            self.logger.log("lrs", lr, epoch)
             self.network.train()
             self.on_epoch_start()
             losses = [self.train_step(x, y) for x, y in tqdm(
-                train_loader, desc=f"epoch {self.current_epoch}", disable=not self.show_progress,
+                train_loader, desc=f"epoch {epoch}", disable=not self.show_progress,
                 leave=False, file=sys.stdout)]
+            self.logger.log("train_losses", float(np.mean(losses)), epoch)
             probabilities, val_loss = self.predict_probabilities(val_loader)
+            self.logger.log("val_losses", val_loss, epoch)
             metrics = classification_metrics([c.label for c in val_cases], probabilities,
                                              int(self.config["num_classes"]))
-            value = metrics[key] if metrics[key] is not None else 0.0
-            ema = value if self.best_ema is None and not self.log["ema_selection_metric"] else \
-                0.9 * self.log["ema_selection_metric"][-1] + 0.1 * value
-            for k, v in (("train_losses", float(np.mean(losses))), ("val_losses", val_loss),
-                         ("val_kappa", metrics["quadratic_weighted_kappa"]),
-                         ("val_accuracy", metrics["accuracy"]), ("val_auc_macro", metrics["auc_macro"]),
-                         ("ema_selection_metric", ema), ("learning_rates", lr),
-                         ("epoch_durations", time.time() - start)):
-                self.log[k].append(v)
-            self.print_to_log_file(f"epoch {self.current_epoch}: train loss {self.log['train_losses'][-1]:.4f}, "
+            ema = self.logger.log_validation(metrics, epoch)
+            self.logger.log("epoch_end_timestamps", time.time(), epoch)
+            duration = self.logger.get_value("epoch_end_timestamps", epoch) - \
+                self.logger.get_value("epoch_start_timestamps", epoch)
+            self.print_to_log_file(f"epoch {epoch}: train loss {self.logger.get_value('train_losses', epoch):.4f}, "
                                    f"val loss {val_loss:.4f}, {format_metrics(metrics)}, lr {lr:.2e}, "
-                                   f"{self.log['epoch_durations'][-1]:.1f} s")
+                                   f"{duration:.1f} s")
             self.current_epoch += 1
             if self.best_ema is None or ema > self.best_ema:
                 self.best_ema = ema
                 self.print_to_log_file(f"new best EMA {self.config['selection_metric']}: {ema:.4f}")
                 self.save_checkpoint("checkpoint_best.pth")
             self.save_checkpoint("checkpoint_latest.pth")
-            plot_progress(self.log, os.path.join(self.output_folder, "progress.png"),
-                          self.config["selection_metric"])
+            self.logger.plot_progress_png(self.output_folder)
         self.save_checkpoint("checkpoint_final.pth")
         latest = os.path.join(self.output_folder, "checkpoint_latest.pth")
         if os.path.isfile(latest):
@@ -506,15 +515,15 @@ def write_predictions(csv_file: str, identifiers: list[str], probabilities: np.n
 
 
 def load_checkpoint(path: str) -> dict:
-    """One of our checkpoints, read with ``weights_only=True``; clear errors for anything else."""
+    """One of our checkpoints, read by :func:`~nnunet_acnorm.checkpoints.io.safe_torch_load`
+    (``weights_only=True``); clear errors for anything else."""
     if not os.path.isfile(path):
         raise ClassificationInputError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ClassificationInputError(
-            f"cannot load {path} as a classification checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); it is corrupted or not ours") from None
+        checkpoint = safe_torch_load(path)
+    except CheckpointReadError as e:
+        raise ClassificationInputError(f"cannot load {path} as a classification checkpoint ({e.detail or e.kind}); "
+                                       "it is corrupted or not ours") from None
     if not isinstance(checkpoint, dict) or not {"network_weights", "config"} <= set(checkpoint):
         raise ClassificationInputError(f"{path} is not a checkpoint of nnUNetv2_acnorm_cls_train "
                                        "(no 'network_weights'/'config')")
