@@ -7,7 +7,7 @@ from torch import nn
 
 from nnunet_acnorm import ac_corr_from_model, ac_corr_from_state_dicts, convert_to_acnorm
 from nnunet_acnorm.norms.ac_corr import ac_corr_of_layer, deepest_encoder_layer, norm_affines
-from tests.test_conversion import plain_conv_unet
+from tests.factories.networks import plain_conv_unet
 
 E = math.exp
 W = torch.full((3,), 1 - 1e-5, dtype=torch.float64)  # |w| + eps = 1: y = beta exactly

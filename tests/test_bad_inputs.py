@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import checkpoint_factories as cf
-from tests.nnunet_fixtures import acnorm_trainer_env, copy_test_images, make_tiny_dataset, run_console
+from tests.factories import checkpoints as cf
+from tests.factories.nnunet import acnorm_trainer_env, copy_test_images, make_tiny_dataset, run_console
 
 pytestmark = pytest.mark.integration
 
@@ -318,7 +318,7 @@ def test_family_label_says_resnet18_for_a_resnet18_file(model, tmp_path):
 
 @pytest.fixture(scope="module")
 def fundus(tmp_path_factory):
-    from tests.test_classification import make_rgb_dataset
+    from tests.factories.images import make_rgb_dataset
 
     base = tmp_path_factory.mktemp("cls_bad")
     make_rgb_dataset(base / "images", base / "labels.csv", n=10, size=32)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from nnunet_acnorm.checkpoints.io import safe_torch_load
-from tests.nnunet_fixtures import acnorm_trainer_env, copy_test_images, make_tiny_dataset, run_console
+from tests.factories.nnunet import acnorm_trainer_env, copy_test_images, make_tiny_dataset, run_console
 
 pytestmark = pytest.mark.integration
 
@@ -216,8 +216,8 @@ CLS_PREDICTED = ("delta", "stochnorm")  # a checkpoint entry; a network of other
 
 @pytest.fixture(scope="module")
 def cls_runs(tmp_path_factory):
-    from tests.checkpoint_factories import save_genesis_checkpoint
-    from tests.test_classification import make_volume_dataset
+    from tests.factories.checkpoints import save_genesis_checkpoint
+    from tests.factories.images import make_volume_dataset
 
     # the smallest network of the classification trainer: Models Genesis encoder, 4 base features, 16^3
     root = tmp_path_factory.mktemp("cls_baselines")

@@ -1,10 +1,23 @@
 """The benchmark scripts run and print their tables (quick settings; figures are in the README)."""
+import importlib.util
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from torch import nn
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _benchmark_module(name: str):
+    """A benchmark script as a module (the script under test, loaded from its file)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_norm_layer_benchmark_quick_run():
@@ -20,3 +33,31 @@ def test_norm_layer_benchmark_quick_run():
         # (one normalised tensor), the two-pass formula keeps more
         assert 0.99 <= memory_plain <= 1.01, row
         assert memory_two_pass < 0.8, row
+
+
+@pytest.mark.parametrize("norm_cls,dim", [(nn.BatchNorm3d, 3), (nn.InstanceNorm3d, 3), (nn.BatchNorm2d, 2),
+                                          (nn.InstanceNorm2d, 2)])
+@pytest.mark.parametrize("with_conv", [True, False])
+def test_norm_layer_benchmark_times_one_computation_two_ways(norm_cls, dim, with_conv):
+    """What the table compares is the same layer: the fused and the two-pass AC-Norm variants give
+    the same output and the same gradients (input, targets), and both differ from the plain norm."""
+    bench = _benchmark_module("benchmark_norm_layers")
+    variants = bench.make_variants(norm_cls, 6, dim, with_conv)
+    x = torch.randn(2, 6, *[5] * dim, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    results = {}
+    for name, module in variants.items():
+        module.train()
+        xi = x.clone().requires_grad_(True)
+        y = module(xi)
+        y.square().sum().backward()
+        norm = module[-1] if with_conv else module
+        norm = getattr(norm, "plain", norm)  # the two-pass variant wraps a plain norm
+        results[name] = (y.detach(), xi.grad, {"weight": norm.weight.grad, "bias": norm.bias.grad})
+    (y_fused, gx_fused, p_fused), (y_two, gx_two, p_two) = results["AC-Norm fused"], results["AC-Norm two-pass"]
+    assert torch.isfinite(y_fused).all() and torch.isfinite(gx_fused).all()
+    torch.testing.assert_close(y_fused, y_two, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_fused, gx_two, rtol=1e-4, atol=1e-4)
+    for key in ("weight", "bias"):
+        assert p_fused[key] is not None and p_two[key] is not None, f"no gradient of the target {key}"
+        torch.testing.assert_close(p_fused[key], p_two[key], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(y_fused, results["plain"][0], rtol=1e-3, atol=1e-3), "AC-Norm equal to plain"

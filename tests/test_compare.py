@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.nnunet_fixtures import run_console
+from tests.factories.nnunet import run_console
 
 pytestmark = pytest.mark.integration
 SCRIPT = "nnUNetv2_acnorm_compare"
@@ -96,7 +96,7 @@ def folders(tmp_path_factory):
 
 
 def _assert_one_error_line(proc, *fragments):
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"{SCRIPT}: error: "), lines[0]

@@ -11,6 +11,7 @@ from nnunet_acnorm import (ACBatchNorm1d, ACBatchNorm2d, ACBatchNorm3d, ACGroupN
                            ACInstanceNorm3d)
 from nnunet_acnorm.norms import ACNORM_FOR_PLAIN
 from tests import reference_acnorm as ref
+from tests.factories.norms import pretrained_affines
 
 
 @pytest.fixture(autouse=True)
@@ -163,11 +164,7 @@ def test_step_zero_without_ties_is_one_plus_diagonal_times_plain():
                                        (lambda c: ACGroupNorm(4, c), (4, 8, 6, 6))])
 def test_training_keeps_source_bit_identical_and_moves_targets(cls, shape):
     torch.manual_seed(0)
-    module = cls(8)
-    with torch.no_grad():
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.normal_()
-    module.set_source()
+    module = pretrained_affines(cls(8), set_source=True)
     source = (module.source_weight.clone(), module.source_bias.clone())
     target = (module.weight.detach().clone(), module.bias.detach().clone())
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
@@ -185,10 +182,8 @@ def test_training_keeps_source_bit_identical_and_moves_targets(cls, shape):
 
 
 def test_state_dict_round_trip_and_plain_state_dict_sets_both():
-    plain = nn.BatchNorm3d(4)
+    plain = pretrained_affines(nn.BatchNorm3d(4))
     with torch.no_grad():
-        plain.weight.uniform_(0.5, 1.5)
-        plain.bias.normal_()
         plain.running_mean.normal_()
     module = ACBatchNorm3d(4)
     assert not module.source_is_set
@@ -329,11 +324,7 @@ def test_wrong_input_dims():
 def test_cuda_autocast_matches_float32(cls, amp_dtype):
     torch.manual_seed(0)
     conv = nn.Conv3d(2, 8, 3, padding=1).float().cuda()
-    module = cls(8).float().cuda()
-    with torch.no_grad():
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.normal_()
-    module.set_source()
+    module = pretrained_affines(cls(8).float().cuda(), set_source=True)
     x = torch.randn(2, 2, 8, 8, 8, dtype=torch.float32, device="cuda")
     reference = module(conv(x))
     with torch.autocast("cuda", dtype=amp_dtype):

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from benchmarks.benchmark_trainer import default_plans
-from tests.nnunet_fixtures import nnunet_env, run_console
+from nnunet_acnorm.nnunet.plain_unet_plans import default_plans
+from tests.factories.nnunet import nnunet_env, run_console
 
 COMMANDS = ("nnUNetv2_acnorm_import", "nnUNetv2_acnorm_rank")
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from nnunet_acnorm.checkpoints import load_pretrained
-from tests import checkpoint_factories as cf
-from tests.nnunet_fixtures import acnorm_trainer_env, copy_test_images, make_tiny_dataset, run_console
+from tests.factories import checkpoints as cf
+from tests.factories.nnunet import acnorm_trainer_env, copy_test_images, make_tiny_dataset, run_console
 
 pytestmark = pytest.mark.integration
 DATASET = 561
@@ -124,19 +124,20 @@ def test_imported_checkpoint_sets_acnorm_sources(workspace, tmp_path, family, mo
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_acnorm.norms import acnorm_modules
-    from nnunet_acnorm.commands.import_pretrained import run_import
+    from nnunet_acnorm.nnunet.plans import import_pretrained
     from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm
     from nnunet_acnorm.nnunet.pretrained import set_strict_source
 
     file = FACTORIES[family](tmp_path)
     monkeypatch.setenv("nnUNet_preprocessed", workspace["env_plan"]["nnUNet_preprocessed"])
-    result = run_import(f"Dataset{DATASET:03d}_TinyCT", "3d_fullres", file, plans_name=f"nnUNetPlans_check_{family}",
-                        output=str(tmp_path / "ckpt.pth"), preprocess=False)
-    plans = json.loads(Path(result["plans_file"]).read_text())
+    result = import_pretrained(f"Dataset{DATASET:03d}_TinyCT", "3d_fullres", file,
+                               plans_name=f"nnUNetPlans_check_{family}", output=str(tmp_path / "ckpt.pth"),
+                               preprocess=False)
+    plans = json.loads(Path(result.plans_file).read_text())
     pm = PlansManager(plans)
     net = nnUNetTrainerACNorm.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 2, True)
     set_strict_source(net, False)  # what nnUNetv2_train -pretrained_weights switches on
-    load_pretrained_weights(net, result["checkpoint"])
+    load_pretrained_weights(net, result.checkpoint)
     layers = acnorm_modules(net)
     weights = load_pretrained(file)
     affines = weights.norm_affines()
@@ -144,8 +145,8 @@ def test_imported_checkpoint_sets_acnorm_sources(workspace, tmp_path, family, mo
     for module, (weight, bias) in affines.items():
         assert layers[module].source_is_set
         assert torch.equal(layers[module].source_weight, weight) and torch.equal(layers[module].source_bias, bias)
-    assert result["loaded"] and all(".seg_layers." in k or k.startswith(("out_tr.", "decoder."))
-                                    for k in result["fresh"] if not k.startswith(("decoder.stages", "decoder.transpconvs")))
+    assert result.loaded and all(".seg_layers." in k or k.startswith(("out_tr.", "decoder."))
+                                 for k in result.fresh if not k.startswith(("decoder.stages", "decoder.transpconvs")))
 
 
 def test_genesis_plans_window_and_preprocessing(workspace, tmp_path):

@@ -6,7 +6,7 @@ import torchvision
 
 from nnunet_acnorm.networks import GenesisUNet3D, MedicalNetResNet3D
 from nnunet_acnorm.checkpoints import FAMILIES, PretrainedLoadError, load_pretrained
-from tests import checkpoint_factories as cf
+from tests.factories import checkpoints as cf
 
 
 @pytest.fixture(scope="module")

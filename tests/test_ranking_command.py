@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import checkpoint_factories as cf
-from tests.nnunet_fixtures import make_tiny_dataset, nnunet_env, run_console
+from tests.factories import checkpoints as cf
+from tests.factories.nnunet import make_tiny_dataset, nnunet_env, run_console
 
 pytestmark = pytest.mark.integration
 DATASET = 581

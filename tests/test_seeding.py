@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nnunet_acnorm.nnunet.seeding import SEED_ENV, apply_cpu_thread_limit, resolve_seed
-from tests.nnunet_fixtures import acnorm_trainer_env, make_tiny_dataset, run_console
+from tests.factories.nnunet import acnorm_trainer_env, make_tiny_dataset, run_console
 
 pytestmark = pytest.mark.integration
 

@@ -17,6 +17,7 @@ from torch import nn
 from nnunet_acnorm import ACBatchNorm2d, ACInstanceNorm3d
 from nnunet_acnorm.norms import _sorted_numpy, functional
 from nnunet_acnorm.norms.functional import calibrated_tau, recalibrated_affine
+from tests.factories.norms import pretrained_affines
 
 
 def _oracle_s(sw, sb, tw, tb, tau):
@@ -123,10 +124,7 @@ def test_recalibrated_affine_outputs_and_gradients(method, dtype):
 
 def test_dense_and_sorted_agree_in_a_module_above_the_threshold():
     torch.manual_seed(0)
-    plain = nn.BatchNorm2d(512).double()
-    with torch.no_grad():
-        plain.weight.uniform_(0.5, 1.5)
-        plain.bias.normal_()
+    plain = pretrained_affines(nn.BatchNorm2d(512).double())
     layer = ACBatchNorm2d.from_norm(plain)
     with torch.no_grad():
         layer.weight.add_(0.05 * torch.randn(512, dtype=torch.float64))
@@ -147,11 +145,7 @@ def test_dense_and_sorted_agree_in_a_module_above_the_threshold():
 def test_sorted_path_under_torch_compile():
     """torch.compile traces the torch implementation (NumPy is not traceable)."""
     torch.manual_seed(0)
-    layer = ACBatchNorm2d(400)
-    with torch.no_grad():
-        layer.weight.uniform_(0.5, 1.5)
-        layer.bias.normal_()
-    layer.set_source()
+    layer = pretrained_affines(ACBatchNorm2d(400), set_source=True)
     with torch.no_grad():
         layer.weight.add_(0.05 * torch.randn(400))
     x = torch.randn(2, 400, 3, 3)
@@ -218,10 +212,7 @@ class _Counting:
 def _layer(c=6, cls=ACBatchNorm2d):
     torch.manual_seed(0)
     plain = cls.plain_norm_class(c) if cls is ACBatchNorm2d else cls.plain_norm_class(c, affine=True)
-    with torch.no_grad():
-        plain.weight.uniform_(0.5, 1.5)
-        plain.bias.normal_()
-    layer = cls.from_norm(plain)
+    layer = cls.from_norm(pretrained_affines(plain))
     with torch.no_grad():
         layer.weight.add_(0.2)
     return layer
@@ -341,11 +332,7 @@ def test_unfolded_eval_model_equals_folded_model():
 
 def test_the_source_layout_is_reused_only_while_source_and_tau_are_unchanged():
     torch.manual_seed(0)
-    layer = ACBatchNorm2d(400).double()
-    with torch.no_grad():
-        layer.weight.uniform_(0.5, 1.5)
-        layer.bias.normal_()
-    layer.set_source()
+    layer = pretrained_affines(ACBatchNorm2d(400).double(), set_source=True)
 
     def check():
         with torch.no_grad():

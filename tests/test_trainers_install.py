@@ -42,7 +42,7 @@ def test_pip_install_registers_trainers_without_setup_step(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("nnUNet_extTrainer", "PYTHONPATH")}
     _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-build-isolation",
           "--no-index", "-q", REPO], env, tmp_path)
-    installed_shims = purelib / "nnunet_acnorm" / "trainers" / "nnunet_ext"
+    installed_shims = purelib / "nnunet_acnorm" / "nnunet" / "nnunet_ext"
     assert (purelib / "nnunet_acnorm_ext_trainers.pth").is_file()
     assert installed_shims.is_dir()
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.nnunet_fixtures import (acnorm_trainer_env, copy_test_images, make_tiny_dataset, nnunet_env,
-                                   run_console)
+from tests.factories.nnunet import (acnorm_trainer_env, copy_test_images, make_tiny_dataset, nnunet_env,
+                                    run_console)
 
 pytestmark = pytest.mark.integration
 
@@ -220,7 +220,7 @@ def test_missing_pretrained_file(pipeline):
 
 
 def test_fold_bad_input(pipeline, tmp_path, capsys):
-    from nnunet_acnorm.nnunet.fold import fold_entry
+    from nnunet_acnorm.commands.fold import fold_entry
 
     env = pipeline["env"]
     with pytest.raises(SystemExit) as exit_info:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.benchmark_trainer import default_plans
 from nnunet_acnorm.nnunet.discovery import trainer_shim_folder, with_trainer_folder
-from nnunet_acnorm.nnunet.schedules import WarmupPolyLRScheduler
+from nnunet_acnorm.nnunet.plain_unet_plans import default_plans
+from nnunet_acnorm.finetuning.schedules import WarmupPolyLRScheduler
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,9 +71,9 @@ def test_with_trainer_folder_appends_once_and_keeps_user_folders():
 
 def test_start_up_hook_appends_without_clobbering(tmp_path):
     """_nnunet_acnorm_env (run by the .pth at interpreter start) next to a package copy."""
-    (tmp_path / "nnunet_acnorm" / "trainers" / "nnunet_ext").mkdir(parents=True)
+    (tmp_path / "nnunet_acnorm" / "nnunet" / "nnunet_ext").mkdir(parents=True)
     (tmp_path / "_nnunet_acnorm_env.py").write_text((REPO / "_nnunet_acnorm_env.py").read_text())
-    folder = str(tmp_path / "nnunet_acnorm" / "trainers" / "nnunet_ext")
+    folder = str(tmp_path / "nnunet_acnorm" / "nnunet" / "nnunet_ext")
     code = "import _nnunet_acnorm_env, os, sys; print(os.environ.get('nnUNet_extTrainer', '')); " \
            "print('torch' in sys.modules)"
     for preset, expected in ((None, [folder]), ("/mine", ["/mine", folder]),
@@ -89,7 +89,7 @@ def test_start_up_hook_appends_without_clobbering(tmp_path):
 
 
 def test_trainer_path_command_prints_the_shim_folder():
-    from tests.nnunet_fixtures import run_console
+    from tests.factories.nnunet import run_console
 
     out = run_console("nnUNetv2_acnorm_trainer_path").stdout.strip()
     # the console script runs the installed package (site-packages after a regular install, this

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parent.parent
 #: shim folder with test-only trainers (few iterations per epoch), for nnUNet_extTrainer
 TEST_TRAINER_FOLDER = TESTS_DIR / "nnunet_ext_test_trainers"
+#: the seed of every nnU-Net training a test runs (through ``nnUNet_acnorm_seed``, see :func:`nnunet_env`)
+TRAINING_SEED = 0
 
 
 def make_tiny_dataset(raw_dir, dataset_id: int, n_cases: int = 6, shape=(24, 24, 24), n_channels: int = 1,
@@ -80,14 +82,18 @@ def copy_test_images(dataset_folder, out_dir, cases=(0,)) -> Path:
 def nnunet_env(base_dir, training: bool = True, extra_trainer_folders=(), **extra) -> dict:
     """os.environ plus nnU-Net folders under ``base_dir`` (created), a single thread, and, with
     ``training``, no data-augmentation workers (``nnUNet_n_proc_DA=0``; not for planning, where it
-    crashes). ``extra_trainer_folders`` are prepended to ``nnUNet_extTrainer``."""
+    crashes). ``extra_trainer_folders`` are prepended to ``nnUNet_extTrainer``. Trainings are seeded
+    (``nnUNet_acnorm_seed`` = :data:`TRAINING_SEED`, read by the plugin's trainers and the test
+    trainers; ``extra`` or the caller may set or remove it)."""
+    from nnunet_acnorm.nnunet.seeding import SEED_ENV
+
     base = Path(base_dir)
     env = dict(os.environ)
     for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
         (base / sub).mkdir(parents=True, exist_ok=True)
         env[var] = str(base / sub)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", nnUNet_def_n_proc="1", PYTHONUNBUFFERED="1",
-               nnUNet_compile="false")
+               nnUNet_compile="false", **{SEED_ENV: str(TRAINING_SEED)})
     if training:
         env["nnUNet_n_proc_DA"] = "0"
     else:

@@ -7,6 +7,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.network_architecture.nnUNetTrainerBN import nnUNetTrainerBN
 
+from nnunet_acnorm.nnunet.seeding import resolve_seed, seed_everything
 from nnunet_acnorm.nnunet.trainers import (nnUNetTrainerACNorm, nnUNetTrainerACNormBN,
                                                     nnUNetTrainerFinetune)
 
@@ -20,6 +21,9 @@ class _Tiny:
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        seed = resolve_seed(None)
+        if seed is not None and not isinstance(self, nnUNetTrainerFinetune):
+            seed_everything(seed)  # stock nnU-Net trainers have no seed; the plugin's seed themselves
         self.num_epochs = _epochs()
         self.num_iterations_per_epoch = 2
         self.num_val_iterations_per_epoch = 1
