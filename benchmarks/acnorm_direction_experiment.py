@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import sys
 import time
@@ -173,31 +174,40 @@ def build_network(num_classes: int) -> torch.nn.Module:
                          nonlin_kwargs={"inplace": True}, deep_supervision=True)
 
 
-def build_loss() -> torch.nn.Module:
-    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+@functools.lru_cache(maxsize=None)
+def _trainer():
+    """nnU-Net's trainer for the plans of :func:`build_network`'s PlainConvUNet (batch Dice): its loss
+    and optimiser (:mod:`nnunet_acnorm.nnunet.training_step`). The loss does not depend on the number
+    of classes."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    loss = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
-                          weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
-    weights = np.array([1 / 2 ** i for i in range(len(STRIDES) - 1)])
-    weights[-1] = 0
-    return DeepSupervisionWrapper(loss, weights / weights.sum())
+    from nnunet_acnorm.nnunet.plain_unet_plans import default_dataset_json, default_plans
+    from nnunet_acnorm.nnunet.training_step import construct_trainer
+
+    plans = default_plans(PATCH, FEATURES, 3)
+    configuration = plans["configurations"]["bench"]
+    configuration["batch_dice"] = True
+    configuration["architecture"]["arch_kwargs"].update(
+        kernel_sizes=[[1, 3, 3]] + [[3, 3, 3]] * (len(FEATURES) - 1), strides=STRIDES)
+    return construct_trainer(nnUNetTrainer, plans, "bench", default_dataset_json(N_CLASSES))
+
+
+def build_loss() -> torch.nn.Module:
+    from nnunet_acnorm.nnunet.training_step import build_loss as trainer_loss
+
+    return trainer_loss(_trainer())
 
 
 def make_step(network, loss, optimizer):
-    def step(batch: dict) -> float:
-        optimizer.zero_grad(set_to_none=True)
-        value = loss(network(batch["data"]), batch["target"])
-        value.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
-        optimizer.step()
-        return float(value.detach())
-    return step
+    from nnunet_acnorm.nnunet.training_step import make_train_step
+
+    return make_train_step(network, loss, optimizer)
 
 
 def sgd(network, lr: float):
-    return torch.optim.SGD(network.parameters(), lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    from nnunet_acnorm.nnunet.training_step import build_optimizer
+
+    return build_optimizer(_trainer(), network, lr)
 
 
 def train(network, batches: list[dict], lr: float) -> float:

@@ -23,13 +23,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_trainer import Setup, _sync, default_plans  # noqa: E402
+from _common import add_common_arguments, cpu_peak_bytes, interleaved_times, sync as _sync  # noqa: E402
+from benchmark_trainer import Setup  # noqa: E402
 
 
 def step_peak_bytes(setup, x, targets, device) -> int:
@@ -41,15 +41,7 @@ def step_peak_bytes(setup, x, targets, device) -> int:
         setup.step(x, targets)
         _sync(device)
         return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        setup.step(x, targets)
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
-    current = peak = 0
-    for e in events:
-        current += e.cpu_memory_usage
-        peak = max(peak, current)
-    return peak
+    return cpu_peak_bytes(lambda: setup.step(x, targets))
 
 
 def _bytes(tensors) -> int:
@@ -71,12 +63,8 @@ def build(name: str, plans, configuration, classes, device, pretrained_in: dict,
                "StochNorm (BN)": bt.nnUNetTrainerStochNormBN}[name]
     pretrained = pretrained_bn if "BN" in name else pretrained_in
     setup = Setup(trainer, plans, configuration, classes, device, pretrained_state=pretrained)
-    net, state = setup.network, 0
+    net, state = setup.network, 0  # the optimizer has the trainer's weight decay (0 where a penalty replaces it)
     penalty = None
-    wd = trainer.method_weight_decay if hasattr(trainer, "method_weight_decay") else None
-    if wd is not None:
-        for g in setup.optimizer.param_groups:
-            g["weight_decay"] = wd
     if "L2-SP" in name:
         reg = L2SPRegulariser.from_network(net, bt.is_new_parameter)
         penalty, state = reg, _bytes(reg.anchor.values())
@@ -93,7 +81,8 @@ def build(name: str, plans, configuration, classes, device, pretrained_in: dict,
         set_frozen(net.encoder, True)
     elif name == "discriminative lr":
         groups = discriminative_param_groups(net, bt.is_encoder_parameter)
-        setup.optimizer = torch.optim.SGD(groups, 1e-3, weight_decay=3e-5, momentum=0.99, nesterov=True)
+        setup.optimizer = torch.optim.SGD(groups, 1e-3, weight_decay=setup.trainer.weight_decay, momentum=0.99,
+                                          nesterov=True)
     if penalty is not None:
         setup.loss = bt.PenalisedLoss(setup.loss, penalty, lambda: net.training)
     return setup, state
@@ -104,22 +93,15 @@ METHODS = ("vanilla", "L2-SP", "DELTA", "BSS", "LP-FT (frozen phase)", "discrimi
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--patch", type=int, nargs="+", default=[24, 24, 24])
-    parser.add_argument("--features", type=int, nargs="+", default=[16, 32, 64])
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--classes", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=2, help="timed training steps per repetition")
-    parser.add_argument("--repetitions", type=int, default=5, help="interleaved repetitions")
+    parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dim = len(args.patch)
+    from nnunet_acnorm.nnunet.plain_unet_plans import default_plans
+
     plans = default_plans(args.patch, args.features, dim)
     plans_bn = default_plans(args.patch, args.features, dim, norm=f"torch.nn.modules.batchnorm.BatchNorm{dim}d")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -145,16 +127,9 @@ def main(argv=None):
     for s in setups.values():  # warm-up
         s.step(x, targets)
     _sync(device)
-    times = {k: [] for k in setups}
-    for _ in range(args.repetitions):
-        for name, s in setups.items():
-            torch.manual_seed(0)  # StochNorm's draws
-            _sync(device)
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                s.step(x, targets)
-            _sync(device)
-            times[name].append((time.perf_counter() - t) / args.steps)
+    times = interleaved_times({name: (lambda s=s: s.step(x, targets)) for name, s in setups.items()},
+                              args.repetitions, args.steps, device,
+                              before=lambda: torch.manual_seed(0))  # StochNorm's draws
     step = {k: statistics.median(v) for k, v in times.items()}
     peak = {k: step_peak_bytes(s, x, targets, device) for k, s in setups.items()}
     params = {k: _bytes(s.network.parameters()) for k, s in setups.items()}

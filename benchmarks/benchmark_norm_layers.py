@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # silence the profiler's per-run log lines
 
@@ -34,6 +36,9 @@ from torch import nn
 
 from nnunet_acnorm.norms import ACNORM_FOR_PLAIN
 from nnunet_acnorm.norms.functional import recalibrated_affine, sparse_correlation, use_sorted_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_peak_bytes  # noqa: E402
 
 
 class TwoPassACNorm(nn.Module):
@@ -95,15 +100,7 @@ def peak_memory_bytes(module, x, device):
         step(module, x)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(module, x)
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
-    current = peak = 0
-    for e in events:
-        current += e.cpu_memory_usage
-        peak = max(peak, current)
-    return peak
+    return cpu_peak_bytes(lambda: step(module, x))
 
 
 def measure(variants, x, device, repeats):

@@ -2,8 +2,9 @@
 folded AC-Norm model vs a stock one, on the same plans, in one run (ratios).
 
 Each trainer's own ``build_network_architecture`` builds the network from the same plans; a training
-step is nnU-Net's (deep-supervision Dice+CE loss as ``nnUNetTrainer._build_loss``, SGD with Nesterov
-momentum, gradient clipping at 12, as ``nnUNetTrainer.train_step``). Repetitions are interleaved
+step is nnU-Net's, from its own code (:mod:`nnunet_acnorm.nnunet.training_step`: the trainer's
+``_build_loss``, ``nnUNetTrainer.configure_optimizers`` with the trainer's weight decay at lr 1e-3,
+``nnUNetTrainer.train_step``, in float32). Repetitions are interleaved
 (stock, AC-Norm, stock, ...) so that machine load hits both alike; the table shows medians.
 
 Memory: "saved activations" is the total size of the tensors autograd keeps for the backward pass
@@ -19,72 +20,42 @@ import argparse
 import copy
 import json
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-
-def default_plans(patch, features, dim: int, norm: str | None = None, configuration: str = "bench") -> dict:
-    """nnU-Net plans of a PlainConvUNet (InstanceNorm unless ``norm`` names another norm class)
-    with one configuration; also the tests' tiny network (tests/test_trainers_units.py)."""
-    conv = "torch.nn.modules.conv.Conv3d" if dim == 3 else "torch.nn.modules.conv.Conv2d"
-    norm = norm or f"torch.nn.modules.instancenorm.InstanceNorm{dim}d"
-    n = len(features)
-    return {
-        "dataset_name": "Dataset999_Bench", "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": [1.0] * dim, "original_median_shape_after_transp": list(patch),
-        "image_reader_writer": "SimpleITKIO", "transpose_forward": list(range(dim)),
-        "transpose_backward": list(range(dim)), "experiment_planner_used": "ExperimentPlanner",
-        "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {},
-        "configurations": {configuration: {
-            "data_identifier": "bench", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-            "patch_size": list(patch), "median_image_size_in_voxels": list(patch), "spacing": [1.0] * dim,
-            "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
-            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
-            "resampling_fn_data_kwargs": {}, "resampling_fn_seg_kwargs": {},
-            "resampling_fn_probabilities": "resample_data_or_seg_to_shape", "resampling_fn_probabilities_kwargs": {},
-            "batch_dice": False,
-            "architecture": {
-                "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                "arch_kwargs": {"n_stages": n, "features_per_stage": list(features), "conv_op": conv,
-                                "kernel_sizes": [[3] * dim] * n, "strides": [[1] * dim] + [[2] * dim] * (n - 1),
-                                "n_conv_per_stage": [2] * n, "n_conv_per_stage_decoder": [2] * (n - 1),
-                                "conv_bias": True, "norm_op": norm, "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-                                "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-                                "nonlin_kwargs": {"inplace": True}},
-                "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}}}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_common_arguments, interleaved_times, sync as _sync  # noqa: E402
 
 
 class Setup:
-    """A network, its loss and optimizer, as an nnU-Net trainer would have them."""
+    """A network, its loss and optimizer, as an nnU-Net trainer would have them: the trainer's own
+    ``build_network_architecture``, ``_build_loss`` and optimizer (``nnUNetTrainer.configure_optimizers``
+    with the trainer's weight decay, at lr 1e-3) and ``nnUNetTrainer.train_step`` (float32; see
+    :mod:`nnunet_acnorm.nnunet.training_step`)."""
 
     def __init__(self, trainer_class, plans, configuration, n_classes, device, pretrained_state=None):
-        from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-        from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-        from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+        from nnunet_acnorm.nnunet.plain_unet_plans import default_dataset_json
+        from nnunet_acnorm.nnunet.training_step import build_loss, build_optimizer, construct_trainer
 
-        pm = PlansManager(copy.deepcopy(plans))
-        self.cm = pm.get_configuration(configuration)
-        self.network = trainer_class.build_network_architecture(pm, self.cm, 1, n_classes, True)
+        #: the trainer (constructed, not initialised): its loss and hyperparameters
+        self.trainer = construct_trainer(trainer_class, plans, configuration, default_dataset_json(n_classes))
+        self.cm = self.trainer.configuration_manager
+        self.device = device
+        self.network = trainer_class.build_network_architecture(self.trainer.plans_manager, self.cm, 1, n_classes,
+                                                                True)
         if pretrained_state is not None:
             from nnunet_acnorm.nnunet.pretrained import set_strict_source
 
             set_strict_source(self.network, False)  # as -pretrained_weights: plain keys set the AC-Norm sources
             self.network.load_state_dict(pretrained_state, strict=False)
         self.network.to(device).train()
-        loss = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
-                              weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
         strides = self.cm.network_arch_init_kwargs["strides"]
-        scales = np.cumprod(np.vstack([[1] * len(strides[0])] + [list(s) for s in strides[1:]]), axis=0)
-        weights = np.array([1 / (2 ** i) for i in range(len(strides))])
-        weights[-1] = 0
-        weights = weights / weights.sum()
-        self.loss = DeepSupervisionWrapper(loss, weights)
-        self.scales = scales
-        self.optimizer = torch.optim.SGD(self.network.parameters(), 1e-3, weight_decay=3e-5, momentum=0.99,
-                                         nesterov=True)
+        self.scales = np.cumprod(np.vstack([[1] * len(strides[0])] + [list(s) for s in strides[1:]]), axis=0)
+        self.loss = build_loss(self.trainer)
+        self.optimizer = build_optimizer(self.trainer, self.network, 1e-3)
 
     def batch(self, batch_size, patch, n_classes, device, generator):
         x = torch.randn((batch_size, 1, *patch), generator=generator).to(device)
@@ -96,16 +67,10 @@ class Setup:
         return x, targets
 
     def step(self, x, targets):
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(self.network(x), targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-        self.optimizer.step()
+        """One ``nnUNetTrainer.train_step`` with the current loss and optimizer (a method may replace them)."""
+        from nnunet_acnorm.nnunet.training_step import make_train_step
 
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        make_train_step(self.network, self.loss, self.optimizer, self.device)({"data": x, "target": targets})
 
 
 def saved_activation_bytes(setup: Setup, x, targets) -> int:
@@ -134,24 +99,16 @@ def cuda_peak(setup: Setup, x, targets, device) -> int | None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--patch", type=int, nargs="+", default=[24, 24, 24])
-    parser.add_argument("--features", type=int, nargs="+", default=[16, 32, 64])
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--classes", type=int, default=3)
+    parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--plans", help="an nnU-Net plans.json instead of the built-in PlainConvUNet")
     parser.add_argument("--configuration", default="3d_fullres", help="configuration of --plans")
-    parser.add_argument("--steps", type=int, default=2, help="timed training steps per repetition")
-    parser.add_argument("--repetitions", type=int, default=5, help="interleaved repetitions")
     parser.add_argument("--inference-batches", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
 
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from nnunet_acnorm.norms import fold_acnorm
+    from nnunet_acnorm.nnunet.plain_unet_plans import default_plans
     from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm
 
     if args.threads:
@@ -174,15 +131,8 @@ def main(argv=None):
     for s in setups.values():  # warm-up
         s.step(x, targets)
     _sync(device)
-    times = {k: [] for k in setups}
-    for _ in range(args.repetitions):
-        for name, s in setups.items():
-            _sync(device)
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                s.step(x, targets)
-            _sync(device)
-            times[name].append((time.perf_counter() - t) / args.steps)
+    times = interleaved_times({name: (lambda s=s: s.step(x, targets)) for name, s in setups.items()},
+                              args.repetitions, args.steps, device)
     step = {k: statistics.median(v) for k, v in times.items()}
     saved = {k: saved_activation_bytes(s, x, targets) for k, s in setups.items()}
     peak = {k: cuda_peak(s, x, targets, device) for k, s in setups.items()}
@@ -198,15 +148,8 @@ def main(argv=None):
     with torch.no_grad():
         for net in infer.values():
             net(xi)
-        itimes = {k: [] for k in infer}
-        for _ in range(args.repetitions):
-            for name, net in infer.items():
-                _sync(device)
-                t = time.perf_counter()
-                for _ in range(args.inference_batches):
-                    net(xi)
-                _sync(device)
-                itimes[name].append((time.perf_counter() - t) / args.inference_batches)
+        itimes = interleaved_times({name: (lambda net=net: net(xi)) for name, net in infer.items()},
+                                   args.repetitions, args.inference_batches, device)
         max_diff = float((torch.softmax(acnorm.network(xi)[0], 1) - torch.softmax(folded(xi)[0], 1)).abs().max())
     inference = {k: statistics.median(v) for k, v in itimes.items()}
     # paired per repetition (both measured back to back): the unfolded AC-Norm network in eval mode
