@@ -39,9 +39,9 @@ from pathlib import Path
 
 from nnunet_acnorm.demo.datasets import (CT_ORGANS, CT_PELVIS, MR_ORGANS, SlabTask, write_holdout_split,
                                          write_raw_dataset)
-from nnunet_acnorm.demo.run_demo import DEMO_TRAINER_FOLDER
-from nnunet_acnorm.trainers.discovery import trainer_shim_folder, with_trainer_folder
-from nnunet_acnorm.trainers.seeding import SEED_ENV
+from nnunet_acnorm.demo.pipeline import DEMO_TRAINER_FOLDER
+from nnunet_acnorm.nnunet.discovery import trainer_shim_folder, with_trainer_folder
+from nnunet_acnorm.nnunet.seeding import SEED_ENV
 
 CONFIG = "2d"
 PLANS = "nnUNetPlans"
