@@ -412,5 +412,14 @@ def test_splits_crop_and_logger_in_process(tmp_path):
             logger.log(key, value, epoch)
         ema = logger.log_validation({"quadratic_weighted_kappa": None, "accuracy": accuracy, "auc_macro": 0.5}, epoch)
     assert ema == pytest.approx(0.9 * 0.5 + 0.1 * 1.0) and logger.get_value("mean_fg_dice", None) == [0.5, 1.0]
+    import matplotlib
+    style = dict(matplotlib.rcParams)
+    figure = logger.progress_figure()
+    metric_axis = figure.axes[3]  # the loss axis's twin
+    assert metric_axis.get_ylabel() == "validation metric"
+    assert [line.get_label() for line in metric_axis.get_lines()] == ["accuracy", "accuracy (mov. avg.)", "kappa",
+                                                                       "auc_macro"]
+    np.testing.assert_allclose(metric_axis.get_lines()[1].get_ydata(), [0.5, 0.55])
     logger.plot_progress_png(str(tmp_path))
-    assert (tmp_path / "progress.png").is_file()
+    assert (tmp_path / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert dict(matplotlib.rcParams) == style  # no global style left behind

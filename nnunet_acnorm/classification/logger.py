@@ -4,19 +4,17 @@
 nnU-Net 2.8) with three keys added, ``val_kappa``, ``val_accuracy`` and ``val_auc_macro``, and
 without ``dice_per_class_or_region``. The selection metric of each epoch goes where nnU-Net puts its
 pseudo Dice (``mean_fg_dice``) and its moving average where nnU-Net keeps the pseudo Dice's
-(``ema_fg_dice``): the same role, picking ``checkpoint_best.pth``. nnU-Net draws ``progress.png``
-(losses, the selection metric and its moving average, epoch duration, learning rate);
-:meth:`ClassificationLogger.plot_progress_png` then names the metric on that figure instead of
-"pseudo dice" and adds the other validation metrics to it.
+(``ema_fg_dice``): the same role, picking ``checkpoint_best.pth``. ``progress.png`` keeps nnU-Net's
+layout (losses, the selection metric and its moving average, epoch duration, learning rate), its
+metric axis named after the selection metric and the other validation metrics added; it is drawn
+on a figure of its own (nnU-Net's plot would say "pseudo dice" and set seaborn's style globally).
 """
 from __future__ import annotations
 
 import os
-from unittest import mock
 
 import matplotlib
-import matplotlib.pyplot  # noqa: F401  (nnU-Net's logger imports it too)
-
+from matplotlib.figure import Figure
 from nnunetv2.training.logging import nnunet_logger
 
 #: nnU-Net's local logger (``LocalLogger`` since 2.8, the same class was ``nnUNetLogger`` before)
@@ -26,6 +24,8 @@ NnunetLocalLogger = getattr(nnunet_logger, "LocalLogger", None) or nnunet_logger
 METRIC_KEYS = {"val_kappa": "quadratic_weighted_kappa", "val_accuracy": "accuracy", "val_auc_macro": "auc_macro"}
 #: -selection_metric -> its log key
 SELECTION_KEYS = {"kappa": "val_kappa", "auc": "val_auc_macro", "accuracy": "val_accuracy"}
+#: the figure's font size, about nnU-Net's (seaborn font_scale 2.5), for this figure only
+_STYLE = {"font.size": 25}
 _COLOURS = {"val_kappa": "g", "val_accuracy": "c", "val_auc_macro": "m"}
 #: the log keys of checkpoints written before this logger (the trainer's own dict) -> nnU-Net's
 _FORMER_KEYS = {"learning_rates": "lrs", "ema_selection_metric": "ema_fg_dice"}
@@ -67,28 +67,46 @@ class ClassificationLogger(NnunetLocalLogger):
             raise KeyError(f"the checkpoint's log lacks {sorted(missing)}")
         super().load_checkpoint({k: logging[k] for k in self.my_fantastic_logging})
 
+    def progress_figure(self) -> Figure:
+        """``progress.png``'s figure in nnU-Net's layout (losses with the validation metrics on a twin
+        axis, epoch duration, learning rate), the metric axis named after the selection metric. A
+        :class:`matplotlib.figure.Figure` of its own: no pyplot state, no global style changed."""
+        with matplotlib.rc_context(_STYLE):
+            log = self.my_fantastic_logging
+            epochs = list(range(min(len(v) for v in log.values())))
+            figure = Figure(figsize=(30, 54))
+            losses, durations, lrs = figure.subplots(3, 1)
+            metrics = losses.twinx()
+            losses.plot(epochs, log["train_losses"][:len(epochs)], color="b", ls="-", label="loss_tr", linewidth=4)
+            losses.plot(epochs, log["val_losses"][:len(epochs)], color="r", ls="-", label="loss_val", linewidth=4)
+            name = self.selection_metric
+            metrics.plot(epochs, log["mean_fg_dice"][:len(epochs)], color="g", ls="dotted", label=name, linewidth=3)
+            metrics.plot(epochs, log["ema_fg_dice"][:len(epochs)], color="g", ls="-", label=f"{name} (mov. avg.)",
+                         linewidth=4)
+            for key in METRIC_KEYS:
+                if key != SELECTION_KEYS[name]:
+                    values = [float("nan") if v is None else v for v in log[key][:len(epochs)]]
+                    metrics.plot(epochs, values, color=_COLOURS[key], ls="dotted", label=key[4:], linewidth=3)
+            losses.set_ylabel("loss")
+            metrics.set_ylabel("validation metric")
+            losses.legend(loc=(0, 1))
+            metrics.legend(loc=(0.2, 1), ncol=2)
+            start, end = log["epoch_start_timestamps"], log["epoch_end_timestamps"]
+            durations.plot(epochs, [end[e] - start[e] for e in epochs], color="b", ls="-", label="epoch duration",
+                           linewidth=4)
+            durations.set_ylim(bottom=0)
+            durations.set_ylabel("time [s]")
+            lrs.plot(epochs, log["lrs"][:len(epochs)], color="b", ls="-", label="learning rate", linewidth=4)
+            lrs.set_ylabel("learning rate")
+            for axis in (losses, durations, lrs):
+                axis.set_xlabel("epoch")
+            for axis in (durations, lrs):
+                axis.legend(loc=(0, 1))
+            figure.tight_layout()
+        return figure
+
     def plot_progress_png(self, output_folder: str) -> None:
-        """nnU-Net's ``progress.png``, its metric axis relabelled and the other metrics added."""
-        if not self.my_fantastic_logging["train_losses"]:
-            return
-        # nnU-Net's plot sets seaborn's style globally: keep it to this figure; keep the figure open
-        with matplotlib.rc_context():
-            with mock.patch.object(nnunet_logger.plt, "close"):
-                super().plot_progress_png(output_folder)
-            figure = nnunet_logger.plt.gcf()
-            try:
-                metric_axis = figure.axes[3]  # the twin of the loss axis (nnU-Net's ax2)
-                name = self.selection_metric
-                for line, label in zip(metric_axis.get_lines(), (name, f"{name} (mov. avg.)")):
-                    line.set_label(label)
-                epochs = range(len(self.my_fantastic_logging["train_losses"]))
-                for key in METRIC_KEYS:
-                    if key != SELECTION_KEYS[name]:
-                        values = [float("nan") if v is None else v for v in self.my_fantastic_logging[key]]
-                        metric_axis.plot(epochs, values, color=_COLOURS[key], ls="dotted", label=key[4:],
-                                         linewidth=3)
-                metric_axis.set_ylabel("validation metric")
-                metric_axis.legend(loc=(0.2, 1), ncol=2)  # two rows, as nnU-Net's legend
-                figure.savefig(os.path.join(output_folder, "progress.png"))
-            finally:
-                nnunet_logger.plt.close(figure)
+        """Write ``progress.png`` (:meth:`progress_figure`) into ``output_folder``."""
+        if self.my_fantastic_logging["train_losses"]:
+            with matplotlib.rc_context(_STYLE):
+                self.progress_figure().savefig(os.path.join(output_folder, "progress.png"))
