@@ -22,7 +22,8 @@ console script in a subprocess (the machinery of ``experiments/finetune_experime
 4. the estimators, computed by the command a user runs, once per seed (the seed chooses the batches):
    ``nnUNetv2_acnorm_rank --steps 1 --estimators ac_corr,ac_corr_all,logme,hscore`` and
    ``nnUNetv2_acnorm_rank --steps 10 --estimators ac_corr,ac_corr_all`` (``--epoch`` would be one step
-   here: 5 cases, 2d batches of 10-12);
+   here: 4 training cases, 2d batches of 10-12), both with ``--fold 0``: the batches come from the
+   fold's training slabs only, so the estimators never see the held-out slab that scores the fine-tunings;
 5. per target and estimator: Kendall tau and weighted tau (``scipy.stats.kendalltau``,
    ``scipy.stats.weightedtau``) between the estimator (mean over seeds) and the mean fine-tuned Dice,
    with bootstrap 95 % intervals (sources resampled with replacement, and within each the seeds,
@@ -332,7 +333,8 @@ class DirectionExperiment(Experiment):
         options, estimators = RANK_RUNS[run]
         try:
             took = self.run(f"{key}_rank_{run}_seed{seed}", "nnUNetv2_acnorm_rank", "-d", TARGETS[key].dataset_id,
-                            "-c", CONFIG, "-i", *[self.source_checkpoint(key, s) for s in sources], *options,
+                            "-c", CONFIG, "--fold", 0, "-i", *[self.source_checkpoint(key, s) for s in sources],
+                            *options,
                             "--estimators", ",".join(estimators), "--seed", seed, "-o", folder, "--overwrite",
                             "--no_progress")
         except RuntimeError:

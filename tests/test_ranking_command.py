@@ -232,3 +232,47 @@ def test_estimators_side_by_side_in_one_run(workspace, tmp_path):
         width, height = png.size
     assert width > 2.5 * height  # three panels side by side
     assert (out / "sparse_correlations.png").stat().st_size > 1000
+
+
+def test_fold_draws_the_batches_from_the_folds_training_cases_only(workspace, tmp_path, monkeypatch):
+    """--fold F: nnU-Net's split (splits_final.json) decides the cases; the fold's validation case never
+    enters a batch (in-process: the batches' keys), and the console script reports the fold and its
+    cases; a fold the split does not define and a fold that is not a number are one-line errors."""
+    ws, files = workspace, workspace["files"]
+    pre = ws["pre"]
+    cases = sorted(p.name.split(".")[0] for p in (pre / "nnUNetPlans_3d_fullres").glob("*.pkl"))
+    assert len(cases) == 4
+    split = [{"train": cases[:3], "val": cases[3:]}]
+    (pre / "splits_final.json").write_text(json.dumps(split))
+    try:
+        for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            monkeypatch.setenv(var, ws["env"][var])
+        from nnunet_acnorm.ranking.nnunet_target import epoch_steps, fixed_batches, load_target
+
+        target = load_target(str(DATASET), "3d_fullres", fold=0)
+        assert target.cases == tuple(cases[:3])
+        keys = {k for batch in fixed_batches(target, target.plans, 6, seed=1) for k in batch["keys"]}
+        assert keys == set(cases[:3])  # 6 batches of 2: every training case, never the validation case
+        everything = load_target(str(DATASET), "3d_fullres")
+        assert everything.cases is None
+        assert cases[3] in {k for b in fixed_batches(everything, everything.plans, 6, seed=1) for k in b["keys"]}
+        assert load_target(str(DATASET), "3d_fullres", fold="all").cases == tuple(cases)
+        assert epoch_steps(target) == 2  # ceil(3 cases / batch 2)
+
+        out = tmp_path / "ranking"
+        proc = run_console("nnUNetv2_acnorm_rank", "-d", DATASET, "-c", "3d_fullres", "-i", files["nnunet_v2"],
+                           "--fold", "0", "-o", out, "--no_progress", env=ws["env"])
+        assert "batches from the 3 training cases of fold 0" in proc.stdout
+        result = json.loads((out / "ranking.json").read_text())
+        assert result["fold"] == 0 and result["cases"] == cases[:3]
+
+        for fold, message in (("1", "defines folds 0-0; pass one of them or 'all'"),
+                              ("x", "--fold takes a fold number (0, 1, ...) or 'all', got 'x'")):
+            bad = run_console("nnUNetv2_acnorm_rank", "-d", DATASET, "-c", "3d_fullres", "-i", files["nnunet_v2"],
+                              "--fold", fold, "-o", tmp_path / f"bad{fold}", "--no_progress", env=ws["env"],
+                              check=False)
+            assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
+            assert bad.stderr.startswith("nnUNetv2_acnorm_rank: error: ") and message in bad.stderr
+            assert not (tmp_path / f"bad{fold}").exists()
+    finally:
+        (pre / "splits_final.json").unlink()

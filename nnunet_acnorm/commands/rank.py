@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     how_long.add_argument("--steps", type=int, default=1, help="fine-tuning steps per candidate (default 1)")
     how_long.add_argument("--epoch", action="store_true",
                           help="one pass over the target's cases instead (ceil(cases / batch size) steps)")
+    p.add_argument("--fold", default=None,
+                   help="draw the batches from the training cases of this fold of nnU-Net's split (0-4 or 'all', "
+                        "as nnUNetv2_train takes it; splits_final.json), so that its validation cases stay unseen "
+                        "(default: every preprocessed case)")
     p.add_argument("--layers", nargs="+", default=["deepest"],
                    help="norm layers: 'deepest' (default: the deepest encoder norm), 'all', or layer names")
     p.add_argument("-o", dest="output", default=None,
@@ -71,6 +75,18 @@ def _layers_arg(values: list[str]):
     return values
 
 
+def _fold_arg(value: str | None) -> int | str | None:
+    if value is None or value == "all":
+        return value
+    try:
+        fold = int(value)
+    except ValueError:
+        fold = -1
+    if fold < 0:
+        raise InputError(f"--fold takes a fold number (0, 1, ...) or 'all', got {value!r}")
+    return fold
+
+
 def _default_output(dataset_name: str, plans: str, configuration: str) -> str | None:
     results = os.environ.get("nnUNet_results")
     if not results:  # unset or empty (nnU-Net takes an empty value as set: a folder relative to the cwd)
@@ -92,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         if not torch.cuda.is_available():
             raise InputError("-device cuda: no CUDA device is available; use -device cpu")
     layers = _layers_arg(args.layers)
+    fold = _fold_arg(args.fold)
     try:
         estimators = parse_estimators(args.estimators.split(",") + (["logme"] if args.logme else []))
         parse_estimators([args.rank_by])
@@ -103,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     from nnunet_acnorm.ranking.nnunet_target import load_target
     from nnunet_acnorm.ranking.rank import existing_results, format_table, rank_candidates, write_results
 
-    target = load_target(args.dataset, args.configuration, args.plans)
+    target = load_target(args.dataset, args.configuration, args.plans, fold)
     output = args.output or _default_output(target.dataset_name, args.plans, args.configuration)
     if output is None:
         raise InputError("nnUNet_results is not set (or empty): pass -o OUTDIR")
@@ -125,10 +142,12 @@ def main(argv: list[str] | None = None) -> None:
             with open(os.path.join(output, "logs", name.replace(os.sep, "_") + ".txt"), "w") as f:
                 f.write(text)
 
+    cases_text = "batches from all preprocessed cases; " if ranking.fold is None else \
+        f"batches from the {len(ranking.cases)} training cases of fold {ranking.fold}; "
     steps_text = f"{ranking.steps} step(s) per candidate, layers: {ranking.layers}, " if ranking.steps else ""
     print(f"\nTransferability estimates on {target.dataset_name} {target.configuration} (plans "
           f"{target.plans_identifier}): {', '.join(ranking.estimators)}; {steps_text}seed {ranking.seed}; "
-          f"ordered by highest {ranking.rank_by}")
+          f"{cases_text}ordered by highest {ranking.rank_by}")
     print(format_table(ranking))
     print(f"\n{ranking.direction_note}.")
     epoch = ranking.epoch_seconds()

@@ -55,14 +55,22 @@ class TargetTask:
     plans: dict
     dataset_json: dict
     preprocessed_folder: str
+    #: the nnU-Net fold whose training cases the batches come from (None: every preprocessed case)
+    fold: int | str | None = None
+    #: those training cases (None: every preprocessed case)
+    cases: tuple[str, ...] | None = None
 
     @property
     def num_input_channels(self) -> int:
         return len(self.dataset_json.get("channel_names", self.dataset_json.get("modality", {})))
 
 
-def load_target(dataset: str, configuration: str, plans_identifier: str = "nnUNetPlans") -> TargetTask:
-    """The target dataset's plans and dataset.json from ``nnUNet_preprocessed`` (clear errors)."""
+def load_target(dataset: str, configuration: str, plans_identifier: str = "nnUNetPlans",
+                fold: int | str | None = None) -> TargetTask:
+    """The target dataset's plans and dataset.json from ``nnUNet_preprocessed`` (clear errors). With
+    ``fold`` (an int or ``"all"``, as ``nnUNetv2_train`` takes it), the batches come from that fold's
+    training cases only: nnU-Net's own split (``nnUNetTrainer.do_split``: ``splits_final.json``, written
+    as nnU-Net writes it where it is missing), so that the fold's validation cases stay unseen."""
     try:
         planned = read_preprocessed_dataset(dataset, configuration, plans_identifier)
     except PreprocessedDatasetError as e:
@@ -73,7 +81,28 @@ def load_target(dataset: str, configuration: str, plans_identifier: str = "nnUNe
     if manager.previous_stage_name is not None:
         raise RankingError(f"configuration {configuration} is a cascade stage; rank with its first stage "
                            "(e.g. 3d_fullres or 3d_lowres)")
+    if fold is not None:
+        target.fold, target.cases = fold, training_cases(target, fold)
     return target
+
+
+def training_cases(target: TargetTask, fold: int | str) -> tuple[str, ...]:
+    """The training cases of ``fold`` in nnU-Net's split of the target (its trainer's ``do_split``)."""
+    trainer = _ranking_trainer(target.plans, target)
+    folder = trainer.preprocessed_dataset_folder
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        raise RankingError(f"--fold {fold}: preprocessed data {folder} not found: run nnUNetv2_preprocess first")
+    splits = os.path.join(trainer.preprocessed_dataset_folder_base, "splits_final.json")
+    if isinstance(fold, int) and os.path.isfile(splits):
+        with open(splits) as f:
+            n_folds = len(json.load(f))
+        if fold >= n_folds:  # nnU-Net would draw a random 80:20 split instead: say so rather than guess
+            raise RankingError(f"--fold {fold}: {splits} defines folds 0-{n_folds - 1}; pass one of them or 'all'")
+    trainer.fold = fold
+    train, _ = trainer.do_split()
+    if not train:
+        raise RankingError(f"--fold {fold}: the split has no training cases")
+    return tuple(sorted(train))
 
 
 def _managers(plans: dict, configuration: str, dataset_json: dict):
@@ -87,7 +116,7 @@ def _managers(plans: dict, configuration: str, dataset_json: dict):
 
 # -- batches --------------------------------------------------------------------------------------
 def case_order(identifiers: list[str], n_batches: int, batch_size: int, seed: int) -> list[list[str]]:
-    """The cases of each batch: a seeded permutation of all cases, repeated as often as needed."""
+    """The cases of each batch: a seeded permutation of the cases, repeated as often as needed."""
     rng = np.random.RandomState(seed)
     needed = n_batches * batch_size
     order: list[str] = []
@@ -97,7 +126,7 @@ def case_order(identifiers: list[str], n_batches: int, batch_size: int, seed: in
 
 
 def epoch_steps(target: TargetTask, plans: dict | None = None) -> int:
-    """Steps of one pass over the target's cases: ceil(cases / batch size)."""
+    """Steps of one pass over the target's (training) cases: ceil(cases / batch size)."""
     plans = plans or target.plans
     _, cm, _ = _managers(plans, target.configuration, target.dataset_json)
     folder = os.path.join(target.preprocessed_folder, cm.data_identifier)
@@ -105,11 +134,19 @@ def epoch_steps(target: TargetTask, plans: dict | None = None) -> int:
 
 
 def _dataset(folder: str, target: TargetTask):
+    """The preprocessed cases in ``folder``: all of them, or the fold's training cases (``target.cases``)."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
     if not os.path.isdir(folder) or not os.listdir(folder):
         raise CandidateSkipped(f"preprocessed data {folder} not found: run nnUNetv2_preprocess for these plans")
-    return infer_dataset_class(folder)(folder)
+    dataset_class = infer_dataset_class(folder)
+    if target.cases is None:
+        return dataset_class(folder)
+    missing = sorted(set(target.cases) - set(dataset_class.get_identifiers(folder)))
+    if missing:
+        raise CandidateSkipped(f"preprocessed data {folder} lacks the fold's training case(s) {', '.join(missing[:3])}"
+                               f"{' ...' if len(missing) > 3 else ''}: preprocess the whole dataset for these plans")
+    return dataset_class(folder, identifiers=list(target.cases))
 
 
 def fixed_batches(target: TargetTask, plans: dict, n_batches: int, seed: int) -> list[dict]:

@@ -90,6 +90,9 @@ class Ranking:
     candidates: list[CandidateResult]
     estimators: list[str] = field(default_factory=lambda: ["ac_corr"])
     rank_by: str = "ac_corr"
+    #: the nnU-Net fold whose training cases the batches came from, and those cases (None: every case)
+    fold: int | str | None = None
+    cases: list[str] | None = None
 
     @property
     def reliable(self) -> bool:
@@ -121,6 +124,7 @@ class Ranking:
     def to_json(self) -> dict:
         return {"dataset": self.dataset, "configuration": self.configuration, "plans": self.plans_identifier,
                 "steps": self.steps, "layers": self.layers, "seed": self.seed, "lr": self.lr,
+                "fold": self.fold, "cases": self.cases,
                 "estimators": self.estimators, "rank_by": self.rank_by, "reliable": self.reliable,
                 "higher_is_better": self.higher_is_better, "direction": dict(DIRECTION),
                 "direction_note": self.direction_note,
@@ -247,7 +251,8 @@ def rank_candidates(paths: Sequence[str], target: TargetTask, steps: int | str =
         numeric_steps = 0
     return Ranking(target.dataset_name, target.configuration, target.plans_identifier, numeric_steps,
                    layers if isinstance(layers, str) else list(layers), seed, lr, higher,
-                   direction_statement(rank_by), results, list(estimators), rank_by)
+                   direction_statement(rank_by), results, list(estimators), rank_by, target.fold,
+                   None if target.cases is None else list(target.cases))
 
 
 def degenerate_reason(layers: Sequence[str]) -> str:
