@@ -17,8 +17,21 @@ import torch
 from tests.factories import checkpoints as cf
 from tests.factories.nnunet import make_tiny_dataset, nnunet_env, run_console
 
+from nnunet_acnorm.ranking.direction import DIRECTION, reliable
+
 pytestmark = pytest.mark.integration
 DATASET = 581
+
+
+def assert_wording_follows_the_decision_record(stdout: str, rank_by: str) -> None:
+    """What the command says about its order is what DIRECTION says (the experiment's evidence), and it
+    recommends a candidate only where DIRECTION has settled on ``rank_by``."""
+    assert DIRECTION["evidence"][:60] in stdout
+    if reliable(rank_by):
+        assert "cannot be relied on" not in stdout and "Recommended (" in stdout and "not a recommendation" not in stdout
+    else:
+        assert "cannot be relied on" in stdout and "Recommended" not in stdout
+        assert "not a recommendation" in stdout
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +66,15 @@ def test_rank_command_ranks_three_families_and_skips_misfits(workspace, tmp_path
     proc = run_console("nnUNetv2_acnorm_rank", "-d", DATASET, "-c", "3d_fullres", "-i", *[files[k] for k in order],
                        "--steps", "2", "--logme", "-o", out, "-device", "cpu", "--seed", "3", env=ws["env"])
     stdout = proc.stdout
-    assert "Transferability estimates on Dataset581_TinyRank" in stdout and "ordered by highest ac_corr" in stdout
-    # no experiment has settled the direction yet: the command says so and recommends nothing
-    assert "cannot be relied on" in stdout and "Kendall tau +0.73" in stdout and "Cost:" in stdout
-    assert "Best:" not in stdout and "Recommended" not in stdout
-    assert "Highest ac_corr: " in stdout and "not a recommendation" in stdout
+    way = "highest" if DIRECTION["higher_is_better"] else "lowest"
+    assert "Transferability estimates on Dataset581_TinyRank" in stdout and f"ordered by {way} ac_corr" in stdout
+    assert "Cost:" in stdout
+    assert_wording_follows_the_decision_record(stdout, "ac_corr")
     assert "Ranking:" in proc.stderr and "candidate" in proc.stderr  # the tqdm progress bar
 
     result = json.loads((out / "ranking.json").read_text())
     assert result["estimators"] == ["ac_corr", "logme"] and result["rank_by"] == "ac_corr"  # --logme: an alias
-    assert result["reliable"] is False and result["direction"]["settled"] is False
+    assert result["reliable"] is reliable("ac_corr") and result["direction"] == DIRECTION
     by_family = {c["family"]: c for c in result["candidates"] if c["status"] == "ranked"}
     assert set(by_family) == {"nnunet_v2", "genesis", "nnssl"}
     assert sorted(c["rank"] for c in by_family.values()) == [1, 2, 3]
@@ -186,15 +198,17 @@ def test_an_untrained_candidate_is_never_ranked_first(workspace, tmp_path):
     table = proc.stdout.split("Transferability estimates on", 1)[1]
     assert table.splitlines()[3].split()[:2] == ["1", first["name"]]
     assert f"excluded: {excluded['name']}" in proc.stdout
-    assert "random_init" not in proc.stdout.split("Highest ac_corr:", 1)[1].splitlines()[0]
+    top_line = next(line for line in proc.stdout.splitlines()
+                    if line.startswith(("Recommended (", "Highest ac_corr:", "Lowest ac_corr:")))
+    assert first["name"] in top_line and "random_init" not in top_line
     rows = list(csv.DictReader((out / "ranking.csv").open()))
     assert [r["status"] for r in rows] == ["ranked", "ranked", "excluded"] and rows[2]["rank"] == ""
 
 
 def test_estimators_side_by_side_in_one_run(workspace, tmp_path):
     """--estimators with three estimators: one table with a column each, every estimator in the CSV and
-    JSON, one panel each in ranking.png; the order follows --rank_by; no recommendation is printed
-    while DIRECTION is not settled."""
+    JSON, one panel each in ranking.png; the order follows --rank_by; a recommendation only where the
+    decision record has settled on hscore (it has not)."""
     ws, files = workspace, workspace["files"]
     out = tmp_path / "ranking"
     proc = run_console("nnUNetv2_acnorm_rank", "-d", DATASET, "-c", "3d_fullres", "-i", files["nnunet_v2"],
@@ -207,7 +221,7 @@ def test_estimators_side_by_side_in_one_run(workspace, tmp_path):
     for column in ("AC-Corr", "at step 0", "LogME", "H-score (order)"):
         assert column in header
     assert stdout.count("H-score (order)") == 1  # one table
-    assert "cannot be relied on" in stdout and "Highest hscore: " in stdout and "Best:" not in stdout
+    assert_wording_follows_the_decision_record(stdout, "hscore")
 
     result = json.loads((out / "ranking.json").read_text())
     assert result["estimators"] == ["ac_corr", "logme", "hscore"] and result["rank_by"] == "hscore"

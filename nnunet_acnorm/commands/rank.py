@@ -142,12 +142,13 @@ def main(argv: list[str] | None = None) -> None:
             with open(os.path.join(output, "logs", name.replace(os.sep, "_") + ".txt"), "w") as f:
                 f.write(text)
 
+    way = "highest" if ranking.higher_is_better else "lowest"
     cases_text = "batches from all preprocessed cases; " if ranking.fold is None else \
         f"batches from the {len(ranking.cases)} training cases of fold {ranking.fold}; "
     steps_text = f"{ranking.steps} step(s) per candidate, layers: {ranking.layers}, " if ranking.steps else ""
     print(f"\nTransferability estimates on {target.dataset_name} {target.configuration} (plans "
           f"{target.plans_identifier}): {', '.join(ranking.estimators)}; {steps_text}seed {ranking.seed}; "
-          f"{cases_text}ordered by highest {ranking.rank_by}")
+          f"{cases_text}ordered by {way} {ranking.rank_by}")
     print(format_table(ranking))
     print(f"\n{ranking.direction_note}.")
     epoch = ranking.epoch_seconds()
@@ -160,10 +161,10 @@ def main(argv: list[str] | None = None) -> None:
         command = (f"nnUNetv2_train {args.dataset} {args.configuration} FOLD -p {top.plans_identifier} "
                    f"-tr nnUNetTrainerACNorm -pretrained_weights {top.pretrained_weights}")
         if ranking.reliable:
-            print(f"Recommended (highest {ranking.rank_by}): {top.name}. Fine-tune it with:\n  {command}")
+            print(f"Recommended ({way} {ranking.rank_by}): {top.name}. Fine-tune it with:\n  {command}")
         else:
-            print(f"Highest {ranking.rank_by}: {top.name} (not a recommendation: see above). To fine-tune it:"
-                  f"\n  {command}")
+            print(f"{way.capitalize()} {ranking.rank_by}: {top.name} (not a recommendation: see above). To fine-tune "
+                  f"it:\n  {command}")
     print(f"Results: {', '.join(written)}")
     if not ranking.ranked:
         raise InputError("no candidate could be ranked (see the reasons above)" if not ranking.excluded else

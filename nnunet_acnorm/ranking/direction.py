@@ -74,6 +74,6 @@ def direction_statement(rank_by: str) -> str:
     if DIRECTION["settled"]:
         return (f"This order cannot be relied on: the direction experiment selected {DIRECTION['estimator']} "
                 f"({way} first), not {rank_by}: {DIRECTION['evidence']}")
-    return (f"This ranking cannot be relied on: no experiment has settled yet which estimator predicts the fine-tuned "
-            f"Dice, nor in which direction. The estimators are shown side by side; the order (highest {rank_by} "
-            f"first) is a convention, not a recommendation. Evidence so far: {DIRECTION['evidence']}")
+    return (f"This ranking cannot be relied on: no estimator has been shown to predict the fine-tuned Dice, in "
+            f"either direction. The estimators are shown side by side; the order (highest {rank_by} first) is a "
+            f"convention, not a recommendation. Evidence: {DIRECTION['evidence']}")

@@ -49,8 +49,9 @@ def plot_scores(ranking, path: str) -> str:
         ax.set_ylabel(label)
         order = " (the order)" if est == ranking.rank_by else ""
         ax.set_title(f"{label}{order}", fontsize=9)
-    caveat = "" if ranking.reliable else " - not a reliable ranking: no experiment has settled the direction"
-    fig.suptitle(f"{ranking.dataset} {ranking.configuration}: estimators per candidate, ordered by highest "
+    caveat = "" if ranking.reliable else " - not a reliable ranking (see the direction note)"
+    way = "highest" if ranking.higher_is_better else "lowest"
+    fig.suptitle(f"{ranking.dataset} {ranking.configuration}: estimators per candidate, ordered by {way} "
                  f"{ranking.rank_by}{caveat}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
