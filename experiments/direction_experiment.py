@@ -436,7 +436,8 @@ def decide(results: dict) -> dict:
                 f"over {r['n_sources']} sources")
 
     summary = "; ".join(f"{t}: " + ", ".join(tau(t, c) for c in ESTIMATOR_COLUMNS) for t in targets)
-    budget = (f"{results['n_sources']} sources per target, seeds {results['seeds']}, fine-tuning {results['epochs']} "
+    per_target = ", ".join(f"{t} {len(results['targets'][t]['sources'])}" for t in targets)
+    budget = (f"sources per target: {per_target}; seeds {results['seeds']}, fine-tuning {results['epochs']} "
               f"x {results['iterations']} iterations with {results['finetune_trainer']}")
     if not candidates:
         return {"settled": False, "estimator": "ac_corr", "higher_is_better": True, "layers": "deepest", "steps": 1,
