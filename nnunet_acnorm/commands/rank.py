@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             with open(os.path.join(output, "logs", name.replace(os.sep, "_") + ".txt"), "w") as f:
                 f.write(text)
 
-    way = "highest" if ranking.higher_is_better else "lowest"
+    way = ranking.order_word
     cases_text = "batches from all preprocessed cases; " if ranking.fold is None else \
         f"batches from the {len(ranking.cases)} training cases of fold {ranking.fold}; "
     steps_text = f"{ranking.steps} step(s) per candidate, layers: {ranking.layers}, " if ranking.steps else ""

@@ -50,9 +50,8 @@ def plot_scores(ranking, path: str) -> str:
         order = " (the order)" if est == ranking.rank_by else ""
         ax.set_title(f"{label}{order}", fontsize=9)
     caveat = "" if ranking.reliable else " - not a reliable ranking (see the direction note)"
-    way = "highest" if ranking.higher_is_better else "lowest"
-    fig.suptitle(f"{ranking.dataset} {ranking.configuration}: estimators per candidate, ordered by {way} "
-                 f"{ranking.rank_by}{caveat}", fontsize=9)
+    fig.suptitle(f"{ranking.dataset} {ranking.configuration}: estimators per candidate, ordered by "
+                 f"{ranking.order_word} {ranking.rank_by}{caveat}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

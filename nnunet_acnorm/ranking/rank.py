@@ -95,6 +95,11 @@ class Ranking:
     cases: list[str] | None = None
 
     @property
+    def order_word(self) -> str:
+        """How the table is ordered by ``rank_by``: "highest" or "lowest" first."""
+        return "highest" if self.higher_is_better else "lowest"
+
+    @property
     def reliable(self) -> bool:
         return reliable(self.rank_by)
 
