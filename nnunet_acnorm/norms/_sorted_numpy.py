@@ -10,6 +10,16 @@ with the dense float64 oracle. The exact kept-set rule itself (TwoSum mirror poi
 and the scan are one code for both: ``functional._mirror_point``, ``functional._split_and_ends``
 and ``functional._laplace_scan_`` work on arrays as on tensors. This module is a second
 implementation for speed, not an independent oracle (the tests' oracle is the dense formula).
+
+**Segments.** Every function here works on the channels of several layers at once, concatenated
+into flat arrays of length N: layer k owns the segment [offsets[k], offsets[k + 1]) and its
+correlation never leaves it. The sort, the tie groups and the searchsorted are done per segment;
+the scans run over the whole flat array, with a decay of exactly 0 at every segment start (in
+both directions), so that no sum crosses a segment boundary; every clamp and boundary test uses
+the row's own segment bounds instead of 0 and C. One layer is the one-segment case. A sum that
+would cross a boundary adds exact zeros, so a layer's results are bit-identical whether it is
+computed alone or with others (``norms.batched`` does the latter: one call per network forward,
+which removes the per-layer call overhead that dominates at the channel counts of real networks).
 """
 from __future__ import annotations
 
@@ -18,95 +28,130 @@ import numpy as np
 from nnunet_acnorm.norms.functional import _laplace_scan_, _mirror_point, _split_and_ends
 
 
-def source_layout(ys: np.ndarray, tau: float) -> tuple:
+def source_layout(ys: np.ndarray, tau, offsets=None) -> tuple:
     """What depends on the source indicators and tau alone (reusable while the source is frozen):
-    (y sorted, order, rank, tie-group start, tie-group end, decay table)."""
-    c = ys.size
-    order = np.argsort(ys)  # the order within a tie group does not matter: intervals end at group bounds
+    (y sorted per segment, order, rank, tie-group start, tie-group end, decay table, segments).
+
+    ``tau``: a float, or one value per channel (N,) constant within each segment. ``offsets``:
+    the segment starts and N (n + 1 ascending ints); default one segment [0, N)."""
+    n = ys.size
+    if offsets is None:
+        offsets = (0, n)
+        order = np.argsort(ys)  # the order within a tie group does not matter: intervals end at group bounds
+        seg_lo, seg_hi = 0, n
+    else:
+        offsets = tuple(int(o) for o in offsets)
+        order = np.empty(n, dtype=np.int64)
+        for lo, hi in zip(offsets[:-1], offsets[1:]):
+            order[lo:hi] = np.argsort(ys[lo:hi]) + lo
+        sizes = np.diff(offsets)
+        seg_lo = np.repeat(np.asarray(offsets[:-1], dtype=np.int64), sizes)
+        seg_hi = np.repeat(np.asarray(offsets[1:], dtype=np.int64), sizes)
     y = ys[order]
     rank = np.empty_like(order)
-    rank[order] = np.arange(c)
-    differs = y[1:] != y[:-1]
-    arange = np.arange(c)
-    start = np.maximum.accumulate(np.where(np.concatenate(([True], differs)), arange, 0))
-    end = np.minimum.accumulate(np.where(np.concatenate((differs, [True])), arange + 1, c)[::-1])[::-1]
-    return y, order, rank, start, end, _decay_table(np.stack((y, -y[::-1])), tau)
+    rank[order] = np.arange(n)
+    starts = np.zeros(n, dtype=bool)                  # first position of each tie group
+    starts[list(offsets[:-1])] = True
+    starts[1:] |= y[1:] != y[:-1]
+    ends = np.zeros(n, dtype=bool)                    # last position of each tie group
+    ends[:-1] = starts[1:]
+    ends[-1:] = True
+    arange = np.arange(n)
+    start = np.maximum.accumulate(np.where(starts, arange, 0))
+    end = np.minimum.accumulate(np.where(ends, arange + 1, n)[::-1])[::-1]
+    table = _decay_table(np.stack((y, -y[::-1])), tau, offsets)
+    return y, order, rank, start, end, table, (offsets, seg_lo, seg_hi)
 
 
 def kept_intervals(ys: np.ndarray, yt: np.ndarray, layout: tuple | None = None):
     """(y, order, rank, q, low, high) as functional._kept_intervals (``layout``: source_layout(ys, .))."""
-    c = ys.size
-    y, order, rank, start, end, _ = source_layout(ys, 1.0) if layout is None else layout
+    n = ys.size
+    y, order, rank, start, end, _, (offsets, seg_lo, seg_hi) = source_layout(ys, 1.0) if layout is None else layout
     mirror, err = _mirror_point(ys, yt)
+    below = np.empty(2 * n, dtype=np.int64)
+    for lo, hi in zip(offsets[:-1], offsets[1:]):
+        values = np.concatenate((yt[lo:hi], mirror[lo:hi]))
+        by_value = np.argsort(values)
+        found = np.empty_like(by_value)
+        found[by_value] = np.searchsorted(y[lo:hi], values[by_value])   # sorted queries: a merge
+        found += lo
+        below[lo:hi], below[n + lo:n + hi] = found[:hi - lo], found[hi - lo:]
     values = np.concatenate((yt, mirror))
-    by_value = np.argsort(values)
-    below = np.empty(2 * c, dtype=np.int64)
-    below[by_value] = np.searchsorted(y, values[by_value])      # sorted queries: a merge
-    at = np.minimum(below, c - 1)
-    upto = np.where((below < c) & (y[at] == values), end[at], below)
+    hi2 = np.concatenate((np.broadcast_to(seg_hi, n), np.broadcast_to(seg_hi, n)))
+    at = np.minimum(below, hi2 - 1)
+    upto = np.where((below < hi2) & (y[at] == values), end[at], below)
     q, low, high = _split_and_ends(np.where, ys, yt, err, below, upto, start[rank], end[rank])
     return y, order, rank, q, low, high
 
-def _decay_table(y2: np.ndarray, tau: float) -> np.ndarray:
-    """(2, steps, C): prod of the consecutive decays over (j - 2^s, j]; 0 for j < 2^s."""
-    c = y2.shape[-1]
-    steps = max(c - 1, 0).bit_length()
-    table = np.zeros((2, steps, c))
+
+def _decay_table(y2: np.ndarray, tau, offsets) -> np.ndarray:
+    """(2, steps, N): prod of the consecutive decays over (j - 2^s, j]; 0 where that range reaches
+    past the start of j's segment (in the flipped direction: past its end)."""
+    n = y2.shape[-1]
+    steps = max(max(hi - lo for lo, hi in zip(offsets[:-1], offsets[1:])) - 1, 0).bit_length()
+    table = np.zeros((2, steps, n))
     if steps:
+        tau = np.stack((np.broadcast_to(tau, n), np.broadcast_to(tau, n)[::-1]))[:, 1:]
         table[:, 0, 1:] = np.exp((y2[:, :-1] - y2[:, 1:]) / tau)
+        inner = list(offsets[1:-1])
+        table[0, 0, inner] = 0.0                       # segment starts, ascending
+        table[1, 0, [n - o for o in inner]] = 0.0      # segment starts of the flipped array
         for step in range(1, steps):
             s = 1 << (step - 1)
             table[:, step, 2 * s:] = table[:, step - 1, 2 * s:] * table[:, step - 1, s:-s]
     return table
 
-def kept_sums(ys: np.ndarray, yt: np.ndarray, tau: float, weights: np.ndarray, layout: tuple | None = None):
-    """As functional._sorted_kept_sums: kept sums (ch, C) by target row, and the saved state.
-    ``layout``: ``source_layout(ys, tau)`` if the caller kept it."""
-    c = ys.size
+
+def kept_sums(ys: np.ndarray, yt: np.ndarray, tau, weights: np.ndarray, layout: tuple | None = None):
+    """As functional._sorted_kept_sums: kept sums (ch, N) by target row, and the saved state.
+    ``layout``: ``source_layout(ys, tau, offsets)`` if the caller kept it (it defines the segments)."""
+    n = ys.size
     layout = source_layout(ys, tau) if layout is None else layout
     y, order, rank, q, low, high = kept_intervals(ys, yt, layout)
-    left, right = np.maximum(q - 1, 0), np.minimum(q, c - 1)
-    before, last = np.maximum(low - 1, 0), np.minimum(high, c - 1)
-    y_at = y[np.concatenate((left, right, before, last))].reshape(4, c)
+    _, seg_lo, seg_hi = layout[6]
+    left, right = np.maximum(q - 1, seg_lo), np.minimum(q, seg_hi - 1)
+    before, last = np.maximum(low - 1, seg_lo), np.minimum(high, seg_hi - 1)
+    y_at = y[np.concatenate((left, right, before, last))].reshape(4, n)
     gap_left, gap_right = yt - y_at[0], y_at[1] - yt
-    gap_left[q == 0] = np.inf
-    gap_right[q == c] = np.inf
+    gap_left[q == seg_lo] = np.inf
+    gap_right[q == seg_hi] = np.inf
     nearest = np.minimum(gap_left, gap_right)
-    exponent = np.empty((4, c))
+    exponent = np.empty((4, n))
     np.subtract(nearest, gap_left, out=exponent[0])
     np.subtract(nearest, gap_right, out=exponent[1])
     np.subtract(y_at[2], y_at[0], out=exponent[2])
     np.subtract(y_at[1], y_at[3], out=exponent[3])
     exponent /= tau
     factors = np.exp(exponent, out=exponent)
-    factors[2, low == 0] = 0.0
-    factors[3, high == c] = 0.0
+    factors[2, low == seg_lo] = 0.0
+    factors[3, high == seg_hi] = 0.0
     rho, sigma, decay_left, decay_right = factors
     table = layout[5]
     ch = weights.shape[0] + 1
-    x = np.empty((2, ch, c))
+    x = np.empty((2, ch, n))
     x[0, 0] = 1.0
     x[0, 1:] = weights[:, order]
     x[1] = x[0, :, ::-1]
     _laplace_scan_(x, table)
     f = x[0][:, np.concatenate((left, before))]
-    g = x[1][:, (c - 1) - np.concatenate((right, last))]
-    z = rho * f[0, :c] + sigma * g[0, :c]
-    kept = (rho * (f[1:, :c] - f[1:, c:] * decay_left) + sigma * (g[1:, :c] - g[1:, c:] * decay_right)) / z
+    g = x[1][:, (n - 1) - np.concatenate((right, last))]
+    z = rho * f[0, :n] + sigma * g[0, :n]
+    kept = (rho * (f[1:, :n] - f[1:, n:] * decay_left) + sigma * (g[1:, :n] - g[1:, n:] * decay_right)) / z
     return kept, (rank, left, right, before, last, rho / z, sigma / z, decay_left, decay_right, table)
+
 
 def transposed(v: np.ndarray, saved) -> np.ndarray:
     """As functional._sorted_transposed: S^T v, by source channel."""
     rank, left, right, before, last, rho_z, sigma_z, decay_left, decay_right, table = saved
-    ch, c = v.shape
+    ch, n = v.shape
     a, b = v * rho_z, v * sigma_z
-    x = np.empty((2, ch, c))
+    x = np.empty((2, ch, n))
     to_right = np.concatenate((right, last))
-    to_left = (c - 1) - np.concatenate((left, before))
+    to_left = (n - 1) - np.concatenate((left, before))
     from_right = np.concatenate((b, -b * decay_right), 1)
     from_left = np.concatenate((a, -a * decay_left), 1)
     for k in range(ch):
-        x[0, k] = np.bincount(to_right, from_right[k], minlength=c)
-        x[1, k] = np.bincount(to_left, from_left[k], minlength=c)
+        x[0, k] = np.bincount(to_right, from_right[k], minlength=n)
+        x[1, k] = np.bincount(to_left, from_left[k], minlength=n)
     _laplace_scan_(x, table)
     return (x[0] + x[1][:, ::-1])[:, rank]
