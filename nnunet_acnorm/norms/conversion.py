@@ -11,6 +11,7 @@ from typing import Callable
 
 from torch import nn
 
+from nnunet_acnorm.norms.batched import batch_affines, unbatch_affines
 from nnunet_acnorm.norms.functional import DEFAULT_DIAGONAL
 from nnunet_acnorm.norms.modules import ACNORM_FOR_PLAIN, _ACBatchNorm, _ACNorm
 
@@ -79,6 +80,8 @@ def convert_to_acnorm(model: nn.Module, tau: float | str = 1.0, set_source: bool
     loaded (build first, then load a pretrained checkpoint). ``tau``: a fixed temperature (the
     paper's 1.0) or ``"auto"``, a temperature per layer calibrated from its source affines so that
     the mean step-0 diagonal of the correlation is ``tau_diagonal`` (``functional.calibrated_tau``).
+    It also installs, on ``model``, the hooks that compute the affines of all its AC-Norm layers in
+    one call per forward on CPU (``norms.batched``; the same values as one call per layer).
     """
     if type(model) in ACNORM_FOR_PLAIN:
         raise TypeError(f"convert_to_acnorm replaces submodules; for a bare {type(model).__name__} "
@@ -95,6 +98,8 @@ def convert_to_acnorm(model: nn.Module, tau: float | str = 1.0, set_source: bool
         return None
 
     report.converted = _replace_modules(model, replacement)
+    if any(isinstance(m, _ACNorm) for m in model.modules()):
+        batch_affines(model)  # on CPU, one affine call per forward for all layers (norms.batched)
     return report
 
 
@@ -102,9 +107,14 @@ def fold_acnorm(model: nn.Module) -> list[str]:
     """Replace, in place, every AC-Norm by the plain norm with its recalibrated affine.
 
     The result has exactly the original architecture and computes, in eval mode, the same
-    outputs; its state dict loads strictly into the unmodified model. Returns the folded names.
+    outputs; its state dict loads strictly into the unmodified model, and the hooks that
+    :func:`convert_to_acnorm` installed (``norms.batched``) are removed. Returns the folded names.
     """
-    return _replace_modules(model, lambda name, m: m.to_plain() if isinstance(m, _ACNorm) else None)
+    folded = _replace_modules(model, lambda name, m: m.to_plain() if isinstance(m, _ACNorm) else None)
+    if not any(isinstance(m, _ACNorm) for m in model.modules()):
+        for module in model.modules():   # the hooks of convert_to_acnorm, also on a converted submodule
+            unbatch_affines(module)
+    return folded
 
 
 def acnorm_sync_batchnorm(model: nn.Module, process_group=None) -> int:

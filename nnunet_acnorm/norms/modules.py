@@ -26,6 +26,9 @@ from nnunet_acnorm.norms.functional import (DEFAULT_DIAGONAL, calibrated_tau, re
                                             sparse_correlation)
 
 SOURCE_KEYS = ("source_weight", "source_bias")
+#: the ``__dict__`` key of (weight, bias, grad mode) that the running network forward prepared for
+#: a layer together with its other layers (``norms.batched``)
+PREPARED_AFFINE_KEY = "_prepared_affine"
 #: ``tau=AUTO_TAU``: a per-layer temperature calibrated from the source affines (functional.calibrated_tau)
 AUTO_TAU = "auto"
 #: the temperature a calibrated layer uses where calibration is impossible (near-constant source
@@ -125,12 +128,20 @@ class _ACNorm(nn.Module):
                           "loaded; the current affines become the frozen source. Load pretrained "
                           "weights first: AC-Norm needs a pretrained source.", stacklevel=2)
             self.set_source()
-        if self.training or (torch.is_grad_enabled() and (self.weight.requires_grad or self.bias.requires_grad)) \
-                or torch.compiler.is_compiling():
+        prepared = self.__dict__.get(PREPARED_AFFINE_KEY)
+        if prepared is not None and prepared[2] == torch.is_grad_enabled():
+            weight, bias = prepared[0], prepared[1]   # computed with the network's other layers (norms.batched)
+        elif self.needs_affine_graph():
             weight, bias = self.recalibrated_affine()
         else:
             weight, bias = self._eval_affine()
         return self._normalize(input, weight, bias)
+
+    def needs_affine_graph(self) -> bool:
+        """Whether this forward computes the affine in the autograd graph (training, or gradients
+        wanted for the affines, or under torch.compile) rather than from the eval-mode cache."""
+        return self.training or (torch.is_grad_enabled() and (self.weight.requires_grad or self.bias.requires_grad)) \
+            or torch.compiler.is_compiling()
 
     # -- free inference --------------------------------------------------------------------------
     def _affine_key(self) -> tuple:
