@@ -391,3 +391,42 @@ def test_dense_path_with_several_threads_equals_the_one_thread_result():
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_the_search_guesses_never_change_the_result(monkeypatch):
+    """The interval search starts from a guess (the last call's counts, or the own source's tie
+    group) that is checked exactly: whatever the drift of the targets between calls, and whichever
+    of its branches it takes (guesses right, corrected in the window, bisected over the segment,
+    full search), the sums equal the dense float64 oracle and a fresh computation."""
+    gen = torch.Generator().manual_seed(11)
+    sizes = [40, 300, 2100]
+    parts = [_affines(c, "ties" if c == 300 else "plain", gen) for c in sizes]
+    sw, sb, tw, tb = (torch.cat([p[k] for p in parts]) for k in range(4))
+    offsets = [0, 40, 340, 2440]
+    ys = (sb / (sw.abs() + 1e-5)).numpy()
+    layout = _sorted_numpy.source_layout(ys, 0.5, offsets)
+    branches = []
+    bisect = _sorted_numpy._bisect
+    monkeypatch.setattr(_sorted_numpy, "_bisect",
+                        lambda y, v, lo, hi: (branches.append(v.size), bisect(y, v, lo, hi))[1])
+    drift = torch.zeros_like(tw)
+    calls = []
+    for step, scale in enumerate([0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1.0, 1e-6]):
+        drift += scale * torch.randn(drift.shape, generator=gen, dtype=torch.float64)
+        tw2, tb2 = tw, tb + drift
+        yt = (tb2 / (tw2.abs() + 1e-5)).numpy()
+        weights = torch.stack([tw2, tb2]).numpy()
+        before = len(branches)
+        kept, _ = _sorted_numpy.kept_sums(ys, yt, 0.5, weights, layout)
+        calls.append(branches[before:])   # []: full search; [window, segment]: corrected
+        fresh, _ = _sorted_numpy.kept_sums(ys, yt, 0.5, weights, _sorted_numpy.source_layout(ys, 0.5, offsets))
+        assert np.array_equal(kept, fresh), step
+        for k, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
+            s = _oracle_s(sw[lo:hi], sb[lo:hi], tw2[lo:hi], tb2[lo:hi], 0.5)
+            torch.testing.assert_close(torch.from_numpy(kept[:, lo:hi]), torch.stack([tw2, tb2])[:, lo:hi] @ s.T,
+                                       rtol=1e-10, atol=1e-12)
+    assert calls[0] == [] and calls[5] == [], "far from the guesses: the full search"
+    corrected = [c for c in calls if c]
+    assert corrected and all(len(c) == 2 for c in corrected)
+    assert any(window > 0 for window, _ in corrected) and any(far > 0 for _, far in corrected), \
+        "some guesses corrected within the window, some over the whole segment"

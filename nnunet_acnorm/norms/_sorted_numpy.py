@@ -38,7 +38,8 @@ def source_layout(ys: np.ndarray, tau, offsets=None) -> tuple:
     """What depends on the source indicators and tau alone (reusable while the source is frozen):
     (y sorted per segment, order, rank, tie-group start, tie-group end, decay table, segments);
     segments: (offsets, first and one-past-last position of each channel's segment, the same
-    twice over for the queries (targets, mirror points)).
+    twice over for the queries (targets, mirror points)); and a dict in which :func:`kept_intervals`
+    keeps its last search results (the next call's first guess: see :func:`_counts_below`).
 
     ``tau``: a float, or one value per channel (N,) constant within each segment. ``offsets``:
     the segment starts and N (n + 1 ascending ints); default one segment [0, N)."""
@@ -70,32 +71,97 @@ def source_layout(ys: np.ndarray, tau, offsets=None) -> tuple:
     start = np.maximum.accumulate(np.where(starts, arange, 0))
     end = np.minimum.accumulate(np.where(ends, arange + 1, n)[::-1])[::-1]
     table = _decay_table(np.stack((y, -y[::-1])), tau, offsets)
-    return y, order, rank, start, end, table, (offsets, seg_lo, seg_hi, twice)
+    return y, order, rank, start, end, table, (offsets, seg_lo, seg_hi, twice), {}
 
 
 def kept_intervals(ys: np.ndarray, yt: np.ndarray, layout: tuple | None = None):
-    """(y, order, rank, q, low, high) as functional._kept_intervals (``layout``: source_layout(ys, .))."""
-    n = ys.size
-    y, order, rank, start, end, _, (offsets, _, _, (lo2, hi2)) = source_layout(ys, 1.0) if layout is None else layout
+    """(y, order, rank, q, low, high) as functional._kept_intervals (``layout``: source_layout(ys, .)).
+    The layout keeps this call's search results as the next call's first guess."""
+    y, order, rank, start, end, _, (offsets, _, _, (lo2, hi2)), last_counts = \
+        source_layout(ys, 1.0) if layout is None else layout
     mirror, err = _mirror_point(ys, yt)
-    below = np.empty(2 * n, dtype=np.int64)    # #{y < v} in the row's segment, from the segment's start
+    values = np.concatenate((yt, mirror))
+    own_start, own_end = start[rank], end[rank]             # each row's own source's tie group
+    guess = last_counts.get("below")
+    if guess is None:
+        guess = np.where(values <= np.concatenate((ys, ys)), np.concatenate((own_start, own_start)),
+                         np.concatenate((own_end, own_end)))
+    below = last_counts["below"] = _counts_below(y, values, guess, offsets, lo2, hi2)
+    at = np.minimum(below, hi2 - 1)
+    upto = np.where((below < hi2) & (y[at] == values), end[at], below)
+    q, low, high = _split_and_ends(np.where, ys, yt, err, below, upto, own_start, own_end)
+    return y, order, rank, q, low, high
+
+
+#: the share of queries whose first guess may be wrong for the guesses to be used (else the full
+#: search: on ResNet-50's 53 layers one searchsorted per segment costs about as much as checking
+#: every guess and bisecting 40 % of the queries again)
+GUESS_MAX_MISSES = 0.25
+#: a wrong guess is first corrected within this many positions of it (most are off by a few)
+GUESS_WINDOW = 16
+#: the share of queries still wrong after that for which a bisection over the whole segment is
+#: cheaper than the full search (it costs about twice as much per query as a searchsorted)
+FAR_MAX_MISSES = 0.05
+
+
+def _counts_below(y, values, guess, offsets, lo2, hi2):
+    """#{y < v} within each query's segment of the sorted y (as a global position: the segment's
+    start plus the count), for the 2N queries v (targets, then mirror points).
+
+    ``guess``: a first guess per query, checked exactly (y[p - 1] < v <= y[p] within the segment,
+    :func:`_is_count_below`): the previous call's counts (the targets move little in one optimizer
+    step), or on a first call the edge of the row's own source's tie group on the query's side
+    (the target starts at its source, the mirror point is as far on the other side). The wrong
+    ones are bisected within GUESS_WINDOW positions of their guess, checked again, and what is
+    still wrong is bisected over its whole segment. Where more than GUESS_MAX_MISSES are wrong, or
+    more than FAR_MAX_MISSES still are after the window, one searchsorted per segment instead.
+    Either way the result is the exact count (a guess only decides where to look)."""
+    n = y.size
+    lo2, hi2 = np.broadcast_to(lo2, values.shape), np.broadcast_to(hi2, values.shape)
+    wrong = np.flatnonzero(~_is_count_below(y, values, guess, lo2, hi2))
+    if wrong.size <= GUESS_MAX_MISSES * values.size:
+        below = guess.copy()
+        v, lo, hi, first = values[wrong], lo2[wrong], hi2[wrong], guess[wrong]
+        found = _bisect(y, v, np.maximum(lo, first - GUESS_WINDOW), np.minimum(hi, first + GUESS_WINDOW))
+        still = np.flatnonzero(~_is_count_below(y, v, found, lo, hi))
+        if still.size <= FAR_MAX_MISSES * values.size:
+            found[still] = _bisect(y, v[still], lo[still], hi[still])
+            below[wrong] = found
+            return below
+    below = np.empty(values.size, dtype=np.int64)
     for lo, hi in zip(offsets[:-1], offsets[1:]):
         segment = y[lo:hi]
         if hi - lo >= SORTED_QUERIES_FROM:
-            values = np.concatenate((yt[lo:hi], mirror[lo:hi]))
-            by_value = np.argsort(values)
+            queries = np.concatenate((values[lo:hi], values[n + lo:n + hi]))
+            by_value = np.argsort(queries)
             found = np.empty_like(by_value)
-            found[by_value] = np.searchsorted(segment, values[by_value])   # sorted queries: a merge
+            found[by_value] = np.searchsorted(segment, queries[by_value])   # sorted queries: a merge
             below[lo:hi], below[n + lo:n + hi] = found[:hi - lo], found[hi - lo:]
         else:
-            below[lo:hi] = np.searchsorted(segment, yt[lo:hi])
-            below[n + lo:n + hi] = np.searchsorted(segment, mirror[lo:hi])
-    below += lo2
-    values = np.concatenate((yt, mirror))
-    at = np.minimum(below, hi2 - 1)
-    upto = np.where((below < hi2) & (y[at] == values), end[at], below)
-    q, low, high = _split_and_ends(np.where, ys, yt, err, below, upto, start[rank], end[rank])
-    return y, order, rank, q, low, high
+            below[lo:hi] = np.searchsorted(segment, values[lo:hi])
+            below[n + lo:n + hi] = np.searchsorted(segment, values[n + lo:n + hi])
+    return below + lo2
+
+
+def _is_count_below(y, v, p, lo, hi):
+    """Whether position p (in [lo, hi], the query's segment) is the first with y[p] >= v there."""
+    last = y.size - 1
+    return ((p == lo) | (y[np.maximum(p - 1, 0)] < v)) & ((p == hi) | (y[np.minimum(p, last)] >= v))
+
+
+def _bisect(y, v, lo, hi):
+    """The first position p in [lo, hi) with y[p] >= v (hi if none), per query; y sorted in each
+    query's range."""
+    lo, hi = lo.copy(), hi.copy()
+    last = y.size - 1
+    while True:
+        active = lo < hi
+        if not active.any():
+            return lo
+        mid = (lo + hi) >> 1
+        right = active & (y[np.minimum(mid, last)] < v)
+        lo = np.where(right, mid + 1, lo)
+        hi = np.where(active & ~right, mid, hi)
 
 
 def _decay_table(y2: np.ndarray, tau, offsets) -> np.ndarray:

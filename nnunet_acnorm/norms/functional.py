@@ -485,8 +485,7 @@ class _SortedRecalibratedAffines(torch.autograd.Function):
 def _segments(flat: Tensor, offsets, dtypes):
     """The 2n pieces (weights, then biases) of a flat (2 N,) array, in ``dtypes``: views of one
     converted copy where all dtypes are equal (one call, not 2n), else one new tensor each."""
-    n, total = len(offsets) - 1, offsets[-1]
-    sizes = [offsets[k + 1] - offsets[k] for k in range(n)] * 2
+    sizes = [hi - lo for lo, hi in zip(offsets[:-1], offsets[1:])] * 2
     if len(set(dtypes)) == 1:
         return list(torch.split(flat.to(dtypes[0], copy=True), sizes))
     return [piece.to(dtype, copy=True) for piece, dtype in zip(torch.split(flat, sizes), dtypes)]
