@@ -17,8 +17,10 @@ running statistics twice.
     python benchmarks/benchmark_norm_layers.py --affine   # also: the recalibrated affine alone, dense vs sorted, C = 32..4096
 
 ``--affine`` times forward+backward of ``recalibrated_affine`` by its two methods (the dense C x C
-path and the sorted O(C log C) one) per channel count, interleaved, best of the repeats: the
-measurement behind ``functional.SORTED_MIN_CHANNELS``.
+path and the sorted O(C log C) one, the latter also with its source layout kept between calls as
+a layer keeps it) per channel count, interleaved, best of the repeats: the measurement behind
+``functional.SORTED_MIN_CHANNELS``; then all the affines of one ResNet-50 step (53 layers), one call
+per layer vs the single call of ``norms.batched`` (CPU).
 """
 from __future__ import annotations
 
@@ -135,34 +137,88 @@ QUICK_SHAPES = {
 AFFINE_CHANNELS = (32, 64, 128, 256, 384, 512, 768, 1024, 2048, 4096)
 
 
+def _affine_inputs(c, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    sw = torch.empty(c).uniform_(0.5, 1.5, generator=gen).to(device)
+    sb = torch.randn(c, generator=gen).to(device)
+    tw = (sw + 0.05 * torch.randn(c, generator=gen).to(device)).requires_grad_(True)
+    tb = (sb + 0.05 * torch.randn(c, generator=gen).to(device)).requires_grad_(True)
+    return sw, sb, tw, tb
+
+
 def affine_table(device, repeats, channels=AFFINE_CHANNELS):
-    """Forward+backward of the recalibrated affine alone: dense vs sorted, per channel count."""
+    """Forward+backward of the recalibrated affine alone: dense vs sorted, per channel count; the
+    sorted path also as a layer runs it (its source layout kept between calls)."""
     print(f"\nrecalibrated affine alone (forward+backward, fine-tuned-like affines, tau 1), best of "
           f"{repeats} interleaved repeats x 20 calls\n")
-    print("| C | dense: ms | sorted: ms | sorted / dense | auto takes |")
-    print("|---|---|---|---|---|")
+    print("| C | dense: ms | sorted: ms | sorted, layout kept: ms | sorted / dense | auto takes |")
+    print("|---|---|---|---|---|---|")
     for c in channels:
-        gen = torch.Generator().manual_seed(c)
-        sw = torch.empty(c).uniform_(0.5, 1.5, generator=gen).to(device)
-        sb = torch.randn(c, generator=gen).to(device)
-        tw = (sw + 0.05 * torch.randn(c, generator=gen).to(device)).requires_grad_(True)
-        tb = (sb + 0.05 * torch.randn(c, generator=gen).to(device)).requires_grad_(True)
-        times = {"dense": [], "sorted": []}
+        sw, sb, tw, tb = _affine_inputs(c, device, c)
+        cache = {}
+        variants = {"dense": ("dense", None), "sorted": ("sorted", None), "kept": ("sorted", cache)}
+        times = {name: [] for name in variants}
         calls = 20 if c <= 1024 else 3
         for _ in range(repeats + 1):  # the first round is a warm-up
-            for method in times:
+            for name, (method, layout_cache) in variants.items():
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 for _ in range(calls):
-                    w, b = recalibrated_affine(sw, sb, tw, tb, 1.0, method=method)
+                    w, b = recalibrated_affine(sw, sb, tw, tb, 1.0, method=method, layout_cache=layout_cache)
                     torch.autograd.grad((w.sum(), b.sum()), (tw, tb))
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                times[method].append((time.perf_counter() - t0) / calls)
-        dense, fast = min(times["dense"][1:]), min(times["sorted"][1:])
-        print(f"| {c} | {dense * 1e3:.3f} | {fast * 1e3:.3f} | {fast / dense:.3f} | "
+                times[name].append((time.perf_counter() - t0) / calls)
+        dense, fast, kept = (min(times[name][1:]) for name in ("dense", "sorted", "kept"))
+        print(f"| {c} | {dense * 1e3:.3f} | {fast * 1e3:.3f} | {kept * 1e3:.3f} | {fast / dense:.3f} | "
               f"{'sorted' if use_sorted_path(c, device) else 'dense'} |", flush=True)
+
+
+#: the channel counts of ResNet-50's 53 norm layers (torchvision), in order of registration
+RESNET50_CHANNELS = ([64] + [64, 64, 256, 256] + [64, 64, 256] * 2 + [128, 128, 512, 512] + [128, 128, 512] * 3
+                     + [256, 256, 1024, 1024] + [256, 256, 1024] * 5 + [512, 512, 2048, 2048] + [512, 512, 2048] * 2)
+
+
+def network_affine_table(device, repeats, channels=RESNET50_CHANNELS):
+    """Forward+backward of all the recalibrated affines of one network step: one call per layer
+    (``method="auto"``, each layer's source layout kept, as layers run it) vs the one call that
+    ``norms.batched`` makes for all layers of a CPU network forward."""
+    from nnunet_acnorm.norms.functional import _SortedRecalibratedAffines
+
+    layers = [_affine_inputs(c, device, k) for k, c in enumerate(channels)]
+    caches = [{} for _ in layers]
+    batched_cache = {}
+    n = len(layers)
+    params = [layer[2] for layer in layers] + [layer[3] for layer in layers]
+    tensors = [layer[k] for k in range(4) for layer in layers]
+
+    def per_layer():
+        out = [recalibrated_affine(*layer, 1.0, layout_cache=cache) for layer, cache in zip(layers, caches)]
+        torch.autograd.grad([w.sum() + b.sum() for w, b in out], params)
+
+    def batched():
+        out = _SortedRecalibratedAffines.apply((1.0,) * n, batched_cache, *tensors)
+        torch.autograd.grad([o.sum() for o in out], params)
+
+    variants = {"one call per layer": per_layer, "one call per network (norms.batched)": batched}
+    if device.type != "cpu":
+        variants.pop("one call per network (norms.batched)")   # a CPU path
+    times = {name: [] for name in variants}
+    for _ in range(repeats + 1):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            for _ in range(5):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - t0) / 5)
+    print(f"\nall recalibrated affines of one step, {n} layers of {min(channels)}-{max(channels)} channels "
+          f"(ResNet-50), forward+backward, best of {repeats} interleaved repeats x 5 steps\n")
+    print("| affine calls | ms per step | ratio |\n|---|---|---|")
+    base = min(times["one call per layer"][1:])
+    for name, t in times.items():
+        print(f"| {name} | {min(t[1:]) * 1e3:.2f} | {min(t[1:]) / base:.3f} |", flush=True)
 
 
 def main(argv=None):
@@ -182,6 +238,7 @@ def main(argv=None):
           f"best of {repeats} interleaved repeats\n")
     if args.affine_only:
         affine_table(device, repeats)
+        network_affine_table(device, repeats)
         return
     print("| shape | norm | measured | time: fused / plain | time: fused / two-pass | "
           "memory: fused / plain | memory: fused / two-pass | plain: ms, MiB |")
@@ -201,6 +258,7 @@ def main(argv=None):
                       f"{t[plain] * 1e3:.0f}, {m[plain] / 2**20:.0f} |", flush=True)
     if args.affine:
         affine_table(device, repeats)
+        network_affine_table(device, repeats)
 
 
 if __name__ == "__main__":

@@ -45,13 +45,14 @@ class SourceLayout(NamedTuple):
     start: np.ndarray      # per sorted position: first position of its tie group
     end: np.ndarray        # ... and one past its last
     table: np.ndarray      # the decay table of the two scans (2, steps, N)
-    ones: np.ndarray       # the two scans of w = 1 (2, N): the normaliser's sums
     offsets: tuple         # segment starts and N
     seg_lo: object         # per channel: its segment's first position (an int for one segment)
     seg_hi: object         # ... and one past its last
     lo2: object            # seg_lo and seg_hi twice over, for the queries (targets, mirror points)
     hi2: object
-    last_counts: dict      # kept_intervals' last search results, the next call's first guess
+    memo: dict             # filled by the first call that uses the layout: "ones", the two scans of
+    #                        w = 1 (2, N) that the normalisers need (a function of the source alone);
+    #                        "below", kept_intervals' last search results (the next call's first guess)
 
 
 def source_layout(ys: np.ndarray, tau, offsets=None) -> SourceLayout:
@@ -75,20 +76,15 @@ def source_layout(ys: np.ndarray, tau, offsets=None) -> SourceLayout:
         seg_hi = np.repeat(np.asarray(offsets[1:], dtype=np.int64), sizes)
         twice = (np.concatenate((seg_lo, seg_lo)), np.concatenate((seg_hi, seg_hi)))   # for (targets, mirrors)
     y = ys[order]
-    rank = np.empty_like(order)
-    rank[order] = np.arange(n)
-    starts = np.zeros(n, dtype=bool)                  # first position of each tie group
-    starts[list(offsets[:-1])] = True
-    starts[1:] |= y[1:] != y[:-1]
-    ends = np.zeros(n, dtype=bool)                    # last position of each tie group
-    ends[:-1] = starts[1:]
-    ends[-1:] = True
     arange = np.arange(n)
-    start = np.maximum.accumulate(np.where(starts, arange, 0))
-    end = np.minimum.accumulate(np.where(ends, arange + 1, n)[::-1])[::-1]
+    rank = np.empty_like(order)
+    rank[order] = arange
+    differs = y[1:] != y[:-1]                         # position k + 1 starts a tie group
+    differs[[o - 1 for o in offsets[1:-1]]] = True    # ... and so does every segment
+    start = np.maximum.accumulate(np.where(np.concatenate(([True], differs)), arange, 0))
+    end = np.minimum.accumulate(np.where(np.concatenate((differs, [True])), arange + 1, n)[::-1])[::-1]
     table = _decay_table(np.stack((y, -y[::-1])), tau, offsets)
-    ones = _laplace_scan_(np.ones((2, 1, n)), table)[:, 0]
-    return SourceLayout(y, order, rank, start, end, table, ones, offsets, seg_lo, seg_hi, *twice, {})
+    return SourceLayout(y, order, rank, start, end, table, offsets, seg_lo, seg_hi, *twice, {})
 
 
 def kept_intervals(ys: np.ndarray, yt: np.ndarray, layout: tuple | None = None):
@@ -97,15 +93,18 @@ def kept_intervals(ys: np.ndarray, yt: np.ndarray, layout: tuple | None = None):
     layout = source_layout(ys, 1.0) if layout is None else layout
     y, order, rank, start, end, lo2, hi2 = (layout.y, layout.order, layout.rank, layout.start, layout.end,
                                             layout.lo2, layout.hi2)
-    last_counts = layout.last_counts
+    last_counts = layout.memo
     mirror, err = _mirror_point(ys, yt)
     values = np.concatenate((yt, mirror))
     own_start, own_end = start[rank], end[rank]             # each row's own source's tie group
-    guess = last_counts.get("below")
-    if guess is None:
-        guess = np.where(values <= np.concatenate((ys, ys)), np.concatenate((own_start, own_start)),
-                         np.concatenate((own_end, own_end)))
-    below = last_counts["below"] = _counts_below(y, values, guess, layout.offsets, lo2, hi2)
+    if len(layout.offsets) == 2 and ys.size < SORTED_QUERIES_FROM:   # one small layer: search directly
+        below = np.searchsorted(y, values)
+    else:
+        guess = last_counts.get("below")
+        if guess is None:
+            guess = np.where(values <= np.concatenate((ys, ys)), np.concatenate((own_start, own_start)),
+                             np.concatenate((own_end, own_end)))
+        below = last_counts["below"] = _counts_below(y, values, guess, layout.offsets, lo2, hi2)
     at = np.minimum(below, hi2 - 1)
     upto = np.where((below < hi2) & (y[at] == values), end[at], below)
     q, low, high = _split_and_ends(np.where, ys, yt, err, below, upto, own_start, own_end)
@@ -138,6 +137,8 @@ def _counts_below(y, values, guess, offsets, lo2, hi2):
     n = y.size
     lo2, hi2 = np.broadcast_to(lo2, values.shape), np.broadcast_to(hi2, values.shape)
     wrong = np.flatnonzero(~_is_count_below(y, values, guess, lo2, hi2))
+    if not wrong.size:
+        return guess
     if wrong.size <= GUESS_MAX_MISSES * values.size:
         below = guess.copy()
         v, lo, hi, first = values[wrong], lo2[wrong], hi2[wrong], guess[wrong]
@@ -190,11 +191,13 @@ def _decay_table(y2: np.ndarray, tau, offsets) -> np.ndarray:
     steps = max(max(hi - lo for lo, hi in zip(offsets[:-1], offsets[1:])) - 1, 0).bit_length()
     table = np.zeros((2, steps, n))
     if steps:
-        tau = np.stack((np.broadcast_to(tau, n), np.broadcast_to(tau, n)[::-1]))[:, 1:]
+        if np.ndim(tau):   # one value per channel: position j of the flipped array is channel n - 1 - j
+            tau = np.stack((tau, tau[::-1]))[:, 1:]
         table[:, 0, 1:] = np.exp((y2[:, :-1] - y2[:, 1:]) / tau)
         inner = list(offsets[1:-1])
-        table[0, 0, inner] = 0.0                       # segment starts, ascending
-        table[1, 0, [n - o for o in inner]] = 0.0      # segment starts of the flipped array
+        if inner:
+            table[0, 0, inner] = 0.0                       # segment starts, ascending
+            table[1, 0, [n - o for o in inner]] = 0.0      # segment starts of the flipped array
         for step in range(1, steps):
             s = 1 << (step - 1)
             table[:, step, 2 * s:] = table[:, step - 1, 2 * s:] * table[:, step - 1, s:-s]
@@ -225,13 +228,18 @@ def kept_sums(ys: np.ndarray, yt: np.ndarray, tau, weights: np.ndarray, layout: 
     factors[2, low == seg_lo] = 0.0
     factors[3, high == seg_hi] = 0.0
     rho, sigma, decay_left, decay_right = factors
-    x = np.empty((2,) + weights.shape)
-    np.take(weights, order, axis=1, out=x[0])     # np.take: several times faster than x[:, idx] here
+    ones = layout.memo.get("ones")          # the scans of w = 1: scanned with the weights the first time
+    first = int(ones is None)
+    x = np.empty((2, first + weights.shape[0], n))
+    x[0, :first] = 1.0
+    np.take(weights, order, axis=1, out=x[0, first:])     # np.take: several times faster than x[:, idx] here
     x[1] = x[0, :, ::-1]
     _laplace_scan_(x, layout.table)
+    if first:
+        ones = layout.memo["ones"] = x[:, 0].copy()
     at_f, at_g = np.concatenate((left, before)), (n - 1) - np.concatenate((right, last))
-    f, g = np.take(x[0], at_f, axis=1), np.take(x[1], at_g, axis=1)
-    z = rho * layout.ones[0, at_f[:n]] + sigma * layout.ones[1, at_g[:n]]
+    f, g = np.take(x[0, first:], at_f, axis=1), np.take(x[1, first:], at_g, axis=1)
+    z = rho * ones[0, at_f[:n]] + sigma * ones[1, at_g[:n]]
     kept = (rho * (f[:, :n] - f[:, n:] * decay_left) + sigma * (g[:, :n] - g[:, n:] * decay_right)) / z
     return kept, (rank, left, right, before, last, rho / z, sigma / z, decay_left, decay_right, layout.table)
 

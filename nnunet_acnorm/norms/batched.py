@@ -45,8 +45,8 @@ def _prepare_affines(network: nn.Module, args) -> None:
     prepared = network.__dict__.setdefault(_PREPARED_KEY, [])
     layers = []
     prepared.append(layers)
-    if torch.compiler.is_compiling():
-        return
+    if torch.compiler.is_compiling() or not (network.training or torch.is_grad_enabled()):
+        return   # (inference: the layers use their eval caches; a layer in training mode its own call)
     candidates = [m for m in network.modules() if isinstance(m, _ACNorm) and _batchable(m)]
     if len(candidates) < 2:
         return

@@ -372,8 +372,10 @@ def _numpy_affines(sources, targets, taus, layout_cache=None):
     from nnunet_acnorm.norms import _sorted_numpy as np_path
     np = np_path.np
 
-    def flat(tensors):  # any dtype (NumPy has no bfloat16); a copy, so that NumPy cannot write into them
-        return torch.cat([t.detach().reshape(-1) for t in tensors]).to(torch.float64, copy=True).numpy()
+    def flat(tensors):  # 1-D tensors, any dtype (NumPy has no bfloat16); a copy, so that NumPy cannot write into them
+        tensors = list(tensors)
+        joined = tensors[0].detach() if len(tensors) == 1 else torch.cat(tensors)   # (called under no_grad)
+        return joined.to(torch.float64, copy=True).numpy()
 
     sizes = [w.numel() for w, _ in targets]
     offsets = [0]
@@ -381,9 +383,11 @@ def _numpy_affines(sources, targets, taus, layout_cache=None):
         offsets.append(offsets[-1] + size)
     taus = tuple(float(t) for t in taus)
     tau = taus[0] if len(set(taus)) == 1 else np.repeat(taus, sizes)
-    entry = None if layout_cache is None else layout_cache.get("sorted")
-    source_tensors = [t for pair in sources for t in pair]
-    key = (taus, tuple((t.data_ptr(), t._version, t.dtype) for t in source_tensors))
+    entry = key = None
+    if layout_cache is not None:
+        entry = layout_cache.get("sorted")
+        source_tensors = [t for pair in sources for t in pair]
+        key = (taus, tuple((t.data_ptr(), t._version, t.dtype) for t in source_tensors))
     if entry is not None and entry[1] == key and all(a is b for a, b in zip(entry[0], source_tensors)):
         ys, layout = entry[2], entry[3]
     else:
