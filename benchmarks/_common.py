@@ -36,11 +36,12 @@ def sync(device: torch.device) -> None:
 def interleaved_times(runs: dict[str, Callable[[], None]], repetitions: int, calls: int, device: torch.device,
                       before: Callable[[], None] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each of ``runs`` (name -> function), ``calls`` calls per repetition; the
-    repetitions interleave the runs (a, b, ..., a, b, ...) so that machine load hits all alike.
-    ``before`` runs before each timed block (untimed)."""
+    repetitions interleave the runs, in alternating order (a, b, b, a, a, b, ...), so that machine
+    load hits all alike and none always runs first. ``before`` runs before each timed block (untimed)."""
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repetitions):
-        for name, run in runs.items():
+    for repetition in range(repetitions):
+        items = list(runs.items())
+        for name, run in (items if repetition % 2 == 0 else items[::-1]):
             if before is not None:
                 before()
             sync(device)

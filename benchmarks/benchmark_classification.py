@@ -2,9 +2,11 @@
 
 Both variants run the trainer's real ``train_step`` (forward, class-weighted cross-entropy,
 backward, gradient clipping, SGD step; autocast + GradScaler on CUDA) on the same random batches,
-interleaved in one process (vanilla, AC-Norm, vanilla, AC-Norm, ...) so that machine load affects
-both alike. Data loading is left out: it is the same for both. Prints a Markdown table of
-training images per second (median over repeats) and the ratio AC-Norm / vanilla.
+interleaved in one process in alternating order (vanilla, AC-Norm, AC-Norm, vanilla, ...) so that
+machine load affects both alike and neither always runs first; ``--steps 1`` with many
+``--repeats`` pairs single steps, the least noisy on a shared machine. Data loading is left out:
+it is the same for both. Prints a Markdown table of training images per second (median over
+repeats) and the ratio AC-Norm / vanilla (median of the per-repeat ratios).
 
     python benchmarks/benchmark_classification.py                       # small CPU defaults
     python benchmarks/benchmark_classification.py --arch resnet --depth 50 --size 224 --batch_size 32 --device cuda
@@ -77,8 +79,8 @@ def main() -> None:
             for _ in range(2):
                 trainer.train_step(images, labels)
         rates: dict[str, list[float]] = {name: [] for name in trainers}
-        for _ in range(args.repeats):
-            for name, trainer in trainers.items():
+        for repeat in range(args.repeats):   # alternating order (vanilla, AC-Norm, AC-Norm, vanilla, ...)
+            for name, trainer in (list(trainers.items()) if repeat % 2 == 0 else list(trainers.items())[::-1]):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()

@@ -462,7 +462,7 @@ class _SortedRecalibratedAffines(torch.autograd.Function):
         n = len(taus)
         sw, sb, tw, tb = (tensors[k * n:(k + 1) * n] for k in range(4))
         ctx.set_materialize_grads(False)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
             weights, ctx.offsets, ctx.saved = _numpy_affines(list(zip(sw, sb)), list(zip(tw, tb)), taus,
                                                              layout_cache)
         ctx.dtypes = [t.dtype for t in tw + tb]
