@@ -97,8 +97,8 @@ def kept_intervals(ys: np.ndarray, yt: np.ndarray, layout: tuple | None = None):
     mirror, err = _mirror_point(ys, yt)
     values = np.concatenate((yt, mirror))
     own_start, own_end = start[rank], end[rank]             # each row's own source's tie group
-    if len(layout.offsets) == 2 and ys.size < SORTED_QUERIES_FROM:   # one small layer: search directly
-        below = np.searchsorted(y, values)
+    if len(layout.offsets) == 2 and ys.size < SORTED_QUERIES_FROM:   # one small layer: no guesses
+        below = _search_segments(y, values, layout.offsets, lo2)
     else:
         guess = last_counts.get("below")
         if guess is None:
@@ -134,7 +134,6 @@ def _counts_below(y, values, guess, offsets, lo2, hi2):
     still wrong is bisected over its whole segment. Where more than GUESS_MAX_MISSES are wrong, or
     more than FAR_MAX_MISSES still are after the window, one searchsorted per segment instead.
     Either way the result is the exact count (a guess only decides where to look)."""
-    n = y.size
     lo2, hi2 = np.broadcast_to(lo2, values.shape), np.broadcast_to(hi2, values.shape)
     wrong = np.flatnonzero(~_is_count_below(y, values, guess, lo2, hi2))
     if not wrong.size:
@@ -148,6 +147,13 @@ def _counts_below(y, values, guess, offsets, lo2, hi2):
             found[still] = _bisect(y, v[still], lo[still], hi[still])
             below[wrong] = found
             return below
+    return _search_segments(y, values, offsets, lo2)
+
+
+def _search_segments(y, values, offsets, lo2):
+    """#{y < v} within each query's segment, as :func:`_counts_below` returns it, by one
+    searchsorted per segment and query half (the queries sorted first in large segments)."""
+    n = y.size
     below = np.empty(values.size, dtype=np.int64)
     for lo, hi in zip(offsets[:-1], offsets[1:]):
         segment = y[lo:hi]

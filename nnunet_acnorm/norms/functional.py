@@ -361,8 +361,8 @@ def _torch_affine_backward(grad_weight, grad_bias, saved):
 def _numpy_affines(sources, targets, taus, layout_cache=None):
     """Sorted path in NumPy (CPU tensors) for n layers at once, as one set of flat segments
     (``_sorted_numpy``): the recalibrated affines of every layer as one (2, N) float64 array
-    (row 0 the weights, row 1 the biases, layer k in columns offsets[k]:offsets[k + 1]), the
-    offsets (n + 1 ints) and the state the backward pass needs.
+    (row 0 the weights, row 1 the biases, layer after layer in the order given) and the state the
+    backward pass needs.
 
     ``sources``, ``targets``: n (weight, bias) pairs of 1-D tensors; ``taus``: n floats.
     ``layout_cache``: a dict owned by the caller (an AC-Norm layer, or a network for all of its
@@ -401,7 +401,7 @@ def _numpy_affines(sources, targets, taus, layout_cache=None):
     yt = weights[1] / (abs(weights[0]) + INDICATOR_EPS)
     kept, saved = np_path.kept_sums(ys, yt, tau, weights, layout)
     weights += kept
-    return weights, offsets, saved
+    return weights, saved
 
 
 def _numpy_affines_backward(g, saved):
@@ -414,8 +414,8 @@ def _numpy_affines_backward(g, saved):
 
 def _numpy_affine(source_weight, source_bias, target_weight, target_bias, tau, layout_cache=None):
     """Sorted path in NumPy for one layer: the one-segment case of :func:`_numpy_affines`."""
-    weights, _, saved = _numpy_affines([(source_weight, source_bias)], [(target_weight, target_bias)], [tau],
-                                       layout_cache)
+    weights, saved = _numpy_affines([(source_weight, source_bias)], [(target_weight, target_bias)], [tau],
+                                    layout_cache)
     return torch.from_numpy(weights[0]), torch.from_numpy(weights[1]), saved
 
 
@@ -463,33 +463,30 @@ class _SortedRecalibratedAffines(torch.autograd.Function):
         sw, sb, tw, tb = (tensors[k * n:(k + 1) * n] for k in range(4))
         ctx.set_materialize_grads(False)
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
-            weights, ctx.offsets, ctx.saved = _numpy_affines(list(zip(sw, sb)), list(zip(tw, tb)), taus,
-                                                             layout_cache)
+            weights, ctx.saved = _numpy_affines(list(zip(sw, sb)), list(zip(tw, tb)), taus, layout_cache)
         ctx.dtypes = [t.dtype for t in tw + tb]
+        ctx.sizes = [t.numel() for t in tw] * 2     # the 2n pieces of the flat (2 N,) arrays
         out = torch.from_numpy(weights).view(-1)
-        return tuple(_segments(out, ctx.offsets, ctx.dtypes))
+        return tuple(_segments(out, ctx.sizes, ctx.dtypes))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
         n = len(grads) // 2
-        offsets = ctx.offsets
-        g = torch.zeros(2 * offsets[-1], dtype=torch.float64)
-        for k, grad in enumerate(grads):
+        g = torch.zeros(sum(ctx.sizes), dtype=torch.float64)
+        for piece, grad in zip(torch.split(g, ctx.sizes), grads):
             if grad is not None:
-                shift = offsets[-1] * (k // n)
-                g[shift + offsets[k % n]:shift + offsets[k % n + 1]] = grad.detach().reshape(-1)
+                piece.copy_(grad.detach().reshape(-1))
         g = torch.from_numpy(_numpy_affines_backward(g.numpy().reshape(2, -1), ctx.saved)).view(-1)
-        out = _segments(g, offsets, ctx.dtypes)
+        out = _segments(g, ctx.sizes, ctx.dtypes)
         targets = [None if grad is None or not needed else value
                    for grad, value, needed in zip(grads, out, ctx.needs_input_grad[2 + 2 * n:])]
         return (None, None) + (None,) * (2 * n) + tuple(targets)
 
 
-def _segments(flat: Tensor, offsets, dtypes):
-    """The 2n pieces (weights, then biases) of a flat (2 N,) array, in ``dtypes``: views of one
-    converted copy where all dtypes are equal (one call, not 2n), else one new tensor each."""
-    sizes = [hi - lo for lo, hi in zip(offsets[:-1], offsets[1:])] * 2
+def _segments(flat: Tensor, sizes, dtypes):
+    """The pieces of ``sizes`` (weights, then biases) of a flat (2 N,) array, in ``dtypes``: views of
+    one converted copy where all dtypes are equal (one call, not 2n), else one new tensor each."""
     if len(set(dtypes)) == 1:
         return list(torch.split(flat.to(dtypes[0], copy=True), sizes))
     return [piece.to(dtype, copy=True) for piece, dtype in zip(torch.split(flat, sizes), dtypes)]
