@@ -1,6 +1,6 @@
 """One recalibrated-affine call per network forward (``norms.batched``) on CPU.
 
-Checked against the dense float64 formula (written here, as in test_sorted_affine.py) and against
+Checked against the dense float64 formula (``tests/factories/norms.dense_oracle_s``) and against
 the per-layer path, which it must reproduce bit for bit (the per-layer path set to "sorted" for
 every C, since the batched one takes it for every C).
 """
@@ -15,14 +15,7 @@ from nnunet_acnorm import acnorm_modules, convert_to_acnorm, fold_acnorm
 from nnunet_acnorm.norms import batched, functional
 from nnunet_acnorm.norms.functional import _SortedRecalibratedAffines
 from nnunet_acnorm.norms.modules import PREPARED_AFFINE_KEY
-from tests.factories.norms import pretrained_affines
-
-
-def _oracle_s(sw, sb, tw, tb, tau):
-    sw, sb, tw, tb = (t.detach().double() for t in (sw, sb, tw, tb))
-    ys, yt = sb / (sw.abs() + 1e-5), tb / (tw.abs() + 1e-5)
-    a = torch.softmax(-(yt[:, None] - ys[None, :]).abs() / tau, dim=1)
-    return torch.where(a >= a.diagonal()[:, None], a, torch.zeros(()).double())
+from tests.factories.norms import dense_oracle_s as _oracle_s, pretrained_affines
 
 
 def _layer_affines(c, gen, ties):

@@ -1,7 +1,8 @@
 """The sorted O(C log C) recalibrated affine and the eval-mode affine cache.
 
-The oracle here is the formula itself, vectorised in float64 and written in this file (no package
-code): A = softmax(-|yt_i - ys_j| / tau), S = A where A >= diag(A), weight' = (I + S) gamma_t.
+The oracle here is the formula itself, vectorised in float64 in the test factories
+(``tests/factories/norms.dense_oracle_s``, no package code): A = softmax(-|yt_i - ys_j| / tau),
+S = A where A >= diag(A), weight' = (I + S) gamma_t.
 Both implementations of the sorted path are checked: NumPy (what CPU tensors use) and torch (what
 other devices and torch.compile use, run here on CPU).
 """
@@ -17,14 +18,7 @@ from torch import nn
 from nnunet_acnorm import ACBatchNorm2d, ACInstanceNorm3d
 from nnunet_acnorm.norms import _sorted_numpy, functional
 from nnunet_acnorm.norms.functional import calibrated_tau, recalibrated_affine
-from tests.factories.norms import pretrained_affines
-
-
-def _oracle_s(sw, sb, tw, tb, tau):
-    sw, sb, tw, tb = (t.detach().double() for t in (sw, sb, tw, tb))
-    ys, yt = sb / (sw.abs() + 1e-5), tb / (tw.abs() + 1e-5)
-    a = torch.softmax(-(yt[:, None] - ys[None, :]).abs() / tau, dim=1)
-    return torch.where(a >= a.diagonal()[:, None], a, torch.zeros(()).double())
+from tests.factories.norms import dense_oracle_s as _oracle_s, pretrained_affines
 
 
 def _affines(c, case, gen):
