@@ -2,11 +2,14 @@
 
 Both variants run the trainer's real ``train_step`` (forward, class-weighted cross-entropy,
 backward, gradient clipping, SGD step; autocast + GradScaler on CUDA) on the same random batches,
-interleaved in one process in alternating order (vanilla, AC-Norm, AC-Norm, vanilla, ...) so that
-machine load affects both alike and neither always runs first; ``--steps 1`` with many
-``--repeats`` pairs single steps, the least noisy on a shared machine. Data loading is left out:
-it is the same for both. Prints a Markdown table of training images per second (median over
-repeats) and the ratio AC-Norm / vanilla (median of the per-repeat ratios).
+interleaved in alternating order (vanilla, AC-Norm, AC-Norm, vanilla, ...) so that machine load
+affects both alike and neither always runs first; ``--steps 1`` with many ``--repeats`` pairs single
+steps, the least noisy on a shared machine. Each variant runs in a process of its own, one process
+at a time: in one shared process each variant's allocations change how often the other's memory is
+returned to the system and faulted back in (``--same-process`` shows it; the table gives the page
+faults). Data loading is left out: it is the same for both. Prints a Markdown table of training
+images per second (median over repeats) and the ratio AC-Norm / vanilla (median of the per-repeat
+ratios).
 
     python benchmarks/benchmark_classification.py                       # small CPU defaults
     python benchmarks/benchmark_classification.py --arch resnet --depth 50 --size 224 --batch_size 32 --device cuda
@@ -19,11 +22,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import interleaved_times, isolated_interleaved_times  # noqa: E402
 
 from nnunet_acnorm.classification.trainer import (ClassificationTrainer,  # noqa: E402
                                                   ClassificationTrainer_vanilla)
@@ -44,6 +49,20 @@ def make_trainer(cls, args, folder: str, device: torch.device):
     return trainer
 
 
+def build_step(cls, args, shape, device: torch.device):
+    """One training step of a freshly initialised ``cls`` trainer on fixed random images (the same
+    for every variant: seeded), as a function; its trainer folder lives as long as the function."""
+    folder = tempfile.TemporaryDirectory()
+    trainer = make_trainer(cls, args, folder.name, device)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(shape, generator=generator)
+    labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=generator)
+
+    def step(folder=folder):
+        trainer.train_step(images, labels)
+    return step
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", choices=["resnet", "genesis", "medicalnet"], default="resnet")
@@ -58,6 +77,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--same-process", action="store_true",
+                   help="run both variants in this process (the default runs each in a process of its own, "
+                        "so that neither changes the other's heap; see _common.isolated_interleaved_times)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -68,38 +90,30 @@ def main() -> None:
         args.base_features = 8
     size = args.size or (64 if args.arch == "resnet" else 32)
     shape = (args.batch_size, 3, size, size) if args.arch == "resnet" else (args.batch_size, 1, size, size, size)
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(shape, generator=generator)
-    labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=generator)
-
-    with tempfile.TemporaryDirectory() as folder:
-        trainers = {"vanilla": make_trainer(ClassificationTrainer_vanilla, args, folder, device),
-                    "AC-Norm": make_trainer(ClassificationTrainer, args, folder, device)}
-        for trainer in trainers.values():  # warm-up (allocations, cuDNN autotuning)
-            for _ in range(2):
-                trainer.train_step(images, labels)
-        rates: dict[str, list[float]] = {name: [] for name in trainers}
-        for repeat in range(args.repeats):   # alternating order (vanilla, AC-Norm, AC-Norm, vanilla, ...)
-            for name, trainer in (list(trainers.items()) if repeat % 2 == 0 else list(trainers.items())[::-1]):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    trainer.train_step(images, labels)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                rates[name].append(args.steps * args.batch_size / (time.perf_counter() - start))
-
+    variants = {"vanilla": ClassificationTrainer_vanilla, "AC-Norm": ClassificationTrainer}
+    if args.same_process:
+        runs = {name: build_step(cls, args, shape, device) for name, cls in variants.items()}
+        for run in runs.values():  # warm-up (allocations, cuDNN autotuning)
+            run(), run()
+        times = interleaved_times(runs, args.repeats, args.steps, device)
+        faults = None
+    else:
+        times, faults = isolated_interleaved_times({name: (build_step, (cls, args, shape, device))
+                                                    for name, cls in variants.items()},
+                                                   args.repeats, args.steps, args.device, args.threads)
+    rates = {name: [args.batch_size / t for t in ts] for name, ts in times.items()}
     median = {name: statistics.median(r) for name, r in rates.items()}
     ratios = [a / v for a, v in zip(rates["AC-Norm"], rates["vanilla"])]
     net = f"{args.arch}{args.depth or ''}" + (f" (width {args.base_features})" if args.base_features else "")
     print(f"\nTraining throughput, {net}, input {tuple(shape[1:])}, batch {args.batch_size}, "
           f"{args.device}{' (mixed precision)' if device.type == 'cuda' else ' (float32)'}, "
-          f"{args.repeats} interleaved repeats x {args.steps} steps, torch threads {torch.get_num_threads()}\n")
-    print("| fine-tuning | images/s (median) | min | max |")
-    print("|---|---|---|---|")
+          f"{args.repeats} interleaved repeats x {args.steps} steps, torch threads {torch.get_num_threads()}, "
+          f"{'one process' if args.same_process else 'one process per variant'}\n")
+    print("| fine-tuning | images/s (median) | min | max |" + (" minor page faults per step (median) |" if faults else ""))
+    print("|---|---|---|---|" + ("---|" if faults else ""))
     for name in ("vanilla", "AC-Norm"):
-        print(f"| {name} | {median[name]:.2f} | {min(rates[name]):.2f} | {max(rates[name]):.2f} |")
+        print(f"| {name} | {median[name]:.2f} | {min(rates[name]):.2f} | {max(rates[name]):.2f} |"
+              + (f" {statistics.median(faults[name]):.0f} |" if faults else ""))
     print(f"\nAC-Norm / vanilla throughput: {statistics.median(ratios):.3f} (median of per-repeat ratios; "
           f"range {min(ratios):.3f}-{max(ratios):.3f})")
 
