@@ -1,11 +1,14 @@
-"""Training-step time and memory of nnUNetTrainerACNorm vs stock nnUNetTrainer, and inference time of a
-folded AC-Norm model vs a stock one, on the same plans, in one run (ratios).
+"""Training-step time and memory of nnUNetTrainerACNorm vs stock nnUNetTrainer, and inference time of an
+AC-Norm model (folded and not) vs a stock one, on the same plans, in one run (ratios).
 
 Each trainer's own ``build_network_architecture`` builds the network from the same plans; a training
 step is nnU-Net's, from its own code (:mod:`nnunet_acnorm.nnunet.training_step`: the trainer's
 ``_build_loss``, ``nnUNetTrainer.configure_optimizers`` with the trainer's weight decay at lr 1e-3,
-``nnUNetTrainer.train_step``, in float32). Repetitions are interleaved
-(stock, AC-Norm, stock, ...) so that machine load hits both alike; the table shows medians.
+``nnUNetTrainer.train_step``, in float32). Repetitions are interleaved in alternating order
+(stock, AC-Norm, AC-Norm, stock, ...) so that machine load hits both alike; the table shows medians.
+Each timed variant runs in a process of its own (built from the same plans and seed), one process at
+a time, so that no variant's allocations change the C heap of another (``--same-process`` times
+them all in this one; see ``_common.isolated_interleaved_times``).
 
 Memory: "saved activations" is the total size of the tensors autograd keeps for the backward pass
 of one step (device independent); on CUDA the peak allocated memory is shown too.
@@ -27,7 +30,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_common_arguments, interleaved_times, sync as _sync  # noqa: E402
+from _common import (add_common_arguments, interleaved_times, isolated_interleaved_times,  # noqa: E402
+                     sync as _sync)
 
 
 class Setup:
@@ -98,21 +102,15 @@ def cuda_peak(setup: Setup, x, targets, device) -> int | None:
     return torch.cuda.max_memory_allocated(device)
 
 
-def main(argv=None):
-    parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
-    parser.add_argument("--plans", help="an nnU-Net plans.json instead of the built-in PlainConvUNet")
-    parser.add_argument("--configuration", default="3d_fullres", help="configuration of --plans")
-    parser.add_argument("--inference-batches", type=int, default=5)
-    args = parser.parse_args(argv)
-
+def build(args):
+    """The two setups from the same plans and seed (the AC-Norm network's sources are the stock
+    network's initial weights, loaded as -pretrained_weights would) and one batch: deterministic, so
+    that every benchmark process builds the same."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_acnorm.norms import fold_acnorm
     from nnunet_acnorm.nnunet.plain_unet_plans import default_plans
     from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.plans:
         plans = json.load(open(args.plans))
@@ -126,41 +124,93 @@ def main(argv=None):
     acnorm = Setup(nnUNetTrainerACNorm, plans, configuration, args.classes, device, pretrained_state=pretrained)
     generator = torch.Generator().manual_seed(0)
     x, targets = stock.batch(args.batch, patch, args.classes, device, generator)
-    setups = {"nnUNetTrainer": stock, "nnUNetTrainerACNorm": acnorm}
+    return {"nnUNetTrainer": stock, "nnUNetTrainerACNorm": acnorm}, x, targets, patch
 
+
+def inference_networks(setups: dict) -> dict:
+    """The networks timed at inference, in eval mode: stock, the AC-Norm network folded back to plain
+    norms, and the AC-Norm network as trained (unfolded: each layer reuses its cached affine)."""
+    from nnunet_acnorm.norms import fold_acnorm
+
+    acnorm = setups["nnUNetTrainerACNorm"].network.eval()
+    folded = copy.deepcopy(acnorm)
+    fold_acnorm(folded)
+    return {"stock nnUNetTrainer network": setups["nnUNetTrainer"].network.eval(), "AC-Norm, folded": folded,
+            "AC-Norm, not folded": acnorm}
+
+
+def training_run(name: str, args):
+    """A benchmark process's run: one training step of the ``name`` setup."""
+    setups, x, targets, _ = build(args)
+    setup = setups[name]
+    return lambda: setup.step(x, targets)
+
+
+def inference_run(name: str, args):
+    """A benchmark process's run: one batch-1 forward without gradients of the ``name`` network."""
+    setups, x, _, _ = build(args)
+    network, xi = inference_networks(setups)[name], x[:1]
+
+    def run():
+        with torch.no_grad():
+            network(xi)
+    return run
+
+
+def main(argv=None):
+    parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
+    parser.add_argument("--plans", help="an nnU-Net plans.json instead of the built-in PlainConvUNet")
+    parser.add_argument("--configuration", default="3d_fullres", help="configuration of --plans")
+    parser.add_argument("--inference-batches", type=int, default=5)
+    parser.add_argument("--same-process", action="store_true",
+                        help="time all variants in this process (the default gives each its own process; "
+                             "see _common.isolated_interleaved_times)")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    setups, x, targets, patch = build(args)
     for s in setups.values():  # warm-up
         s.step(x, targets)
     _sync(device)
-    times = interleaved_times({name: (lambda s=s: s.step(x, targets)) for name, s in setups.items()},
-                              args.repetitions, args.steps, device)
+    if args.same_process:
+        times = interleaved_times({name: (lambda s=s: s.step(x, targets)) for name, s in setups.items()},
+                                  args.repetitions, args.steps, device)
+    else:
+        times, _ = isolated_interleaved_times({name: (training_run, (name, args)) for name in setups},
+                                              args.repetitions, args.steps, args.device, args.threads)
     step = {k: statistics.median(v) for k, v in times.items()}
     saved = {k: saved_activation_bytes(s, x, targets) for k, s in setups.items()}
     peak = {k: cuda_peak(s, x, targets, device) for k, s in setups.items()}
 
-    # inference: stock network vs the AC-Norm network folded back to plain norms
-    acnorm.network.eval()
-    folded = copy.deepcopy(acnorm.network)
-    fold_acnorm(folded)
-    stock.network.eval()
-    infer = {"stock nnUNetTrainer network": stock.network, "AC-Norm, folded": folded,
-             "AC-Norm, not folded": acnorm.network}
+    # inference: stock network vs the AC-Norm network, folded back to plain norms and not
+    infer = inference_networks(setups)
     xi = x[:1]
     with torch.no_grad():
-        for net in infer.values():
-            net(xi)
-        itimes = interleaved_times({name: (lambda net=net: net(xi)) for name, net in infer.items()},
-                                   args.repetitions, args.inference_batches, device)
-        max_diff = float((torch.softmax(acnorm.network(xi)[0], 1) - torch.softmax(folded(xi)[0], 1)).abs().max())
+        max_diff = float((torch.softmax(infer["AC-Norm, not folded"](xi)[0], 1)
+                          - torch.softmax(infer["AC-Norm, folded"](xi)[0], 1)).abs().max())
+        if args.same_process:
+            for net in infer.values():
+                net(xi)
+            itimes = interleaved_times({name: (lambda net=net: net(xi)) for name, net in infer.items()},
+                                       args.repetitions, args.inference_batches, device)
+    if not args.same_process:
+        itimes, _ = isolated_interleaved_times({name: (inference_run, (name, args)) for name in infer},
+                                               args.repetitions, args.inference_batches, args.device, args.threads)
     inference = {k: statistics.median(v) for k, v in itimes.items()}
     # paired per repetition (both measured back to back): the unfolded AC-Norm network in eval mode
     # reuses its cached recalibrated affines, so it should cost what the stock network does
     unfolded_ratio = statistics.median(a / s for a, s in zip(itimes["AC-Norm, not folded"],
                                                               itimes["stock nnUNetTrainer network"]))
+    folded_ratio = statistics.median(a / s for a, s in zip(itimes["AC-Norm, folded"],
+                                                            itimes["stock nnUNetTrainer network"]))
 
     desc = (f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
             f"torch threads {torch.get_num_threads()}, patch {list(patch)}, batch {args.batch}, "
             f"{'plans ' + args.plans if args.plans else 'PlainConvUNet features ' + str(args.features)}, "
-            f"{args.repetitions} interleaved repetitions x {args.steps} steps")
+            f"{args.repetitions} interleaved repetitions x {args.steps} steps, "
+            f"{'one process' if args.same_process else 'one process per variant'}")
     print(f"\n{desc}\n")
     print("| trainer | train step (median) | ratio | saved activations | ratio |"
           + (" CUDA peak | ratio |" if device.type == "cuda" else ""))
@@ -175,11 +225,12 @@ def main(argv=None):
     base = inference["stock nnUNetTrainer network"]
     for name, t in inference.items():
         print(f"| {name} | {t * 1000:.1f} ms | {t / base:.3f} |")
-    print(f"\nunfolded AC-Norm / stock inference (median of per-repetition ratios): {unfolded_ratio:.3f}")
+    print(f"\nunfolded AC-Norm / stock inference (median of per-repetition ratios): {unfolded_ratio:.3f}; "
+          f"folded / stock (the same architecture: this run's noise): {folded_ratio:.3f}")
     print(f"largest softmax difference, AC-Norm vs folded: {max_diff:.2e}")
     result = {"setup": desc, "train_step_s": step, "train_step_ratio": step["nnUNetTrainerACNorm"] / step["nnUNetTrainer"],
               "saved_activation_bytes": saved, "cuda_peak_bytes": peak, "inference_s": inference,
-              "inference_ratio_unfolded": unfolded_ratio,
+              "inference_ratio_unfolded": unfolded_ratio, "inference_ratio_folded": folded_ratio,
               "max_softmax_difference_folded": max_diff}
     if args.json:
         with open(args.json, "w") as fh:

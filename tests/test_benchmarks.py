@@ -61,3 +61,33 @@ def test_norm_layer_benchmark_times_one_computation_two_ways(norm_cls, dim, with
         assert p_fused[key] is not None and p_two[key] is not None, f"no gradient of the target {key}"
         torch.testing.assert_close(p_fused[key], p_two[key], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(y_fused, results["plain"][0], rtol=1e-3, atol=1e-3), "AC-Norm equal to plain"
+
+
+def test_isolated_interleaved_times_runs_each_variant_in_its_own_process_and_reports_worker_errors(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the spawned workers import _common by name, as the scripts do
+    import _common as common
+    # build(*args) must be picklable: functools.partial(int, "3") is a run that returns 3
+    import functools
+    times, faults = common.isolated_interleaved_times({"a": (functools.partial, (int, "3")),
+                                                       "b": (functools.partial, (float, "4"))}, 3, 2)
+    assert set(times) == set(faults) == {"a", "b"}
+    assert all(len(v) == 3 and all(t >= 0 for t in v) for v in times.values())
+    assert all(len(v) == 3 and all(f >= 0 for f in v) for v in faults.values())
+    with pytest.raises(RuntimeError, match=r"bad: benchmark worker failed: ValueError"):
+        common.isolated_interleaved_times({"ok": (functools.partial, (int, "3")), "bad": (int, ("x",))}, 1, 1)
+
+
+def test_classification_benchmark_quick_run_one_process_per_variant():
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "benchmark_classification.py"), "--depth", "18",
+                             "--size", "32", "--batch_size", "2", "--steps", "1", "--repeats", "2", "--threads", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "one process per variant" in result.stdout
+    rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines()
+            if line.startswith("| vanilla") or line.startswith("| AC-Norm")}
+    assert set(rows) == {"vanilla", "AC-Norm"}
+    for row in rows.values():
+        rate, low, high, page_faults = (float(c) for c in row.strip("|").split("|")[1:5])
+        assert 0 < low <= rate <= high and page_faults >= 0, row   # timings: figures, not claims
+    ratio = float(result.stdout.split("AC-Norm / vanilla throughput: ")[1].split()[0])
+    assert math.isfinite(ratio) and ratio > 0
