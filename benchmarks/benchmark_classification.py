@@ -109,7 +109,8 @@ def main() -> None:
           f"{args.device}{' (mixed precision)' if device.type == 'cuda' else ' (float32)'}, "
           f"{args.repeats} interleaved repeats x {args.steps} steps, torch threads {torch.get_num_threads()}, "
           f"{'one process' if args.same_process else 'one process per variant'}\n")
-    print("| fine-tuning | images/s (median) | min | max |" + (" minor page faults per step (median) |" if faults else ""))
+    print("| fine-tuning | images/s (median) | min | max |"
+          + (" minor page faults per step (median) |" if faults else ""))
     print("|---|---|---|---|" + ("---|" if faults else ""))
     for name in ("vanilla", "AC-Norm"):
         print(f"| {name} | {median[name]:.2f} | {min(rates[name]):.2f} | {max(rates[name]):.2f} |"
