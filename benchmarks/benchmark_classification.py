@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -63,6 +64,15 @@ def build_step(cls, args, shape, device: torch.device):
     return step
 
 
+def counting_page_faults(run, record: list):
+    """``run``, appending the minor page faults of each call to ``record``."""
+    def counted():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        run()
+        record.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return counted
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", choices=["resnet", "genesis", "medicalnet"], default="resnet")
@@ -95,8 +105,9 @@ def main() -> None:
         runs = {name: build_step(cls, args, shape, device) for name, cls in variants.items()}
         for run in runs.values():  # warm-up (allocations, cuDNN autotuning)
             run(), run()
-        times = interleaved_times(runs, args.repeats, args.steps, device)
-        faults = None
+        faults = {name: [] for name in runs}
+        times = interleaved_times({name: counting_page_faults(run, faults[name]) for name, run in runs.items()},
+                                  args.repeats, args.steps, device)
     else:
         times, faults = isolated_interleaved_times({name: (build_step, (cls, args, shape, device))
                                                     for name, cls in variants.items()},
@@ -109,12 +120,11 @@ def main() -> None:
           f"{args.device}{' (mixed precision)' if device.type == 'cuda' else ' (float32)'}, "
           f"{args.repeats} interleaved repeats x {args.steps} steps, torch threads {torch.get_num_threads()}, "
           f"{'one process' if args.same_process else 'one process per variant'}\n")
-    print("| fine-tuning | images/s (median) | min | max |"
-          + (" minor page faults per step (median) |" if faults else ""))
-    print("|---|---|---|---|" + ("---|" if faults else ""))
+    print("| fine-tuning | images/s (median) | min | max | minor page faults per step (median) |")
+    print("|---|---|---|---|---|")
     for name in ("vanilla", "AC-Norm"):
-        print(f"| {name} | {median[name]:.2f} | {min(rates[name]):.2f} | {max(rates[name]):.2f} |"
-              + (f" {statistics.median(faults[name]):.0f} |" if faults else ""))
+        print(f"| {name} | {median[name]:.2f} | {min(rates[name]):.2f} | {max(rates[name]):.2f} | "
+              f"{statistics.median(faults[name]):.0f} |")
     print(f"\nAC-Norm / vanilla throughput: {statistics.median(ratios):.3f} (median of per-repeat ratios; "
           f"range {min(ratios):.3f}-{max(ratios):.3f})")
 
