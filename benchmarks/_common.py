@@ -83,48 +83,58 @@ def _isolated_worker(build: Callable[..., Callable[[], None]], build_args: tuple
 
 
 def isolated_interleaved_times(builds: dict[str, tuple[Callable[..., Callable[[], None]], tuple]], repetitions: int,
-                               calls: int, device: str = "cpu", threads: int | None = None,
-                               warmup: int = 2) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """As :func:`interleaved_times`, but each run lives in a process of its own (spawned): name ->
+                               calls: int, device: str = "cpu", threads: int | None = None, warmup: int = 2,
+                               processes: int = 1) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """As :func:`interleaved_times`, but each run lives in processes of its own (spawned): name ->
     (``build``, ``args``), where ``build(*args)`` (picklable: a module-level function) returns the
-    function to time. The parent interleaves the processes in alternating order, one at a time, so that
-    machine load still hits all alike, while no run shares the C heap of another: in one process, one
-    run's allocations change where the other's land and how often glibc's malloc returns memory to the
-    system and faults it back in (page faults measured at up to ~40 k per ResNet-50 step at 224x224,
-    of one variant more than the other, depending on the order). Returns (seconds per call, minor page
-    faults per call), each name -> one value per repetition."""
+    function to time. The parent runs one process at a time, interleaving the runs in alternating
+    order, so that machine load still hits all alike, while no run shares the C heap of another: in
+    one process, one run's allocations change where the other's land and how often glibc's malloc
+    returns memory to the system and faults it back in (at ResNet-50 224x224: some 27-38 k minor page
+    faults per AC-Norm step against 0-19 k per vanilla one in one process, about 55 k each alone).
+
+    A process has its own speed too: the same network timed in 4 processes gave paired ratios of
+    1.000-1.021 (memory layout, page faults). So each run gets ``processes`` processes, used in turn:
+    repetitions 2k and 2k+1 (one in each order) go to process k mod ``processes``, and the paired
+    ratios average over as many processes as there are. Returns (seconds per call, minor page faults
+    per call), each name -> one value per repetition."""
     context = multiprocessing.get_context("spawn")
-    workers: dict[str, tuple[Any, Any]] = {}
+    workers: dict[str, list[tuple[Any, Any]]] = {name: [] for name in builds}
     try:
         for name, (build, build_args) in builds.items():
-            parent, child = context.Pipe()
-            process = context.Process(target=_isolated_worker, args=(build, build_args, threads, device, warmup, child),
-                                      daemon=True)
-            process.start()
-            child.close()
-            workers[name] = (process, parent)
-        for name, (_, conn) in workers.items():
-            _check(name, conn.recv())
+            for _ in range(processes):
+                parent, child = context.Pipe()
+                process = context.Process(target=_isolated_worker, daemon=True,
+                                          args=(build, build_args, threads, device, warmup, child))
+                process.start()
+                child.close()
+                workers[name].append((process, parent))
+        for name, pool in workers.items():
+            for _, conn in pool:
+                _check(name, conn.recv())
         times: dict[str, list[float]] = {name: [] for name in builds}
         faults: dict[str, list[float]] = {name: [] for name in builds}
         for repetition in range(repetitions):
             names = list(builds) if repetition % 2 == 0 else list(builds)[::-1]
             for name in names:
-                conn = workers[name][1]
+                conn = workers[name][(repetition // 2) % processes][1]
                 conn.send(calls)
                 seconds, page_faults = _check(name, conn.recv())
                 times[name].append(seconds)
                 faults[name].append(page_faults)
         return times, faults
     finally:
-        for process, conn in workers.values():
-            try:
-                conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-            process.join(timeout=60)
-            if process.is_alive():
-                process.terminate()
+        for pool in workers.values():
+            for process, conn in pool:
+                try:
+                    conn.send(None)
+                except (BrokenPipeError, OSError):
+                    pass
+        for pool in workers.values():
+            for process, _ in pool:
+                process.join(timeout=60)
+                if process.is_alive():
+                    process.terminate()
 
 
 def _check(name: str, message):

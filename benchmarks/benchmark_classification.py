@@ -4,12 +4,12 @@ Both variants run the trainer's real ``train_step`` (forward, class-weighted cro
 backward, gradient clipping, SGD step; autocast + GradScaler on CUDA) on the same random batches,
 interleaved in alternating order (vanilla, AC-Norm, AC-Norm, vanilla, ...) so that machine load
 affects both alike and neither always runs first; ``--steps 1`` with many ``--repeats`` pairs single
-steps, the least noisy on a shared machine. Each variant runs in a process of its own, one process
-at a time: in one shared process each variant's allocations change how often the other's memory is
-returned to the system and faulted back in (``--same-process`` shows it; the table gives the page
-faults). Data loading is left out: it is the same for both. Prints a Markdown table of training
-images per second (median over repeats) and the ratio AC-Norm / vanilla (median of the per-repeat
-ratios).
+steps, the least noisy on a shared machine. Each variant runs in processes of its own (``--processes``,
+used in turn), one process at a time: in one shared process each variant's allocations change how
+often the other's memory is returned to the system and faulted back in (``--same-process`` shows
+it; the table gives the page faults), and each process has a speed of its own. Data loading is
+left out: it is the same for both. Prints a Markdown table of training images per second (median
+over repeats) and the ratio AC-Norm / vanilla (median of the per-repeat ratios).
 
     python benchmarks/benchmark_classification.py                       # small CPU defaults
     python benchmarks/benchmark_classification.py --arch resnet --depth 50 --size 224 --batch_size 32 --device cuda
@@ -87,6 +87,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--processes", type=int, default=3,
+                   help="worker processes per variant, used in turn (a process has its own speed)")
     p.add_argument("--same-process", action="store_true",
                    help="run both variants in this process (the default runs each in a process of its own, "
                         "so that neither changes the other's heap; see _common.isolated_interleaved_times)")
@@ -111,7 +113,8 @@ def main() -> None:
     else:
         times, faults = isolated_interleaved_times({name: (build_step, (cls, args, shape, device))
                                                     for name, cls in variants.items()},
-                                                   args.repeats, args.steps, args.device, args.threads)
+                                                   args.repeats, args.steps, args.device, args.threads,
+                                                   processes=args.processes)
     rates = {name: [args.batch_size / t for t in ts] for name, ts in times.items()}
     median = {name: statistics.median(r) for name, r in rates.items()}
     ratios = [a / v for a, v in zip(rates["AC-Norm"], rates["vanilla"])]
@@ -119,7 +122,7 @@ def main() -> None:
     print(f"\nTraining throughput, {net}, input {tuple(shape[1:])}, batch {args.batch_size}, "
           f"{args.device}{' (mixed precision)' if device.type == 'cuda' else ' (float32)'}, "
           f"{args.repeats} interleaved repeats x {args.steps} steps, torch threads {torch.get_num_threads()}, "
-          f"{'one process' if args.same_process else 'one process per variant'}\n")
+          f"{'one process' if args.same_process else f'{args.processes} processes per variant, used in turn'}\n")
     print("| fine-tuning | images/s (median) | min | max | minor page faults per step (median) |")
     print("|---|---|---|---|---|")
     for name in ("vanilla", "AC-Norm"):

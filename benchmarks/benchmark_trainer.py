@@ -6,8 +6,8 @@ step is nnU-Net's, from its own code (:mod:`nnunet_acnorm.nnunet.training_step`:
 ``_build_loss``, ``nnUNetTrainer.configure_optimizers`` with the trainer's weight decay at lr 1e-3,
 ``nnUNetTrainer.train_step``, in float32). Repetitions are interleaved in alternating order
 (stock, AC-Norm, AC-Norm, stock, ...) so that machine load hits both alike; the table shows medians.
-Each timed variant runs in a process of its own (built from the same plans and seed), one process at
-a time, so that no variant's allocations change the C heap of another (``--same-process`` times
+Each timed variant runs in processes of its own (built from the same plans and seed; ``--processes``,
+used in turn), one process at a time, so that no variant's allocations change the C heap of another (``--same-process`` times
 them all in this one; see ``_common.isolated_interleaved_times``).
 
 Memory: "saved activations" is the total size of the tensors autograd keeps for the backward pass
@@ -149,7 +149,9 @@ def training_run(name: str, args):
 def inference_run(name: str, args):
     """A benchmark process's run: one batch-1 forward without gradients of the ``name`` network."""
     setups, x, _, _ = build(args)
-    network, xi = inference_networks(setups)[name], x[:1]
+    # a fresh copy, made at the same point in every process: no network is timed in memory allocated
+    # earlier than another's (the stock network is built first, the folded one is a later copy)
+    network, xi = copy.deepcopy(inference_networks(setups)[name]), x[:1]
 
     def run():
         with torch.no_grad():
@@ -162,6 +164,8 @@ def main(argv=None):
     parser.add_argument("--plans", help="an nnU-Net plans.json instead of the built-in PlainConvUNet")
     parser.add_argument("--configuration", default="3d_fullres", help="configuration of --plans")
     parser.add_argument("--inference-batches", type=int, default=5)
+    parser.add_argument("--processes", type=int, default=3,
+                        help="worker processes per variant, used in turn (a process has its own speed)")
     parser.add_argument("--same-process", action="store_true",
                         help="time all variants in this process (the default gives each its own process; "
                              "see _common.isolated_interleaved_times)")
@@ -179,7 +183,8 @@ def main(argv=None):
                                   args.repetitions, args.steps, device)
     else:
         times, _ = isolated_interleaved_times({name: (training_run, (name, args)) for name in setups},
-                                              args.repetitions, args.steps, args.device, args.threads)
+                                              args.repetitions, args.steps, args.device, args.threads,
+                                              processes=args.processes)
     step = {k: statistics.median(v) for k, v in times.items()}
     saved = {k: saved_activation_bytes(s, x, targets) for k, s in setups.items()}
     peak = {k: cuda_peak(s, x, targets, device) for k, s in setups.items()}
@@ -197,7 +202,8 @@ def main(argv=None):
                                        args.repetitions, args.inference_batches, device)
     if not args.same_process:
         itimes, _ = isolated_interleaved_times({name: (inference_run, (name, args)) for name in infer},
-                                               args.repetitions, args.inference_batches, args.device, args.threads)
+                                               args.repetitions, args.inference_batches, args.device, args.threads,
+                                               processes=args.processes)
     inference = {k: statistics.median(v) for k, v in itimes.items()}
     # paired per repetition (both measured back to back): the unfolded AC-Norm network in eval mode
     # reuses its cached recalibrated affines, so it should cost what the stock network does
@@ -210,7 +216,7 @@ def main(argv=None):
             f"torch threads {torch.get_num_threads()}, patch {list(patch)}, batch {args.batch}, "
             f"{'plans ' + args.plans if args.plans else 'PlainConvUNet features ' + str(args.features)}, "
             f"{args.repetitions} interleaved repetitions x {args.steps} steps, "
-            f"{'one process' if args.same_process else 'one process per variant'}")
+            f"{'one process' if args.same_process else f'{args.processes} processes per variant, used in turn'}")
     print(f"\n{desc}\n")
     print("| trainer | train step (median) | ratio | saved activations | ratio |"
           + (" CUDA peak | ratio |" if device.type == "cuda" else ""))
