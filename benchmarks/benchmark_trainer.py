@@ -7,8 +7,8 @@ step is nnU-Net's, from its own code (:mod:`nnunet_acnorm.nnunet.training_step`:
 ``nnUNetTrainer.train_step``, in float32). Repetitions are interleaved in alternating order
 (stock, AC-Norm, AC-Norm, stock, ...) so that machine load hits both alike; the table shows medians.
 Each timed variant runs in processes of its own (built from the same plans and seed; ``--processes``,
-used in turn), one process at a time, so that no variant's allocations change the C heap of another (``--same-process`` times
-them all in this one; see ``_common.isolated_interleaved_times``).
+used in turn), one process at a time, so that no variant's allocations change the C heap of another
+(``--same-process`` times them all in this one; see ``_common.isolated_interleaved_times``).
 
 Memory: "saved activations" is the total size of the tensors autograd keeps for the backward pass
 of one step (device independent); on CUDA the peak allocated memory is shown too.
