@@ -9,7 +9,7 @@ import argparse
 import multiprocessing
 import resource
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -58,7 +58,7 @@ def interleaved_times(runs: dict[str, Callable[[], None]], repetitions: int, cal
 def _isolated_worker(build: Callable[..., Callable[[], None]], build_args: tuple, threads: int | None,
                      device: str, warmup: int, conn) -> None:
     """Child process of :func:`isolated_interleaved_times`: build the run, warm it up, then time
-    ``calls`` calls each time the parent asks, answering (seconds per call, minor page faults per call)."""
+    ``calls`` calls each time the parent asks, answering per call: (seconds, minor page faults)."""
     try:
         if threads:
             torch.set_num_threads(threads)
@@ -82,9 +82,17 @@ def _isolated_worker(build: Callable[..., Callable[[], None]], build_args: tuple
         conn.close()
 
 
+class IsolatedTimes(NamedTuple):
+    """Per call, name -> one value per repetition: wall-clock seconds and minor page faults. (The
+    worker's CPU time, tried too, equalled its wall-clock time with one thread: this machine's noise
+    is a slower CPU, not time spent descheduled.)"""
+    seconds: dict[str, list[float]]
+    page_faults: dict[str, list[float]]
+
+
 def isolated_interleaved_times(builds: dict[str, tuple[Callable[..., Callable[[], None]], tuple]], repetitions: int,
                                calls: int, device: str = "cpu", threads: int | None = None, warmup: int = 2,
-                               processes: int = 1) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+                               processes: int = 1) -> "IsolatedTimes":
     """As :func:`interleaved_times`, but each run lives in processes of its own (spawned): name ->
     (``build``, ``args``), where ``build(*args)`` (picklable: a module-level function) returns the
     function to time. The parent runs one process at a time, interleaving the runs in alternating
@@ -94,10 +102,11 @@ def isolated_interleaved_times(builds: dict[str, tuple[Callable[..., Callable[[]
     faults per AC-Norm step against 0-19 k per vanilla one in one process, about 55 k each alone).
 
     A process has its own speed too: the same network timed in 4 processes gave paired ratios of
-    1.000-1.021 (memory layout, page faults). So each run gets ``processes`` processes, used in turn:
+    1.000-1.021 in one run and 0.995-1.064 in another (memory layout, page faults), each over 30
+    repetitions. So each run gets ``processes`` processes, used in turn:
     repetitions 2k and 2k+1 (one in each order) go to process k mod ``processes``, and the paired
-    ratios average over as many processes as there are. Returns (seconds per call, minor page faults
-    per call), each name -> one value per repetition."""
+    ratios average over as many processes as there are. Returns :class:`IsolatedTimes`, each name ->
+    one value per repetition."""
     context = multiprocessing.get_context("spawn")
     workers: dict[str, list[tuple[Any, Any]]] = {name: [] for name in builds}
     try:
@@ -112,17 +121,15 @@ def isolated_interleaved_times(builds: dict[str, tuple[Callable[..., Callable[[]
         for name, pool in workers.items():
             for _, conn in pool:
                 _check(name, conn.recv())
-        times: dict[str, list[float]] = {name: [] for name in builds}
-        faults: dict[str, list[float]] = {name: [] for name in builds}
+        result = IsolatedTimes({name: [] for name in builds}, {name: [] for name in builds})
         for repetition in range(repetitions):
             names = list(builds) if repetition % 2 == 0 else list(builds)[::-1]
             for name in names:
                 conn = workers[name][(repetition // 2) % processes][1]
                 conn.send(calls)
-                seconds, page_faults = _check(name, conn.recv())
-                times[name].append(seconds)
-                faults[name].append(page_faults)
-        return times, faults
+                for values, value in zip(result, _check(name, conn.recv())):
+                    values[name].append(value)
+        return result
     finally:
         for pool in workers.values():
             for process, conn in pool:
@@ -141,6 +148,20 @@ def _check(name: str, message):
     if isinstance(message, BaseException):
         raise RuntimeError(f"{name}: {message}")
     return message
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """The median of ``values`` (per-repetition ratios) and its bootstrap interval (percentile
+    method, 9999 resamples, fixed seed: the same data give the same interval)."""
+    import numpy as np
+    from scipy import stats
+
+    data = np.asarray(values, dtype=float)
+    if len(data) < 2 or np.ptp(data) == 0:
+        return float(np.median(data)), float(np.median(data)), float(np.median(data))
+    res = stats.bootstrap((data,), np.median, n_resamples=9999, confidence_level=confidence, method="percentile",
+                          rng=np.random.default_rng(0))
+    return float(np.median(data)), float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def cpu_peak_bytes(run: Callable[[], None]) -> int:

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import interleaved_times, isolated_interleaved_times  # noqa: E402
+from _common import interleaved_times, isolated_interleaved_times, median_interval  # noqa: E402
 
 from nnunet_acnorm.classification.trainer import (ClassificationTrainer,  # noqa: E402
                                                   ClassificationTrainer_vanilla)
@@ -87,7 +87,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--processes", type=int, default=3,
+    p.add_argument("--processes", type=int, default=4,
                    help="worker processes per variant, used in turn (a process has its own speed)")
     p.add_argument("--same-process", action="store_true",
                    help="run both variants in this process (the default runs each in a process of its own, "
@@ -128,8 +128,9 @@ def main() -> None:
     for name in ("vanilla", "AC-Norm"):
         print(f"| {name} | {median[name]:.2f} | {min(rates[name]):.2f} | {max(rates[name]):.2f} | "
               f"{statistics.median(faults[name]):.0f} |")
-    print(f"\nAC-Norm / vanilla throughput: {statistics.median(ratios):.3f} (median of per-repeat ratios; "
-          f"range {min(ratios):.3f}-{max(ratios):.3f})")
+    ratio, low, high = median_interval(ratios)
+    print(f"\nAC-Norm / vanilla throughput: {ratio:.3f} (median of per-repeat ratios; 95 % bootstrap interval "
+          f"{low:.3f}-{high:.3f}; range {min(ratios):.3f}-{max(ratios):.3f})")
 
 
 if __name__ == "__main__":

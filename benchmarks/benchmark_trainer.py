@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (add_common_arguments, interleaved_times, isolated_interleaved_times,  # noqa: E402
-                     sync as _sync)
+                     median_interval, sync as _sync)
 
 
 class Setup:
@@ -164,7 +164,7 @@ def main(argv=None):
     parser.add_argument("--plans", help="an nnU-Net plans.json instead of the built-in PlainConvUNet")
     parser.add_argument("--configuration", default="3d_fullres", help="configuration of --plans")
     parser.add_argument("--inference-batches", type=int, default=5)
-    parser.add_argument("--processes", type=int, default=3,
+    parser.add_argument("--processes", type=int, default=4,
                         help="worker processes per variant, used in turn (a process has its own speed)")
     parser.add_argument("--same-process", action="store_true",
                         help="time all variants in this process (the default gives each its own process; "
@@ -207,10 +207,10 @@ def main(argv=None):
     inference = {k: statistics.median(v) for k, v in itimes.items()}
     # paired per repetition (both measured back to back): the unfolded AC-Norm network in eval mode
     # reuses its cached recalibrated affines, so it should cost what the stock network does
-    unfolded_ratio = statistics.median(a / s for a, s in zip(itimes["AC-Norm, not folded"],
-                                                              itimes["stock nnUNetTrainer network"]))
-    folded_ratio = statistics.median(a / s for a, s in zip(itimes["AC-Norm, folded"],
-                                                            itimes["stock nnUNetTrainer network"]))
+    stock_times = itimes["stock nnUNetTrainer network"]
+    unfolded_ratio, unfolded_low, unfolded_high = median_interval(
+        [a / s for a, s in zip(itimes["AC-Norm, not folded"], stock_times)])
+    folded_ratio = statistics.median(a / s for a, s in zip(itimes["AC-Norm, folded"], stock_times))
 
     desc = (f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
             f"torch threads {torch.get_num_threads()}, patch {list(patch)}, batch {args.batch}, "
@@ -231,13 +231,16 @@ def main(argv=None):
     base = inference["stock nnUNetTrainer network"]
     for name, t in inference.items():
         print(f"| {name} | {t * 1000:.1f} ms | {t / base:.3f} |")
-    print(f"\nunfolded AC-Norm / stock inference (median of per-repetition ratios): {unfolded_ratio:.3f}; "
+    print(f"\nunfolded AC-Norm / stock inference (median of per-repetition ratios): {unfolded_ratio:.3f} "
+          f"(95 % bootstrap interval {unfolded_low:.3f}-{unfolded_high:.3f}); "
           f"folded / stock (the same architecture: this run's noise): {folded_ratio:.3f}")
     print(f"largest softmax difference, AC-Norm vs folded: {max_diff:.2e}")
-    result = {"setup": desc, "train_step_s": step, "train_step_ratio": step["nnUNetTrainerACNorm"] / step["nnUNetTrainer"],
+    result = {"setup": desc, "train_step_s": step,
+              "train_step_ratio": step["nnUNetTrainerACNorm"] / step["nnUNetTrainer"],
               "saved_activation_bytes": saved, "cuda_peak_bytes": peak, "inference_s": inference,
-              "inference_ratio_unfolded": unfolded_ratio, "inference_ratio_folded": folded_ratio,
-              "max_softmax_difference_folded": max_diff}
+              "inference_ratio_unfolded": unfolded_ratio,
+              "inference_ratio_unfolded_interval": [unfolded_low, unfolded_high],
+              "inference_ratio_folded": folded_ratio, "max_softmax_difference_folded": max_diff}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)

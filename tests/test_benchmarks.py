@@ -91,5 +91,17 @@ def test_classification_benchmark_quick_run_one_process_per_variant():
     for row in rows.values():
         rate, low, high, page_faults = (float(c) for c in row.strip("|").split("|")[1:5])
         assert 0 < low <= rate <= high and page_faults >= 0, row   # timings: figures, not claims
-    ratio = float(result.stdout.split("AC-Norm / vanilla throughput: ")[1].split()[0])
-    assert math.isfinite(ratio) and ratio > 0
+    line = result.stdout.split("AC-Norm / vanilla throughput: ")[1].splitlines()[0]
+    ratio = float(line.split()[0])
+    low, high = (float(v) for v in line.split("interval ")[1].split(";")[0].split("-"))
+    assert math.isfinite(ratio) and 0 < low <= ratio <= high, line
+
+
+def test_median_interval_brackets_the_median_and_is_reproducible(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import _common as common
+    values = [1.0, 0.9, 1.1, 0.95, 1.02, 0.97, 1.3, 0.99]
+    median, low, high = common.median_interval(values)
+    assert median == pytest.approx(0.995) and low < median < high
+    assert common.median_interval(values) == (median, low, high)
+    assert common.median_interval([1.5, 1.5]) == (1.5, 1.5, 1.5)
