@@ -144,6 +144,13 @@ def isolated_interleaved_times(builds: dict[str, tuple[Callable[..., Callable[[]
                     process.terminate()
 
 
+def timing_mode(same_process: bool, processes: int) -> str:
+    """How a run was timed, for the benchmark's heading."""
+    if same_process:
+        return "one process"
+    return f"{processes} process{'es' if processes > 1 else ''} per variant, used in turn"
+
+
 def _check(name: str, message):
     if isinstance(message, BaseException):
         raise RuntimeError(f"{name}: {message}")

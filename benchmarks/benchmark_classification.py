@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import interleaved_times, isolated_interleaved_times, median_interval  # noqa: E402
+from _common import (interleaved_times, isolated_interleaved_times, median_interval,  # noqa: E402
+                     timing_mode)
 
 from nnunet_acnorm.classification.trainer import (ClassificationTrainer,  # noqa: E402
                                                   ClassificationTrainer_vanilla)
@@ -122,7 +123,7 @@ def main() -> None:
     print(f"\nTraining throughput, {net}, input {tuple(shape[1:])}, batch {args.batch_size}, "
           f"{args.device}{' (mixed precision)' if device.type == 'cuda' else ' (float32)'}, "
           f"{args.repeats} interleaved repeats x {args.steps} steps, torch threads {torch.get_num_threads()}, "
-          f"{'one process' if args.same_process else f'{args.processes} processes per variant, used in turn'}\n")
+          f"{timing_mode(args.same_process, args.processes)}\n")
     print("| fine-tuning | images/s (median) | min | max | minor page faults per step (median) |")
     print("|---|---|---|---|---|")
     for name in ("vanilla", "AC-Norm"):

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (add_common_arguments, interleaved_times, isolated_interleaved_times,  # noqa: E402
-                     median_interval, sync as _sync)
+                     median_interval, sync as _sync, timing_mode)
 
 
 class Setup:
@@ -216,7 +216,7 @@ def main(argv=None):
             f"torch threads {torch.get_num_threads()}, patch {list(patch)}, batch {args.batch}, "
             f"{'plans ' + args.plans if args.plans else 'PlainConvUNet features ' + str(args.features)}, "
             f"{args.repetitions} interleaved repetitions x {args.steps} steps, "
-            f"{'one process' if args.same_process else f'{args.processes} processes per variant, used in turn'}")
+            f"{timing_mode(args.same_process, args.processes)}")
     print(f"\n{desc}\n")
     print("| trainer | train step (median) | ratio | saved activations | ratio |"
           + (" CUDA peak | ratio |" if device.type == "cuda" else ""))
