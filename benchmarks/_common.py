@@ -92,14 +92,14 @@ class IsolatedTimes(NamedTuple):
 
 def isolated_interleaved_times(builds: dict[str, tuple[Callable[..., Callable[[], None]], tuple]], repetitions: int,
                                calls: int, device: str = "cpu", threads: int | None = None, warmup: int = 2,
-                               processes: int = 1) -> "IsolatedTimes":
+                               processes: int = 1) -> IsolatedTimes:
     """As :func:`interleaved_times`, but each run lives in processes of its own (spawned): name ->
     (``build``, ``args``), where ``build(*args)`` (picklable: a module-level function) returns the
     function to time. The parent runs one process at a time, interleaving the runs in alternating
     order, so that machine load still hits all alike, while no run shares the C heap of another: in
     one process, one run's allocations change where the other's land and how often glibc's malloc
-    returns memory to the system and faults it back in (at ResNet-50 224x224: some 27-38 k minor page
-    faults per AC-Norm step against 0-19 k per vanilla one in one process, about 55 k each alone).
+    returns memory to the system and faults it back in (ResNet-50 at 224x224: in one process 27 k minor
+    page faults per AC-Norm step and none per vanilla one; 45-68 k each in processes of their own).
 
     A process has its own speed too: the same network timed in 4 processes gave paired ratios of
     1.000-1.021 in one run and 0.995-1.064 in another (memory layout, page faults), each over 30
