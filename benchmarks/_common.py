@@ -144,6 +144,36 @@ def isolated_interleaved_times(builds: dict[str, tuple[Callable[..., Callable[[]
                     process.terminate()
 
 
+def timed_builds(builds: dict[str, tuple[Callable[..., Callable[[], None]], tuple]], repetitions: int, calls: int,
+                 device: str = "cpu", threads: int | None = None, processes: int = 1, same_process: bool = False,
+                 warmup: int = 2) -> IsolatedTimes:
+    """The trainer benchmarks' timing: :func:`isolated_interleaved_times`, or with ``same_process``
+    every run built and timed in this process by :func:`interleaved_times` (the earlier way, which
+    lets the runs share one heap), with the page faults of each repetition counted alike."""
+    if not same_process:
+        return isolated_interleaved_times(builds, repetitions, calls, device, threads, warmup, processes)
+    if threads:
+        torch.set_num_threads(threads)
+    runs = {name: build(*build_args) for name, (build, build_args) in builds.items()}
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    faults: dict[str, list[float]] = {name: [] for name in runs}
+
+    def counted(name, run):
+        def timed_block():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            run()
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return timed_block
+
+    seconds = interleaved_times({name: counted(name, run) for name, run in runs.items()}, repetitions, calls,
+                                torch.device(device))
+    per_repetition = {name: [sum(f[i:i + calls]) / calls for i in range(0, len(f), calls)]
+                      for name, f in faults.items()}
+    return IsolatedTimes(seconds, per_repetition)
+
+
 def timing_mode(same_process: bool, processes: int) -> str:
     """How a run was timed, for the benchmark's heading."""
     if same_process:

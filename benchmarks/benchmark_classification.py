@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -29,8 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (interleaved_times, isolated_interleaved_times, median_interval,  # noqa: E402
-                     timing_mode)
+from _common import median_interval, timed_builds, timing_mode  # noqa: E402
 
 from nnunet_acnorm.classification.trainer import (ClassificationTrainer,  # noqa: E402
                                                   ClassificationTrainer_vanilla)
@@ -65,15 +63,6 @@ def build_step(cls, args, shape, device: torch.device):
     return step
 
 
-def counting_page_faults(run, record: list):
-    """``run``, appending the minor page faults of each call to ``record``."""
-    def counted():
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        run()
-        record.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return counted
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", choices=["resnet", "genesis", "medicalnet"], default="resnet")
@@ -104,18 +93,9 @@ def main() -> None:
     size = args.size or (64 if args.arch == "resnet" else 32)
     shape = (args.batch_size, 3, size, size) if args.arch == "resnet" else (args.batch_size, 1, size, size, size)
     variants = {"vanilla": ClassificationTrainer_vanilla, "AC-Norm": ClassificationTrainer}
-    if args.same_process:
-        runs = {name: build_step(cls, args, shape, device) for name, cls in variants.items()}
-        for run in runs.values():  # warm-up (allocations, cuDNN autotuning)
-            run(), run()
-        faults = {name: [] for name in runs}
-        times = interleaved_times({name: counting_page_faults(run, faults[name]) for name, run in runs.items()},
-                                  args.repeats, args.steps, device)
-    else:
-        times, faults = isolated_interleaved_times({name: (build_step, (cls, args, shape, device))
-                                                    for name, cls in variants.items()},
-                                                   args.repeats, args.steps, args.device, args.threads,
-                                                   processes=args.processes)
+    times, faults = timed_builds({name: (build_step, (cls, args, shape, device)) for name, cls in variants.items()},
+                                 args.repeats, args.steps, args.device, args.threads, args.processes,
+                                 args.same_process)
     rates = {name: [args.batch_size / t for t in ts] for name, ts in times.items()}
     median = {name: statistics.median(r) for name, r in rates.items()}
     ratios = [a / v for a, v in zip(rates["AC-Norm"], rates["vanilla"])]

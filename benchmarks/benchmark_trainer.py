@@ -8,7 +8,7 @@ step is nnU-Net's, from its own code (:mod:`nnunet_acnorm.nnunet.training_step`:
 (stock, AC-Norm, AC-Norm, stock, ...) so that machine load hits both alike; the table shows medians.
 Each timed variant runs in processes of its own (built from the same plans and seed; ``--processes``,
 used in turn), one process at a time, so that no variant's allocations change the C heap of another
-(``--same-process`` times them all in this one; see ``_common.isolated_interleaved_times``).
+(``--same-process`` builds and times them all in this one; see ``_common.timed_builds``).
 
 Memory: "saved activations" is the total size of the tensors autograd keeps for the backward pass
 of one step (device independent); on CUDA the peak allocated memory is shown too.
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (add_common_arguments, interleaved_times, isolated_interleaved_times,  # noqa: E402
-                     median_interval, sync as _sync, timing_mode)
+from _common import (add_common_arguments, median_interval, sync as _sync, timed_builds,  # noqa: E402
+                     timing_mode)
 
 
 class Setup:
@@ -175,16 +175,12 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     setups, x, targets, patch = build(args)
-    for s in setups.values():  # warm-up
+    for s in setups.values():  # one step first: the memory measures below see a network that has trained
         s.step(x, targets)
     _sync(device)
-    if args.same_process:
-        times = interleaved_times({name: (lambda s=s: s.step(x, targets)) for name, s in setups.items()},
-                                  args.repetitions, args.steps, device)
-    else:
-        times, _ = isolated_interleaved_times({name: (training_run, (name, args)) for name in setups},
-                                              args.repetitions, args.steps, args.device, args.threads,
-                                              processes=args.processes)
+    timing = (args.device, args.threads, args.processes, args.same_process)
+    times, _ = timed_builds({name: (training_run, (name, args)) for name in setups}, args.repetitions, args.steps,
+                            *timing)
     step = {k: statistics.median(v) for k, v in times.items()}
     saved = {k: saved_activation_bytes(s, x, targets) for k, s in setups.items()}
     peak = {k: cuda_peak(s, x, targets, device) for k, s in setups.items()}
@@ -195,15 +191,8 @@ def main(argv=None):
     with torch.no_grad():
         max_diff = float((torch.softmax(infer["AC-Norm, not folded"](xi)[0], 1)
                           - torch.softmax(infer["AC-Norm, folded"](xi)[0], 1)).abs().max())
-        if args.same_process:
-            for net in infer.values():
-                net(xi)
-            itimes = interleaved_times({name: (lambda net=net: net(xi)) for name, net in infer.items()},
-                                       args.repetitions, args.inference_batches, device)
-    if not args.same_process:
-        itimes, _ = isolated_interleaved_times({name: (inference_run, (name, args)) for name in infer},
-                                               args.repetitions, args.inference_batches, args.device, args.threads,
-                                               processes=args.processes)
+    itimes, _ = timed_builds({name: (inference_run, (name, args)) for name in infer}, args.repetitions,
+                             args.inference_batches, *timing)
     inference = {k: statistics.median(v) for k, v in itimes.items()}
     # paired per repetition (both measured back to back): the unfolded AC-Norm network in eval mode
     # reuses its cached recalibrated affines, so it should cost what the stock network does

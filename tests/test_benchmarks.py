@@ -74,6 +74,11 @@ def test_isolated_interleaved_times_runs_each_variant_in_its_own_process_and_rep
     assert len(faults["a"]) == 5 and all(f >= 0 for f in faults["a"])
     with pytest.raises(RuntimeError, match=r"bad: benchmark worker failed: ValueError"):
         common.isolated_interleaved_times({"bad": (int, ("x",))}, 1, 1)
+    # --same-process: the same builds, built and timed here, with the page faults per repetition too
+    times, faults = common.timed_builds({"a": (functools.partial, (int, "3")), "b": (functools.partial, (float, "4"))},
+                                        3, 2, same_process=True)
+    assert set(times) == set(faults) == {"a", "b"}
+    assert all(len(v) == 3 and all(t >= 0 for t in v) for v in (*times.values(), *faults.values()))
 
 
 def test_classification_benchmark_quick_run_one_process_per_variant():
