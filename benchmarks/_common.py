@@ -6,7 +6,9 @@ own folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
+import os
 import resource
 import time
 from typing import Any, Callable, NamedTuple
@@ -55,27 +57,33 @@ def interleaved_times(runs: dict[str, Callable[[], None]], repetitions: int, cal
     return times
 
 
-def _isolated_worker(build: Callable[..., Callable[[], None]], build_args: tuple, threads: int | None,
+def _isolated_worker(builds: dict[str, tuple[Callable[..., Callable[[], None]], tuple]], threads: int | None,
                      device: str, warmup: int, conn) -> None:
-    """Child process of :func:`isolated_interleaved_times`: build the run, warm it up, then time
-    ``calls`` calls each time the parent asks, answering per call: (seconds, minor page faults)."""
+    """Child process of :func:`isolated_interleaved_times`: build its runs (name -> (build, args)),
+    warm them up, then, each time the parent asks (calls, names), time ``calls`` calls of each named
+    run in that order, answering per run and call: (seconds, minor page faults)."""
     try:
         if threads:
             torch.set_num_threads(threads)
-        run = build(*build_args)
-        for _ in range(warmup):
-            run()
+        runs = {name: build(*build_args) for name, (build, build_args) in builds.items()}
+        for run in runs.values():
+            for _ in range(warmup):
+                run()
         sync(torch.device(device))
         conn.send("ready")
-        while (calls := conn.recv()) is not None:
-            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            sync(torch.device(device))
-            start = time.perf_counter()
-            for _ in range(calls):
-                run()
-            sync(torch.device(device))
-            seconds = (time.perf_counter() - start) / calls
-            conn.send((seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / calls))
+        while (request := conn.recv()) is not None:
+            calls, names = request
+            answer = []
+            for name in names:
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                sync(torch.device(device))
+                start = time.perf_counter()
+                for _ in range(calls):
+                    runs[name]()
+                sync(torch.device(device))
+                seconds = (time.perf_counter() - start) / calls
+                answer.append((seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / calls))
+            conn.send(answer)
     except BaseException as error:  # the parent raises it: a benchmark must not hang on a dead child
         conn.send(RuntimeError(f"benchmark worker failed: {type(error).__name__}: {error}"))
     finally:
@@ -90,54 +98,87 @@ class IsolatedTimes(NamedTuple):
     page_faults: dict[str, list[float]]
 
 
+#: glibc malloc settings (``mallopt`` environment variables) under which freed memory is neither
+#: returned to the system nor taken from fresh mappings: after the warm-up, no step page-faults
+#: (``--malloc no-trim`` of the trainer benchmarks; ``default`` leaves glibc's own)
+MALLOC_SETTINGS = {"default": {},
+                   "no-trim": {"MALLOC_MMAP_THRESHOLD_": str(2 ** 32), "MALLOC_TRIM_THRESHOLD_": str(2 ** 34)}}
+
+
+@contextlib.contextmanager
+def _environment(variables: dict[str, str]):
+    """``os.environ`` with ``variables`` set, for the processes started inside (restored after)."""
+    saved = {key: os.environ.get(key) for key in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def isolated_interleaved_times(builds: dict[str, tuple[Callable[..., Callable[[], None]], tuple]], repetitions: int,
                                calls: int, device: str = "cpu", threads: int | None = None, warmup: int = 2,
-                               processes: int = 1) -> IsolatedTimes:
-    """As :func:`interleaved_times`, but each run lives in processes of its own (spawned): name ->
+                               processes: int = 1, paired: bool = False, malloc: str = "default") -> IsolatedTimes:
+    """As :func:`interleaved_times`, but the runs live in spawned worker processes: name ->
     (``build``, ``args``), where ``build(*args)`` (picklable: a module-level function) returns the
-    function to time. The parent runs one process at a time, interleaving the runs in alternating
-    order, so that machine load still hits all alike, while no run shares the C heap of another: in
-    one process, one run's allocations change where the other's land and how often glibc's malloc
-    returns memory to the system and faults it back in (ResNet-50 at 224x224: in one process 27 k minor
-    page faults per AC-Norm step and none per vanilla one; 45-68 k each in processes of their own).
+    function to time. Returns :class:`IsolatedTimes`, each name -> one value per repetition.
+
+    By default each run has processes of its own. The parent runs one process at a time,
+    interleaving the runs in alternating order, so that machine load still hits all alike, while no
+    run shares the C heap of another: in one process, one run's allocations change where the other's
+    land and how often glibc's malloc returns memory to the system and faults it back in (ResNet-50
+    at 224x224: in one process 27 k minor page faults per AC-Norm step and none per vanilla one;
+    45-68 k each in processes of their own).
 
     A process has its own speed too: the same network timed in 4 processes gave paired ratios of
     1.000-1.021 in one run and 0.995-1.064 in another (memory layout, page faults), each over 30
     repetitions. So each run gets ``processes`` processes, used in turn:
     repetitions 2k and 2k+1 (one in each order) go to process k mod ``processes``, and the paired
-    ratios average over as many processes as there are. Returns :class:`IsolatedTimes`, each name ->
-    one value per repetition."""
+    ratios average over as many processes as there are.
+
+    ``paired``: each of the ``processes`` workers builds all the runs and times them itself, back to
+    back in alternating order, so that the ratios of a repetition are free of the process's own
+    speed; it suits runs whose heaps do not interact (inference without page faults: see ``malloc``).
+    ``malloc`` names the workers' :data:`MALLOC_SETTINGS`."""
     context = multiprocessing.get_context("spawn")
-    workers: dict[str, list[tuple[Any, Any]]] = {name: [] for name in builds}
+    groups = [dict(builds)] if paired else [{name: value} for name, value in builds.items()]
+    workers: list[list[tuple[Any, Any]]] = [[] for _ in groups]
     try:
-        for name, (build, build_args) in builds.items():
-            for _ in range(processes):
-                parent, child = context.Pipe()
-                process = context.Process(target=_isolated_worker, daemon=True,
-                                          args=(build, build_args, threads, device, warmup, child))
-                process.start()
-                child.close()
-                workers[name].append((process, parent))
-        for name, pool in workers.items():
+        with _environment(MALLOC_SETTINGS[malloc]):
+            for group, pool in zip(groups, workers):
+                for _ in range(processes):
+                    parent, child = context.Pipe()
+                    process = context.Process(target=_isolated_worker, daemon=True,
+                                              args=(group, threads, device, warmup, child))
+                    process.start()
+                    child.close()
+                    pool.append((process, parent))
+        for group, pool in zip(groups, workers):
             for _, conn in pool:
-                _check(name, conn.recv())
+                _check(", ".join(group), conn.recv())
         result = IsolatedTimes({name: [] for name in builds}, {name: [] for name in builds})
         for repetition in range(repetitions):
-            names = list(builds) if repetition % 2 == 0 else list(builds)[::-1]
-            for name in names:
-                conn = workers[name][(repetition // 2) % processes][1]
-                conn.send(calls)
-                for values, value in zip(result, _check(name, conn.recv())):
-                    values[name].append(value)
+            forward = repetition % 2 == 0
+            for group, pool in (list(zip(groups, workers)) if forward else list(zip(groups, workers))[::-1]):
+                names = list(group) if forward else list(group)[::-1]
+                conn = pool[(repetition // 2) % processes][1]
+                conn.send((calls, names))
+                for name, answer in zip(names, _check(", ".join(group), conn.recv())):
+                    for values, value in zip(result, answer):
+                        values[name].append(value)
         return result
     finally:
-        for pool in workers.values():
+        for pool in workers:
             for process, conn in pool:
                 try:
                     conn.send(None)
                 except (BrokenPipeError, OSError):
                     pass
-        for pool in workers.values():
+        for pool in workers:
             for process, _ in pool:
                 process.join(timeout=60)
                 if process.is_alive():
@@ -146,12 +187,16 @@ def isolated_interleaved_times(builds: dict[str, tuple[Callable[..., Callable[[]
 
 def timed_builds(builds: dict[str, tuple[Callable[..., Callable[[], None]], tuple]], repetitions: int, calls: int,
                  device: str = "cpu", threads: int | None = None, processes: int = 1, same_process: bool = False,
-                 warmup: int = 2) -> IsolatedTimes:
+                 warmup: int = 2, paired: bool = False, malloc: str = "default") -> IsolatedTimes:
     """The trainer benchmarks' timing: :func:`isolated_interleaved_times`, or with ``same_process``
     every run built and timed in this process by :func:`interleaved_times` (the earlier way, which
-    lets the runs share one heap), with the page faults of each repetition counted alike."""
+    lets the runs share one heap), with the page faults of each repetition counted alike (under this
+    process's malloc settings: ``malloc`` applies to spawned workers only)."""
     if not same_process:
-        return isolated_interleaved_times(builds, repetitions, calls, device, threads, warmup, processes)
+        return isolated_interleaved_times(builds, repetitions, calls, device, threads, warmup, processes, paired,
+                                          malloc)
+    if malloc != "default":
+        raise ValueError("malloc settings apply to worker processes; set them in the environment for --same-process")
     if threads:
         torch.set_num_threads(threads)
     runs = {name: build(*build_args) for name, (build, build_args) in builds.items()}
@@ -174,11 +219,14 @@ def timed_builds(builds: dict[str, tuple[Callable[..., Callable[[], None]], tupl
     return IsolatedTimes(seconds, per_repetition)
 
 
-def timing_mode(same_process: bool, processes: int) -> str:
+def timing_mode(same_process: bool, processes: int, paired: bool = False, malloc: str = "default") -> str:
     """How a run was timed, for the benchmark's heading."""
     if same_process:
         return "one process"
-    return f"{processes} process{'es' if processes > 1 else ''} per variant, used in turn"
+    plural = "es" if processes > 1 else ""
+    mode = (f"{processes} worker process{plural}, each timing all variants back to back" if paired
+            else f"{processes} process{plural} per variant, used in turn")
+    return mode + ("" if malloc == "default" else f", malloc {malloc}")
 
 
 def _check(name: str, message):

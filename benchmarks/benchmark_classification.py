@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import median_interval, timed_builds, timing_mode  # noqa: E402
+from _common import MALLOC_SETTINGS, median_interval, timed_builds, timing_mode  # noqa: E402
 
 from nnunet_acnorm.classification.trainer import (ClassificationTrainer,  # noqa: E402
                                                   ClassificationTrainer_vanilla)
@@ -82,6 +82,8 @@ def main() -> None:
     p.add_argument("--same-process", action="store_true",
                    help="run both variants in this process (the default runs each in a process of its own, "
                         "so that neither changes the other's heap; see _common.isolated_interleaved_times)")
+    p.add_argument("--malloc", choices=tuple(MALLOC_SETTINGS), default="default",
+                   help="glibc malloc settings of the worker processes (no-trim: no page faults after warm-up)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,7 +97,7 @@ def main() -> None:
     variants = {"vanilla": ClassificationTrainer_vanilla, "AC-Norm": ClassificationTrainer}
     times, faults = timed_builds({name: (build_step, (cls, args, shape, device)) for name, cls in variants.items()},
                                  args.repeats, args.steps, args.device, args.threads, args.processes,
-                                 args.same_process)
+                                 args.same_process, malloc=args.malloc)
     rates = {name: [args.batch_size / t for t in ts] for name, ts in times.items()}
     median = {name: statistics.median(r) for name, r in rates.items()}
     ratios = [a / v for a, v in zip(rates["AC-Norm"], rates["vanilla"])]
@@ -103,7 +105,7 @@ def main() -> None:
     print(f"\nTraining throughput, {net}, input {tuple(shape[1:])}, batch {args.batch_size}, "
           f"{args.device}{' (mixed precision)' if device.type == 'cuda' else ' (float32)'}, "
           f"{args.repeats} interleaved repeats x {args.steps} steps, torch threads {torch.get_num_threads()}, "
-          f"{timing_mode(args.same_process, args.processes)}\n")
+          f"{timing_mode(args.same_process, args.processes, malloc=args.malloc)}\n")
     print("| fine-tuning | images/s (median) | min | max | minor page faults per step (median) |")
     print("|---|---|---|---|---|")
     for name in ("vanilla", "AC-Norm"):

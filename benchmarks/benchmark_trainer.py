@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (add_common_arguments, median_interval, sync as _sync, timed_builds,  # noqa: E402
-                     timing_mode)
+from _common import (MALLOC_SETTINGS, add_common_arguments, median_interval, sync as _sync,  # noqa: E402
+                     timed_builds, timing_mode)
 
 
 class Setup:
@@ -169,6 +169,11 @@ def main(argv=None):
     parser.add_argument("--same-process", action="store_true",
                         help="time all variants in this process (the default gives each its own process; "
                              "see _common.isolated_interleaved_times)")
+    parser.add_argument("--inference-timing", choices=("paired", "isolated"), default="paired",
+                        help="paired (default): each worker process times all inference networks back to back; "
+                             "isolated: each network in processes of its own, as the training steps")
+    parser.add_argument("--malloc", choices=tuple(MALLOC_SETTINGS), default="default",
+                        help="glibc malloc settings of the worker processes (no-trim: no page faults after warm-up)")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -178,9 +183,10 @@ def main(argv=None):
     for s in setups.values():  # one step first: the memory measures below see a network that has trained
         s.step(x, targets)
     _sync(device)
-    timing = (args.device, args.threads, args.processes, args.same_process)
-    times, _ = timed_builds({name: (training_run, (name, args)) for name in setups}, args.repetitions, args.steps,
-                            *timing)
+    timing = dict(device=args.device, threads=args.threads, processes=args.processes, same_process=args.same_process,
+                  malloc=args.malloc)
+    times, faults = timed_builds({name: (training_run, (name, args)) for name in setups}, args.repetitions,
+                                 args.steps, **timing)
     step = {k: statistics.median(v) for k, v in times.items()}
     saved = {k: saved_activation_bytes(s, x, targets) for k, s in setups.items()}
     peak = {k: cuda_peak(s, x, targets, device) for k, s in setups.items()}
@@ -191,45 +197,55 @@ def main(argv=None):
     with torch.no_grad():
         max_diff = float((torch.softmax(infer["AC-Norm, not folded"](xi)[0], 1)
                           - torch.softmax(infer["AC-Norm, folded"](xi)[0], 1)).abs().max())
-    itimes, _ = timed_builds({name: (inference_run, (name, args)) for name in infer}, args.repetitions,
-                             args.inference_batches, *timing)
+    paired = args.inference_timing == "paired"
+    itimes, ifaults = timed_builds({name: (inference_run, (name, args)) for name in infer}, args.repetitions,
+                                   args.inference_batches, paired=paired, **timing)
     inference = {k: statistics.median(v) for k, v in itimes.items()}
     # paired per repetition (both measured back to back): the unfolded AC-Norm network in eval mode
     # reuses its cached recalibrated affines, so it should cost what the stock network does
     stock_times = itimes["stock nnUNetTrainer network"]
     unfolded_ratio, unfolded_low, unfolded_high = median_interval(
         [a / s for a, s in zip(itimes["AC-Norm, not folded"], stock_times)])
-    folded_ratio = statistics.median(a / s for a, s in zip(itimes["AC-Norm, folded"], stock_times))
+    folded_ratio, folded_low, folded_high = median_interval(
+        [a / s for a, s in zip(itimes["AC-Norm, folded"], stock_times)])
 
     desc = (f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
             f"torch threads {torch.get_num_threads()}, patch {list(patch)}, batch {args.batch}, "
             f"{'plans ' + args.plans if args.plans else 'PlainConvUNet features ' + str(args.features)}, "
             f"{args.repetitions} interleaved repetitions x {args.steps} steps, "
-            f"{timing_mode(args.same_process, args.processes)}")
+            f"training: {timing_mode(args.same_process, args.processes, malloc=args.malloc)}; "
+            f"inference: {args.inference_batches} calls per repetition, "
+            f"{timing_mode(args.same_process, args.processes, paired, args.malloc)}")
     print(f"\n{desc}\n")
-    print("| trainer | train step (median) | ratio | saved activations | ratio |"
+    print("| trainer | train step (median) | ratio | page faults / step | saved activations | ratio |"
           + (" CUDA peak | ratio |" if device.type == "cuda" else ""))
-    print("|---|---|---|---|---|" + ("---|---|" if device.type == "cuda" else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|" if device.type == "cuda" else ""))
     for name in setups:
         row = (f"| {name} | {step[name] * 1000:.1f} ms | {step[name] / step['nnUNetTrainer']:.3f} | "
+               f"{statistics.median(faults[name]):.0f} | "
                f"{saved[name] / 2 ** 20:.1f} MiB | {saved[name] / saved['nnUNetTrainer']:.3f} |")
         if device.type == "cuda":
             row += f" {peak[name] / 2 ** 20:.0f} MiB | {peak[name] / peak['nnUNetTrainer']:.3f} |"
         print(row)
-    print("\n| inference network (batch 1, no grad) | time (median) | ratio to stock |\n|---|---|---|")
+    print("\n| inference network (batch 1, no grad) | time (median) | ratio to stock | page faults / call |\n"
+          "|---|---|---|---|")
     base = inference["stock nnUNetTrainer network"]
     for name, t in inference.items():
-        print(f"| {name} | {t * 1000:.1f} ms | {t / base:.3f} |")
+        print(f"| {name} | {t * 1000:.1f} ms | {t / base:.3f} | {statistics.median(ifaults[name]):.0f} |")
     print(f"\nunfolded AC-Norm / stock inference (median of per-repetition ratios): {unfolded_ratio:.3f} "
           f"(95 % bootstrap interval {unfolded_low:.3f}-{unfolded_high:.3f}); "
-          f"folded / stock (the same architecture: this run's noise): {folded_ratio:.3f}")
+          f"folded / stock (the same architecture: this run's noise): {folded_ratio:.3f} "
+          f"({folded_low:.3f}-{folded_high:.3f})")
     print(f"largest softmax difference, AC-Norm vs folded: {max_diff:.2e}")
     result = {"setup": desc, "train_step_s": step,
               "train_step_ratio": step["nnUNetTrainerACNorm"] / step["nnUNetTrainer"],
+              "train_page_faults_per_step": {k: statistics.median(v) for k, v in faults.items()},
+              "inference_page_faults_per_call": {k: statistics.median(v) for k, v in ifaults.items()},
               "saved_activation_bytes": saved, "cuda_peak_bytes": peak, "inference_s": inference,
               "inference_ratio_unfolded": unfolded_ratio,
               "inference_ratio_unfolded_interval": [unfolded_low, unfolded_high],
-              "inference_ratio_folded": folded_ratio, "max_softmax_difference_folded": max_diff}
+              "inference_ratio_folded": folded_ratio,
+              "inference_ratio_folded_interval": [folded_low, folded_high], "max_softmax_difference_folded": max_diff}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)

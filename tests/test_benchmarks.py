@@ -81,6 +81,37 @@ def test_isolated_interleaved_times_runs_each_variant_in_its_own_process_and_rep
     assert all(len(v) == 3 and all(t >= 0 for t in v) for v in (*times.values(), *faults.values()))
 
 
+def _run_if_environment(key: str, value: str | None):
+    """A benchmark build (run in a spawned worker): fails unless the worker's ``key`` is ``value``."""
+    import os
+
+    if os.environ.get(key) != value:
+        raise ValueError(f"{key}={os.environ.get(key)!r} in the worker, expected {value!r}")
+    return lambda: None
+
+
+def test_paired_workers_time_every_variant_and_start_with_the_malloc_settings_asked_for(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    import _common as common
+    import functools
+    import os
+
+    trim = common.MALLOC_SETTINGS["no-trim"]["MALLOC_TRIM_THRESHOLD_"]
+    builds = {"a": (functools.partial, (int, "3")), "b": (_run_if_environment, ("MALLOC_TRIM_THRESHOLD_", trim))}
+    times, faults = common.isolated_interleaved_times(builds, 5, 2, processes=2, paired=True, malloc="no-trim")
+    assert set(times) == set(faults) == {"a", "b"}
+    assert all(len(v) == 5 and all(t >= 0 for t in v) for v in (*times.values(), *faults.values()))
+    assert "MALLOC_TRIM_THRESHOLD_" not in os.environ, "the parent's environment was not restored"
+    # glibc's defaults: the worker has no such variable, and a paired worker's failure names its variants
+    with pytest.raises(RuntimeError, match=r"a, b: benchmark worker failed: ValueError: MALLOC_TRIM_THRESHOLD_=None"):
+        common.isolated_interleaved_times(builds, 1, 1, paired=True)
+    with pytest.raises(ValueError, match="worker processes"):
+        common.timed_builds(builds, 1, 1, same_process=True, malloc="no-trim")
+    assert common.timing_mode(False, 2, paired=True, malloc="no-trim") == \
+        "2 worker processes, each timing all variants back to back, malloc no-trim"
+
+
 def test_classification_benchmark_quick_run_one_process_per_variant():
     result = subprocess.run([sys.executable, str(BENCHMARKS / "benchmark_classification.py"), "--depth", "18",
                              "--size", "32", "--batch_size", "2", "--steps", "1", "--repeats", "4", "--threads", "1",
