@@ -214,7 +214,7 @@ def main(argv=None):
             f"{'plans ' + args.plans if args.plans else 'PlainConvUNet features ' + str(args.features)}, "
             f"{args.repetitions} interleaved repetitions x {args.steps} steps, "
             f"training: {timing_mode(args.same_process, args.processes, malloc=args.malloc)}; "
-            f"inference: {args.inference_batches} calls per repetition, "
+            f"inference: {args.inference_batches} call{'s' if args.inference_batches > 1 else ''} per repetition, "
             f"{timing_mode(args.same_process, args.processes, paired, args.malloc)}")
     print(f"\n{desc}\n")
     print("| trainer | train step (median) | ratio | page faults / step | saved activations | ratio |"

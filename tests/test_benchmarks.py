@@ -1,5 +1,6 @@
 """The benchmark scripts run and print their tables (quick settings; figures are in the README)."""
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -139,3 +140,21 @@ def test_median_interval_brackets_the_median_and_is_reproducible(monkeypatch):
     assert median == pytest.approx(0.995) and low < median < high
     assert common.median_interval(values) == (median, low, high)
     assert common.median_interval([1.5, 1.5]) == (1.5, 1.5, 1.5)
+
+
+def test_trainer_benchmark_quick_run_paired_inference_without_page_faults(tmp_path):
+    out = tmp_path / "trainer.json"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "benchmark_trainer.py"), "--threads", "1",
+                             "--repetitions", "2", "--steps", "1", "--inference-batches", "1", "--processes", "1",
+                             "--malloc", "no-trim", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "inference: 1 call per repetition, 1 worker process, each timing all variants back to back, " \
+           "malloc no-trim" in result.stdout
+    data = json.loads(out.read_text())
+    networks = {"stock nnUNetTrainer network", "AC-Norm, folded", "AC-Norm, not folded"}
+    assert set(data["inference_s"]) == set(data["inference_page_faults_per_call"]) == networks
+    assert set(data["train_page_faults_per_step"]) == {"nnUNetTrainer", "nnUNetTrainerACNorm"}
+    low, high = data["inference_ratio_unfolded_interval"]
+    assert 0 < low <= data["inference_ratio_unfolded"] <= high
+    assert data["max_softmax_difference_folded"] == 0.0
