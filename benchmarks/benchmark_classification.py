@@ -7,9 +7,12 @@ affects both alike and neither always runs first; ``--steps 1`` with many ``--re
 steps, the least noisy on a shared machine. Each variant runs in processes of its own (``--processes``,
 used in turn), one process at a time: in one shared process each variant's allocations change how
 often the other's memory is returned to the system and faulted back in (``--same-process`` shows
-it; the table gives the page faults), and each process has a speed of its own. Data loading is
+it; the table gives the page faults), and each process has a speed of its own. ``--paired`` (best
+with ``--malloc no-trim``, under which the heaps no longer interact): each process times both
+variants back to back instead, so that a ratio is free of its process's speed. Data loading is
 left out: it is the same for both. Prints a Markdown table of training images per second (median
-over repeats) and the ratio AC-Norm / vanilla (median of the per-repeat ratios).
+over repeats) and the ratio AC-Norm / vanilla (median of the per-repeat ratios, with a cluster
+bootstrap interval over the worker processes, and each process's median ratio).
 
     python benchmarks/benchmark_classification.py                       # small CPU defaults
     python benchmarks/benchmark_classification.py --arch resnet --depth 50 --size 224 --batch_size 32 --device cuda
@@ -28,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import MALLOC_SETTINGS, median_interval, timed_builds, timing_mode  # noqa: E402
+from _common import MALLOC_SETTINGS, median_interval, timed_builds, timing_mode, worker_index  # noqa: E402
 
 from nnunet_acnorm.classification.trainer import (ClassificationTrainer,  # noqa: E402
                                                   ClassificationTrainer_vanilla)
@@ -82,6 +85,9 @@ def main() -> None:
     p.add_argument("--same-process", action="store_true",
                    help="run both variants in this process (the default runs each in a process of its own, "
                         "so that neither changes the other's heap; see _common.isolated_interleaved_times)")
+    p.add_argument("--paired", action="store_true",
+                   help="each of the --processes workers times both variants back to back, so that a ratio is "
+                        "free of the process's own speed (with --malloc no-trim the heaps no longer interact)")
     p.add_argument("--malloc", choices=tuple(MALLOC_SETTINGS), default="default",
                    help="glibc malloc settings of the worker processes (no-trim: no page faults after warm-up)")
     args = p.parse_args()
@@ -97,7 +103,7 @@ def main() -> None:
     variants = {"vanilla": ClassificationTrainer_vanilla, "AC-Norm": ClassificationTrainer}
     times, faults = timed_builds({name: (build_step, (cls, args, shape, device)) for name, cls in variants.items()},
                                  args.repeats, args.steps, args.device, args.threads, args.processes,
-                                 args.same_process, malloc=args.malloc)
+                                 args.same_process, paired=args.paired, malloc=args.malloc)
     rates = {name: [args.batch_size / t for t in ts] for name, ts in times.items()}
     median = {name: statistics.median(r) for name, r in rates.items()}
     ratios = [a / v for a, v in zip(rates["AC-Norm"], rates["vanilla"])]
@@ -105,15 +111,21 @@ def main() -> None:
     print(f"\nTraining throughput, {net}, input {tuple(shape[1:])}, batch {args.batch_size}, "
           f"{args.device}{' (mixed precision)' if device.type == 'cuda' else ' (float32)'}, "
           f"{args.repeats} interleaved repeats x {args.steps} steps, torch threads {torch.get_num_threads()}, "
-          f"{timing_mode(args.same_process, args.processes, malloc=args.malloc)}\n")
+          f"{timing_mode(args.same_process, args.processes, args.paired, args.malloc)}\n")
     print("| fine-tuning | images/s (median) | min | max | minor page faults per step (median) |")
     print("|---|---|---|---|---|")
     for name in ("vanilla", "AC-Norm"):
         print(f"| {name} | {median[name]:.2f} | {min(rates[name]):.2f} | {max(rates[name]):.2f} | "
               f"{statistics.median(faults[name]):.0f} |")
-    ratio, low, high = median_interval(ratios)
-    print(f"\nAC-Norm / vanilla throughput: {ratio:.3f} (median of per-repeat ratios; 95 % bootstrap interval "
+    clusters = None if args.same_process else [worker_index(r, args.processes) for r in range(args.repeats)]
+    clustered = clusters is not None and len(set(clusters)) > 1
+    ratio, low, high = median_interval(ratios, clusters=clusters)
+    print(f"\nAC-Norm / vanilla throughput: {ratio:.3f} (median of per-repeat ratios; 95 % "
+          f"{'cluster bootstrap interval over the worker processes' if clustered else 'bootstrap interval'} "
           f"{low:.3f}-{high:.3f}; range {min(ratios):.3f}-{max(ratios):.3f})")
+    if clustered:
+        per_process = [statistics.median(r for r, c in zip(ratios, clusters) if c == k) for k in sorted(set(clusters))]
+        print(f"median ratio of each worker process: {', '.join(f'{r:.3f}' for r in per_process)}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (MALLOC_SETTINGS, add_common_arguments, median_interval, sync as _sync,  # noqa: E402
-                     timed_builds, timing_mode)
+                     timed_builds, timing_mode, worker_index)
 
 
 class Setup:
@@ -203,11 +203,13 @@ def main(argv=None):
     inference = {k: statistics.median(v) for k, v in itimes.items()}
     # paired per repetition (both measured back to back): the unfolded AC-Norm network in eval mode
     # reuses its cached recalibrated affines, so it should cost what the stock network does
+    # (the interval resamples whole worker processes: a process has its own speed)
     stock_times = itimes["stock nnUNetTrainer network"]
+    clusters = None if args.same_process else [worker_index(r, args.processes) for r in range(args.repetitions)]
     unfolded_ratio, unfolded_low, unfolded_high = median_interval(
-        [a / s for a, s in zip(itimes["AC-Norm, not folded"], stock_times)])
+        [a / s for a, s in zip(itimes["AC-Norm, not folded"], stock_times)], clusters=clusters)
     folded_ratio, folded_low, folded_high = median_interval(
-        [a / s for a, s in zip(itimes["AC-Norm, folded"], stock_times)])
+        [a / s for a, s in zip(itimes["AC-Norm, folded"], stock_times)], clusters=clusters)
 
     desc = (f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
             f"torch threads {torch.get_num_threads()}, patch {list(patch)}, batch {args.batch}, "
@@ -233,7 +235,8 @@ def main(argv=None):
     for name, t in inference.items():
         print(f"| {name} | {t * 1000:.1f} ms | {t / base:.3f} | {statistics.median(ifaults[name]):.0f} |")
     print(f"\nunfolded AC-Norm / stock inference (median of per-repetition ratios): {unfolded_ratio:.3f} "
-          f"(95 % bootstrap interval {unfolded_low:.3f}-{unfolded_high:.3f}); "
+          f"(95 % {'cluster ' if clusters and len(set(clusters)) > 1 else ''}bootstrap interval "
+          f"{unfolded_low:.3f}-{unfolded_high:.3f}); "
           f"folded / stock (the same architecture: this run's noise): {folded_ratio:.3f} "
           f"({folded_low:.3f}-{folded_high:.3f})")
     print(f"largest softmax difference, AC-Norm vs folded: {max_diff:.2e}")

@@ -2,10 +2,12 @@
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -126,10 +128,30 @@ def test_classification_benchmark_quick_run_one_process_per_variant():
     for row in rows.values():
         rate, low, high, page_faults = (float(c) for c in row.strip("|").split("|")[1:5])
         assert 0 < low <= rate <= high and page_faults >= 0, row   # timings: figures, not claims
-    line = result.stdout.split("AC-Norm / vanilla throughput: ")[1].splitlines()[0]
-    ratio = float(line.split()[0])
-    low, high = (float(v) for v in line.split("interval ")[1].split(";")[0].split("-"))
-    assert math.isfinite(ratio) and 0 < low <= ratio <= high, line
+    ratio, low, high = _classification_ratio(result.stdout, "bootstrap interval")
+    assert math.isfinite(ratio) and 0 < low <= ratio <= high
+
+
+def _classification_ratio(stdout: str, interval: str) -> tuple[float, float, float]:
+    """The AC-Norm / vanilla ratio and its interval from the classification benchmark's output."""
+    line = stdout.split("AC-Norm / vanilla throughput: ")[1].splitlines()[0]
+    match = re.fullmatch(rf"(\d+\.\d+) \(median of per-repeat ratios; 95 % {interval} (\d+\.\d+)-(\d+\.\d+); "
+                         r"range .*\)", line)
+    assert match, line
+    return tuple(float(v) for v in match.groups())
+
+
+def test_classification_benchmark_quick_run_paired_processes_cluster_interval():
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "benchmark_classification.py"), "--depth", "18",
+                             "--size", "32", "--batch_size", "2", "--steps", "1", "--repeats", "4", "--threads", "1",
+                             "--processes", "2", "--paired", "--malloc", "no-trim"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "2 worker processes, each timing all variants back to back, malloc no-trim" in result.stdout
+    ratio, low, high = _classification_ratio(result.stdout, "cluster bootstrap interval over the worker processes")
+    assert 0 < low <= ratio <= high
+    per_process = result.stdout.split("median ratio of each worker process: ")[1].splitlines()[0].split(", ")
+    assert len(per_process) == 2 and all(float(r) > 0 for r in per_process), per_process
 
 
 def test_median_interval_brackets_the_median_and_is_reproducible(monkeypatch):
@@ -140,6 +162,28 @@ def test_median_interval_brackets_the_median_and_is_reproducible(monkeypatch):
     assert median == pytest.approx(0.995) and low < median < high
     assert common.median_interval(values) == (median, low, high)
     assert common.median_interval([1.5, 1.5]) == (1.5, 1.5, 1.5)
+
+
+def test_median_interval_resamples_whole_worker_processes(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import _common as common
+    # the schedule the benchmarks cluster by: repetitions 2k and 2k+1 go to worker k mod processes
+    assert [common.worker_index(r, 3) for r in range(8)] == [0, 0, 1, 1, 2, 2, 0, 0]
+    # 4 processes with speeds of their own (0.90, 0.95, 1.00, 1.05) and little noise within each:
+    # one by one, the 80 repetitions look precise; by process, the interval spans the processes' spread
+    rng = np.random.default_rng(1)
+    clusters = [common.worker_index(r, 4) for r in range(80)]
+    values = [0.90 + 0.05 * c + rng.normal(0, 0.002) for c in clusters]
+    median, low, high = common.median_interval(values)
+    median_c, low_c, high_c = common.median_interval(values, clusters=clusters)
+    assert median_c == median and low_c < low <= median <= high < high_c
+    assert high - low < 0.05 < high_c - low_c
+    assert low_c < 0.95 and high_c > 1.0, (low_c, high_c)
+    assert common.median_interval(values, clusters=clusters) == (median_c, low_c, high_c)   # seeded
+    # one process (or --same-process): no clusters to resample, the per-repetition interval
+    assert common.median_interval(values, clusters=[0] * 80) == (median, low, high)
+    with pytest.raises(ValueError, match="3 cluster labels for 80 values"):
+        common.median_interval(values, clusters=[0, 1, 2])
 
 
 def test_trainer_benchmark_quick_run_paired_inference_without_page_faults(tmp_path):
