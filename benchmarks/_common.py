@@ -122,9 +122,15 @@ def _environment(variables: dict[str, str]):
 
 def worker_index(repetition: int, processes: int) -> int:
     """The worker process (0 .. ``processes`` - 1) of each variant that times ``repetition``:
-    repetitions 2k and 2k+1 (one in each order) go to worker k mod ``processes``. The benchmarks
-    pass it to :func:`median_interval` as the cluster of each repetition."""
+    repetitions 2k and 2k+1 (one in each order) go to worker k mod ``processes``."""
     return (repetition // 2) % processes
+
+
+def repetition_clusters(repetitions: int, processes: int, same_process: bool = False) -> list[int] | None:
+    """The worker of each repetition (:func:`worker_index`), the clusters :func:`median_interval`
+    resamples; None where there are fewer than two (one process, or ``same_process``)."""
+    clusters = [worker_index(r, processes) for r in range(repetitions)]
+    return None if same_process or len(set(clusters)) < 2 else clusters
 
 
 def isolated_interleaved_times(builds: dict[str, tuple[Callable[..., Callable[[], None]], tuple]], repetitions: int,
@@ -248,7 +254,7 @@ def median_interval(values: list[float], confidence: float = 0.95,
     method, 9999 resamples, fixed seed: the same data give the same interval).
 
     ``clusters`` (one label per value: the worker process of each repetition, see
-    :func:`worker_index`): with two or more labels, the resamples draw whole clusters with
+    :func:`repetition_clusters`): with two or more labels, the resamples draw whole clusters with
     replacement, each with all its values (the cluster bootstrap). A process has its own speed, so
     the repetitions of one process are not independent draws: resampling them one by one gives an
     interval that ignores the process-to-process spread (ResNet-50 64x64, 6 processes per variant:
@@ -260,13 +266,13 @@ def median_interval(values: list[float], confidence: float = 0.95,
     data = np.asarray(values, dtype=float)
     if len(data) < 2 or np.ptp(data) == 0:
         return float(np.median(data)), float(np.median(data)), float(np.median(data))
+    if clusters is not None and len(clusters) != len(data):
+        raise ValueError(f"median_interval: {len(clusters)} cluster labels for {len(data)} values")
     rng = np.random.default_rng(0)
     if clusters is None or len(set(clusters)) < 2:
         res = stats.bootstrap((data,), np.median, n_resamples=9999, confidence_level=confidence, method="percentile",
                               rng=rng)
         return float(np.median(data)), float(res.confidence_interval.low), float(res.confidence_interval.high)
-    if len(clusters) != len(data):
-        raise ValueError(f"median_interval: {len(clusters)} cluster labels for {len(data)} values")
     labels = np.asarray(clusters)
     groups = [data[labels == label] for label in dict.fromkeys(clusters)]
     medians = np.array([np.median(np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))]))

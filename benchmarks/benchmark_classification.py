@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import MALLOC_SETTINGS, median_interval, timed_builds, timing_mode, worker_index  # noqa: E402
+from _common import MALLOC_SETTINGS, median_interval, repetition_clusters, timed_builds, timing_mode  # noqa: E402
 
 from nnunet_acnorm.classification.trainer import (ClassificationTrainer,  # noqa: E402
                                                   ClassificationTrainer_vanilla)
@@ -117,13 +117,12 @@ def main() -> None:
     for name in ("vanilla", "AC-Norm"):
         print(f"| {name} | {median[name]:.2f} | {min(rates[name]):.2f} | {max(rates[name]):.2f} | "
               f"{statistics.median(faults[name]):.0f} |")
-    clusters = None if args.same_process else [worker_index(r, args.processes) for r in range(args.repeats)]
-    clustered = clusters is not None and len(set(clusters)) > 1
+    clusters = repetition_clusters(args.repeats, args.processes, args.same_process)
     ratio, low, high = median_interval(ratios, clusters=clusters)
     print(f"\nAC-Norm / vanilla throughput: {ratio:.3f} (median of per-repeat ratios; 95 % "
-          f"{'cluster bootstrap interval over the worker processes' if clustered else 'bootstrap interval'} "
+          f"{'cluster bootstrap interval over the worker processes' if clusters else 'bootstrap interval'} "
           f"{low:.3f}-{high:.3f}; range {min(ratios):.3f}-{max(ratios):.3f})")
-    if clustered:
+    if clusters:
         per_process = [statistics.median(r for r, c in zip(ratios, clusters) if c == k) for k in sorted(set(clusters))]
         print(f"median ratio of each worker process: {', '.join(f'{r:.3f}' for r in per_process)}")
 

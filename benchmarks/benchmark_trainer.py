@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (MALLOC_SETTINGS, add_common_arguments, median_interval, sync as _sync,  # noqa: E402
-                     timed_builds, timing_mode, worker_index)
+                     repetition_clusters, timed_builds, timing_mode)
 
 
 class Setup:
@@ -205,7 +205,7 @@ def main(argv=None):
     # reuses its cached recalibrated affines, so it should cost what the stock network does
     # (the interval resamples whole worker processes: a process has its own speed)
     stock_times = itimes["stock nnUNetTrainer network"]
-    clusters = None if args.same_process else [worker_index(r, args.processes) for r in range(args.repetitions)]
+    clusters = repetition_clusters(args.repetitions, args.processes, args.same_process)
     unfolded_ratio, unfolded_low, unfolded_high = median_interval(
         [a / s for a, s in zip(itimes["AC-Norm, not folded"], stock_times)], clusters=clusters)
     folded_ratio, folded_low, folded_high = median_interval(
@@ -235,7 +235,7 @@ def main(argv=None):
     for name, t in inference.items():
         print(f"| {name} | {t * 1000:.1f} ms | {t / base:.3f} | {statistics.median(ifaults[name]):.0f} |")
     print(f"\nunfolded AC-Norm / stock inference (median of per-repetition ratios): {unfolded_ratio:.3f} "
-          f"(95 % {'cluster ' if clusters and len(set(clusters)) > 1 else ''}bootstrap interval "
+          f"(95 % {'cluster ' if clusters else ''}bootstrap interval "
           f"{unfolded_low:.3f}-{unfolded_high:.3f}); "
           f"folded / stock (the same architecture: this run's noise): {folded_ratio:.3f} "
           f"({folded_low:.3f}-{folded_high:.3f})")

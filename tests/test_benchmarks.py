@@ -169,6 +169,9 @@ def test_median_interval_resamples_whole_worker_processes(monkeypatch):
     import _common as common
     # the schedule the benchmarks cluster by: repetitions 2k and 2k+1 go to worker k mod processes
     assert [common.worker_index(r, 3) for r in range(8)] == [0, 0, 1, 1, 2, 2, 0, 0]
+    assert common.repetition_clusters(8, 3) == [0, 0, 1, 1, 2, 2, 0, 0]
+    assert common.repetition_clusters(8, 1) is None and common.repetition_clusters(2, 3) is None
+    assert common.repetition_clusters(8, 3, same_process=True) is None
     # 4 processes with speeds of their own (0.90, 0.95, 1.00, 1.05) and little noise within each:
     # one by one, the 80 repetitions look precise; by process, the interval spans the processes' spread
     rng = np.random.default_rng(1)
@@ -182,8 +185,9 @@ def test_median_interval_resamples_whole_worker_processes(monkeypatch):
     assert common.median_interval(values, clusters=clusters) == (median_c, low_c, high_c)   # seeded
     # one process (or --same-process): no clusters to resample, the per-repetition interval
     assert common.median_interval(values, clusters=[0] * 80) == (median, low, high)
-    with pytest.raises(ValueError, match="3 cluster labels for 80 values"):
-        common.median_interval(values, clusters=[0, 1, 2])
+    for labels in ([0, 1, 2], [0]):   # also a single label of the wrong length
+        with pytest.raises(ValueError, match=f"{len(labels)} cluster labels for 80 values"):
+            common.median_interval(values, clusters=labels)
 
 
 def test_trainer_benchmark_quick_run_paired_inference_without_page_faults(tmp_path):
