@@ -171,15 +171,19 @@ def slurm_job_name(folder: BenchmarkFolder) -> str:
 def parse_time(value: str) -> int:
     """SLURM's time formats (``MIN``, ``MIN:SEC``, ``H:MIN:SEC``, ``D-H``, ``D-H:MIN``, ``D-H:MIN:SEC``) in minutes."""
     text = str(value).strip()
+    days, dash, rest = text.partition("-") if "-" in text else ("0", "", text)
     try:
-        days, _, rest = text.rpartition("-") if "-" in text else ("0", "", text)
         parts = [int(p) for p in rest.split(":")]
-        if "-" in text:
+        if len(parts) > 3 or (dash and not days):
+            raise ValueError
+        if dash:  # D-H[:MIN[:SEC]]
             hours, minutes, seconds = (parts + [0, 0])[:3]
-        else:
-            hours, minutes, seconds = {1: (0, parts[0], 0), 2: (0, parts[0], parts[1]), 3: tuple(parts)}[len(parts)]
+        elif len(parts) == 3:  # H:MIN:SEC
+            hours, minutes, seconds = parts
+        else:  # MIN or MIN:SEC
+            hours, minutes, seconds = 0, parts[0], (parts + [0])[1]
         total = int(days) * 1440 + hours * 60 + minutes + (1 if seconds else 0)
-    except (ValueError, KeyError):
+    except ValueError:
         raise BenchmarkError(f"--time {value}: use minutes or SLURM's D-HH:MM:SS") from None
     if total < 1:
         raise BenchmarkError(f"--time {value}: at least one minute")

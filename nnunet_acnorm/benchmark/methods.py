@@ -23,6 +23,7 @@ pretrained weights. :func:`alias_table` lists every alias.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass
@@ -108,14 +109,18 @@ def resolve_method(token: str, ext_trainer_path: str | None = None, aliases: dic
     aliases = alias_table() if aliases is None else aliases
     if token in aliases:
         return aliases[token]
+    from nnunet_acnorm.nnunet.trainers import TRAINERS
+
+    if token in TRAINERS:
+        return Method(token, token, pretrained=True)
     if not _NAME.fullmatch(token):
         raise UnknownMethodError(f"-tr {token!r} is not a trainer name or alias (letters, digits and _ only)")
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     cls = find_trainer_class(token, ext_trainer_path)
     if cls is None or not (isinstance(cls, type) and issubclass(cls, nnUNetTrainer)):
-        close = [a for a in aliases if a.split("_")[0] == token.lower().split("_")[0]][:6]
-        hint = f"aliases like it: {', '.join(close)}" if close else f"aliases: {', '.join(list(aliases)[:12])}, ..."
+        close = difflib.get_close_matches(token, list(aliases), n=4, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}?" if close else f"aliases: {', '.join(list(aliases)[:8])}, ..."
         raise UnknownMethodError(
             f"-tr {token}: no such alias, and nnU-Net finds no trainer class of that name (searched nnunetv2 and "
             f"nnUNet_extTrainer={ext_trainer_path or ''}); {hint} (nnUNetv2_acnorm_benchmark --list-methods)")

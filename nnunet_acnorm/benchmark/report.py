@@ -29,7 +29,7 @@ REPORT_FILE = "report.md"
 def complete_subset(plan: Plan, statuses: list[RunStatus], baseline: str) -> tuple[list, list, list] | None:
     """(methods, seeds, folds) with every run finished, or None when the baseline has no finished run. Greedy:
     while a run is missing, drop the seed, fold or (non-baseline) method whose removal keeps a comparison (two
-    methods or more) and then the most finished runs (then the most methods)."""
+    methods or more), then the most finished runs, then the fewest missing ones, then the most methods."""
     done = {(s.run.method, s.run.seed, s.run.fold) for s in statuses if s.state == "done"}
     methods = [m.name for m in plan.methods if any(d[0] == m.name for d in done)]
     seeds, folds = list(plan.what["seeds"]), list(plan.what["folds"])
@@ -39,11 +39,15 @@ def complete_subset(plan: Plan, statuses: list[RunStatus], baseline: str) -> tup
     def kept(ms, ss, fs):
         return sum((m, s, f) in done for m in ms for s in ss for f in fs)
 
+    def preference(option):
+        ms, ss, fs = option
+        return len(ms) >= 2, kept(*option), kept(*option) - len(ms) * len(ss) * len(fs), len(ms)
+
     while seeds and folds and kept(methods, seeds, folds) < len(methods) * len(seeds) * len(folds):
         options = [([m for m in methods if m != x], seeds, folds) for x in methods if x != baseline]
         options += [(methods, [s for s in seeds if s != x], folds) for x in seeds]
         options += [(methods, seeds, [f for f in folds if f != x]) for x in folds]
-        methods, seeds, folds = max(options, key=lambda o: (len(o[0]) >= 2, kept(*o), len(o[0])))
+        methods, seeds, folds = max(options, key=preference)
     return (methods, seeds, folds) if seeds and folds else None
 
 

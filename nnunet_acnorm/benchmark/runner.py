@@ -53,10 +53,18 @@ class Benchmark:
         return cls(folder, plan, True)
 
     @contextlib.contextmanager
-    def locked(self):
-        handle = self.folder.lock()
+    def locked(self, wait_for_others: bool = True):
+        """Hold the folder's lock inside the block. ``wait_for_others=False``: where another call holds it, go on
+        without (the block gets False) instead of raising."""
         try:
-            yield self
+            handle = self.folder.lock()
+        except BenchmarkError:
+            if wait_for_others:
+                raise
+            yield False
+            return
+        try:
+            yield True
         finally:
             handle.close()
 
@@ -84,7 +92,13 @@ class Benchmark:
         """Start the runs not finished, not running or queued (and not failed, unless ``retry_failed``)."""
         if self.is_new:
             raise BenchmarkError("call start() first: the plan is written before anything runs")
-        return executor.execute(self.folder, self.plan, self.runs_to_start(retry_failed))
+        runs = self.runs_to_start(retry_failed)
+        if self.slurm_error and runs:
+            raise BenchmarkError(
+                f"SLURM cannot be asked about the jobs submitted for {self.folder.out} ({self.slurm_error}), so runs "
+                "still queued there could start twice; call where squeue works, or, if none of those jobs is queued or "
+                f"running any more, move {self.folder.slurm}/submissions.jsonl away")
+        return executor.execute(self.folder, self.plan, runs)
 
     def report(self, baseline: str | None = None, statuses: list[RunStatus] | None = None) -> dict:
         return write_report(self.folder, self.plan, statuses or self.statuses(), baseline)

@@ -126,19 +126,26 @@ def execute_run(folder: BenchmarkFolder, plan: Plan, run: PlannedRun, slot: Slot
     with open(log, "x") as fh:
         fh.write(_log_header(run, attempt, mode, argv, env_runner, slot, moved))
         fh.flush()
-        process = subprocess.Popen(argv, env={**os.environ, **env_runner}, stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            process = subprocess.Popen(argv, env={**os.environ, **env_runner}, stdout=fh, stderr=subprocess.STDOUT)
+        except OSError as e:
+            fh.write(f"# cannot start {argv[0]}: {e}\n")
+            return _end(folder, run, state, None, f"cannot start {argv[0]}: {e}")
         if on_start is not None:
             on_start(process)
         returncode = process.wait()
-    state.update(ended=time.time(), returncode=returncode)
     if stopping():
-        state.update(state="interrupted", reason="stopped by the benchmark (interrupt)")
-    elif returncode == 0 and os.path.isfile(run.summary_file):
-        state.update(state="done")
-    else:
-        reason = (f"exit status {returncode}" if returncode != 0 else
-                  f"exit status 0, but no {os.path.relpath(run.summary_file, run.model_folder)} (nnU-Net's validation)")
-        state.update(state="failed", reason=reason)
+        return _end(folder, run, state, returncode, "stopped by the benchmark (interrupt)", "interrupted")
+    if returncode == 0 and os.path.isfile(run.summary_file):
+        return _end(folder, run, state, returncode, None, "done")
+    return _end(folder, run, state, returncode, f"exit status {returncode}" if returncode != 0 else
+                f"exit status 0, but no {os.path.relpath(run.summary_file, run.model_folder)} (nnU-Net's validation)")
+
+
+def _end(folder: BenchmarkFolder, run: PlannedRun, state: dict, returncode, reason, final: str = "failed") -> dict:
+    state.update(state=final, ended=time.time(), returncode=returncode)
+    if reason:
+        state["reason"] = reason
     folder.write_state(run, state)
     return state
 

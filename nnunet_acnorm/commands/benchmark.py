@@ -122,9 +122,13 @@ def _summary(bench: Benchmark, statuses, summary: dict) -> None:
     print(f"\nReport: {summary['report']}")
 
 
-def _gather(bench: Benchmark, args) -> int:
+def _gather(bench: Benchmark, args, write: bool = True) -> int:
     statuses = bench.statuses()
-    summary = bench.report(args.baseline, statuses)
+    if write:
+        summary = bench.report(args.baseline, statuses)
+    else:
+        summary = {"table": None, "why": "(another call is working on this folder: the report is left to it)",
+                   "report": bench.folder.report}
     _summary(bench, statuses, summary)
     failed = [s for s in statuses if s.state == "failed"]
     if failed:
@@ -147,11 +151,11 @@ def main(argv: list | None = None) -> int:
     if args.executor == "print" and not args.status:
         executor.execute(bench.folder, bench.plan, bench.runs_to_start(args.retry_failed))
         return 0
-    if not args.status:
-        executor.check()
+    if args.status:
+        with bench.locked(wait_for_others=False) as mine:
+            return _gather(bench, args, write=mine)
+    executor.check()
     with bench.locked():
-        if args.status:
-            return _gather(bench, args)
         bench.start()
         bench.execute(executor, args.retry_failed)
         return _gather(bench, args)
