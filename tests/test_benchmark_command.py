@@ -26,6 +26,7 @@ pytestmark = pytest.mark.integration
 SCRIPT = "nnUNetv2_acnorm_benchmark"
 DATASET_ID, CONFIG = 931, "3d_fullres"
 VANILLA, ACNORM = "nnUNetTrainerFinetune_tinyTest", "nnUNetTrainerACNorm_tinyTest"
+STOCK = "nnUNetTrainer_acnormTinyValTest"  # nnU-Net's own trainer class, as a user's method
 #: the run that fails while the fail file lists it (tests/nnunet_ext_test_trainers)
 FAILING = f"{ACNORM}:1"
 REQUIRE_SLURM = "NNUNET_ACNORM_REQUIRE_SLURM"
@@ -46,8 +47,8 @@ def data(tmp_path_factory):
     return {"base": base, "env": env, "checkpoint": checkpoint, "fail_file": fail_file}
 
 
-def _args(data, out, *extra, folds=("0", "1"), seeds=("0",)):
-    return ["-d", DATASET_ID, "-c", CONFIG, "-pretrained_weights", data["checkpoint"], "-tr", VANILLA, ACNORM,
+def _args(data, out, *extra, folds=("0", "1"), seeds=("0",), methods=(VANILLA, ACNORM)):
+    return ["-d", DATASET_ID, "-c", CONFIG, "-pretrained_weights", data["checkpoint"], "-tr", *methods,
             "-f", *folds, "--seeds", *seeds, "-device", "cpu", "--env", "nnUNet_n_proc_DA=0", "-o", out, *extra]
 
 
@@ -136,7 +137,7 @@ def test_other_options_on_the_same_folder_are_refused(failed_benchmark, data):
     assert (out / "plan.json").read_text() == plan and _tree(out) == before
 
 
-def test_print_executor_prints_the_runs_left_and_writes_nothing(failed_benchmark, data):
+def test_print_executor_prints_the_runs_left_and_runs_nothing(failed_benchmark, data):
     out = failed_benchmark["out"]
     before = sorted(p for p in out.rglob("*"))
     proc = run_console(SCRIPT, "-o", out, "--executor", "print", "--retry-failed", env=data["env"])
@@ -149,10 +150,11 @@ def test_print_executor_prints_the_runs_left_and_writes_nothing(failed_benchmark
                             f"-pretrained_weights {data['checkpoint']}")
     assert f"{Path(sys.executable).parent / 'nnUNetv2_train'} " in command
     assert sorted(p for p in out.rglob("*")) == before
-    # a new folder: every run, and the folder is not even created
+    # a new folder: every run is printed; only the plan is written, so that a later call can gather their results
     fresh = data["base"] / "printed"
     proc = run_console(SCRIPT, *_args(data, fresh), "--executor", "print", env=data["env"])
-    assert len(proc.stdout.strip().splitlines()) == 4 and not fresh.exists()
+    assert len(proc.stdout.strip().splitlines()) == 4
+    assert sorted(p.name for p in fresh.iterdir()) == [".lock", "plan.json"]
 
 
 def test_retry_failed_runs_the_failed_run_alone(failed_benchmark, data):
@@ -232,16 +234,17 @@ def slurm_partition():
 
 
 def test_slurm_submits_one_array_then_gathers_and_reports(data, slurm_partition):
+    """Three methods (the plugin's two and a stock nnU-Net trainer), fold 0: one array of 3 tasks, 2 at a time."""
     out = data["base"] / "bench_slurm"
     data["fail_file"].unlink(missing_ok=True)
-    submit = [*_args(data, out, folds=("0",)), "--executor", "slurm", "--partition", slurm_partition, "--jobs", 2,
-              "--time", "15", "--cpus-per-run", 1, "--mem", 2]
+    submit = [*_args(data, out, folds=("0",), methods=(VANILLA, ACNORM, STOCK)), "--executor", "slurm",
+              "--partition", slurm_partition, "--jobs", 2, "--time", "15", "--cpus-per-run", 1, "--mem", 2]
     start = time.time()
     proc = run_console(SCRIPT, *submit, env=data["env"])
-    assert time.time() - start < 120 and "submitted 2 run(s) as SLURM job array" in proc.stdout
+    assert time.time() - start < 120 and "submitted 3 run(s) as SLURM job array" in proc.stdout
     record = json.loads((out / "slurm" / "submissions.jsonl").read_text())
     script = Path(record["submission_file"]).read_text()
-    for line in ("#SBATCH --array=0-1%2", f"#SBATCH --partition={slurm_partition}", "#SBATCH --cpus-per-task=1",
+    for line in ("#SBATCH --array=0-2%2", f"#SBATCH --partition={slurm_partition}", "#SBATCH --cpus-per-task=1",
                  "#SBATCH --time=15", "#SBATCH --mem=2048M", "#SBATCH --job-name=acnorm_bench_"):
         assert line in script, (line, script)
     # the tasks run the venv's python (the console script's interpreter: python or python3 of this venv)
@@ -250,7 +253,7 @@ def test_slurm_submits_one_array_then_gathers_and_reports(data, slurm_partition)
     again = run_console(SCRIPT, "-o", out, "--executor", "slurm", env=data["env"])
     assert "submitted" not in again.stdout and len((out / "slurm" / "submissions.jsonl").read_text().splitlines()) == 1
     deadline = time.time() + 600
-    while not _ended(out, 2):
+    while not _ended(out, 3):
         assert time.time() < deadline, "the SLURM runs did not end within 10 minutes"
         time.sleep(3)
     gathered = run_console(SCRIPT, "-o", out, "--status", env=data["env"])
@@ -259,6 +262,7 @@ def test_slurm_submits_one_array_then_gathers_and_reports(data, slurm_partition)
     assert sorted(s["slurm_job"] for s in states.values()) == sorted(record["jobs"])
     assert all(s["slot"].startswith("SLURM job") for s in states.values())
     comparison = json.loads((out / "report" / "comparison" / "comparison.json").read_text())
-    assert [m["name"] for m in comparison["methods"]] == [VANILLA, ACNORM]
-    assert comparison["methods"][1]["vs_baseline"]["mean_dice"]["n"] == 1  # fold 0's validation case
-    assert f"{VANILLA:24} 1 done" in gathered.stdout and f"{ACNORM:24} 1 done" in gathered.stdout
+    assert [m["name"] for m in comparison["methods"]] == [VANILLA, ACNORM, STOCK]
+    assert [m["vs_baseline"]["mean_dice"]["n"] for m in comparison["methods"][1:]] == [1, 1]  # fold 0's case
+    assert all(f"{m:24} 1 done" in gathered.stdout for m in (VANILLA, ACNORM, STOCK))
+    assert "| 1 x 2, batch 2 | 1/1 |" in (out / "report" / "report.md").read_text()

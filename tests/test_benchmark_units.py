@@ -45,6 +45,26 @@ def test_the_same_method_twice_is_refused():
                                                            ("nnUNetTrainerFinetune", True), ("nnUNetTrainer", True)]
 
 
+def test_epochs_pick_the_schedule_variant_and_scripts_may_name_methods():
+    from nnunet_acnorm.benchmark.methods import Method
+
+    methods = resolve_methods(["acnorm", "scratch", "nnUNetTrainer"], epochs=100)
+    assert [(m.name, m.trainer, m.pretrained) for m in methods] == [
+        ("acnorm_100epochs", "nnUNetTrainerACNorm_100epochs", True),
+        ("scratch_100epochs", "nnUNetTrainerFinetune_100epochs", False),
+        ("nnUNetTrainer_100epochs", "nnUNetTrainer_100epochs", True)]  # nnU-Net's own schedule variant
+    with pytest.raises(UnknownMethodError, match="-tr l2sp with --epochs 100: no alias or trainer l2sp_100epochs"):
+        resolve_methods(["l2sp"], epochs=100)
+    mine = resolve_methods([Method("from_scratch", "nnUNetTrainerACNorm", False), "acnorm"])
+    assert [m.name for m in mine] == ["from_scratch", "acnorm"]
+    with pytest.raises(UnknownMethodError, match="nnU-Net finds no trainer class nnUNetTrainerNope"):
+        resolve_methods([Method("x", "nnUNetTrainerNope")])
+    with pytest.raises(UnknownMethodError, match="method name 'a/b'"):
+        resolve_methods([Method("a/b", "nnUNetTrainerACNorm")])
+    with pytest.raises(UnknownMethodError, match="are the same method"):
+        resolve_methods([Method("acnorm", "nnUNetTrainerACNorm_tau1"), "acnorm"])  # one name, two trainers
+
+
 @pytest.mark.parametrize("text,minutes", [("90", 90), ("30:30", 31), ("2:00:00", 120), ("1-00:00:00", 1440),
                                           ("2-12", 3600), ("1-2:30", 1590)])
 def test_slurm_time_formats(text, minutes):

@@ -325,8 +325,9 @@ def _first_line(error: Exception) -> str:
 
 
 class PrintExecutor:
-    """Writes nothing: prints each run's ``nnUNetv2_train`` call with its environment, one per line, for any
-    scheduler. Their results land where the plan expects them, so a later call with the same -o gathers them."""
+    """Runs nothing: prints each run's ``nnUNetv2_train`` call with its environment, one per line, for any
+    scheduler. Their results land where the plan (written as for the other executors) expects them, so a later
+    call with the same -o gathers them."""
 
     def __init__(self, output=print):
         self.output = output

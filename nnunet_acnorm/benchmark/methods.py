@@ -37,6 +37,7 @@ TRAINER_PREFIX = "nnUNetTrainer"
 #: aliases of the vanilla recipe have a twin that trains without pretrained weights
 SCRATCH = ("vanilla", "scratch")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
 class UnknownMethodError(InputError):
@@ -104,38 +105,56 @@ def find_trainer_class(name: str, ext_trainer_path: str | None = None):
     return found
 
 
-def resolve_method(token: str, ext_trainer_path: str | None = None, aliases: dict | None = None) -> Method:
-    """An alias or a trainer name as a :class:`Method`; :class:`UnknownMethodError` if it is neither."""
-    aliases = alias_table() if aliases is None else aliases
-    if token in aliases:
-        return aliases[token]
+def trainer_exists(trainer: str, ext_trainer_path: str | None = None) -> bool:
+    """Whether ``nnUNetv2_train -tr trainer`` finds an nnU-Net trainer class of that name."""
     from nnunet_acnorm.nnunet.trainers import TRAINERS
 
-    if token in TRAINERS:
-        return Method(token, token, pretrained=True)
-    if not _NAME.fullmatch(token):
-        raise UnknownMethodError(f"-tr {token!r} is not a trainer name or alias (letters, digits and _ only)")
+    if trainer in TRAINERS:
+        return True
+    if not _NAME.fullmatch(trainer):
+        return False
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    cls = find_trainer_class(token, ext_trainer_path)
-    if cls is None or not (isinstance(cls, type) and issubclass(cls, nnUNetTrainer)):
-        close = difflib.get_close_matches(token, list(aliases), n=4, cutoff=0.6)
-        hint = f"did you mean {' or '.join(close)}?" if close else f"aliases: {', '.join(list(aliases)[:8])}, ..."
-        raise UnknownMethodError(
-            f"-tr {token}: no such alias, and nnU-Net finds no trainer class of that name (searched nnunetv2 and "
-            f"nnUNet_extTrainer={ext_trainer_path or ''}); {hint} (nnUNetv2_acnorm_benchmark --list-methods)")
-    return Method(token, token, pretrained=True)
+    cls = find_trainer_class(trainer, ext_trainer_path)
+    return isinstance(cls, type) and issubclass(cls, nnUNetTrainer)
 
 
-def resolve_methods(tokens: list[str], ext_trainer_path: str | None = None) -> list[Method]:
-    """Every token as a :class:`Method`; two tokens for the same method are refused."""
+def resolve_method(token, ext_trainer_path: str | None = None, aliases: dict | None = None,
+                   epochs: int | None = None) -> Method:
+    """An alias or a trainer name (with ``epochs``: its ``_<epochs>epochs`` variant), or a :class:`Method` (a
+    script's own name for a trainer), as a :class:`Method`; :class:`UnknownMethodError` if nnU-Net has no such
+    trainer."""
+    aliases = alias_table() if aliases is None else aliases
+    if isinstance(token, Method):
+        if not _METHOD_NAME.fullmatch(token.name):
+            raise UnknownMethodError(f"method name {token.name!r}: use letters, digits and _ . + - only")
+        if not trainer_exists(token.trainer, ext_trainer_path):
+            raise UnknownMethodError(f"method {token.name}: nnU-Net finds no trainer class {token.trainer}")
+        return token
+    name = token if epochs is None else f"{token}_{epochs}epochs"
+    if name in aliases:
+        return aliases[name]
+    if trainer_exists(name, ext_trainer_path):
+        return Method(name, name, pretrained=True)
+    shown = f"-tr {token}" + (f" with --epochs {epochs}: no alias or trainer {name}" if epochs is not None else
+                              ": no such alias, and nnU-Net finds no trainer class of that name")
+    close = difflib.get_close_matches(name, list(aliases), n=4, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"aliases: {', '.join(list(aliases)[:8])}, ..."
+    if epochs is not None:
+        hint = f"subclass it with that schedule in a --trainer-folder, or {hint}"
+    raise UnknownMethodError(f"{shown} (searched nnunetv2 and nnUNet_extTrainer={ext_trainer_path or ''}); {hint} "
+                             "(nnUNetv2_acnorm_benchmark --list-methods)")
+
+
+def resolve_methods(tokens: list, ext_trainer_path: str | None = None, epochs: int | None = None) -> list[Method]:
+    """Every token as a :class:`Method`; two tokens for the same method, or two methods of one name, are refused."""
     aliases = alias_table()
-    methods = [resolve_method(t, ext_trainer_path, aliases) for t in tokens]
+    methods = [resolve_method(t, ext_trainer_path, aliases, epochs) for t in tokens]
     seen: dict = {}
-    for token, m in zip(tokens, methods):
-        key = (m.trainer, m.pretrained)
-        if key in seen:
-            raise UnknownMethodError(f"-tr {seen[key]} and {token} are the same method ({m.trainer}"
-                                     f"{'' if m.pretrained else ' without pretrained weights'}); give it once")
-        seen[key] = token
+    for m in methods:
+        for key in ((m.trainer, m.pretrained), m.name):
+            if key in seen:
+                raise UnknownMethodError(f"-tr {seen[key]} and {m.name} are the same method ({m.trainer}"
+                                         f"{'' if m.pretrained else ' without pretrained weights'}); give it once")
+            seen[key] = m.name
     return methods

@@ -43,7 +43,8 @@ class BenchmarkSpec:
     Args:
         dataset: dataset id or name (planned and preprocessed)
         configuration: nnU-Net configuration, e.g. ``3d_fullres``
-        methods: aliases or nnU-Net trainer names (:mod:`~nnunet_acnorm.benchmark.methods`)
+        methods: aliases or nnU-Net trainer names (:mod:`~nnunet_acnorm.benchmark.methods`), or
+            :class:`~nnunet_acnorm.benchmark.methods.Method` objects (a script's own names)
         pretrained_weights: checkpoint for every method except the ``scratch*`` ones
         plans: plans identifier
         folds: folds of the cross-validation split (``"all"`` too), as ``nnUNetv2_train`` takes them
@@ -51,6 +52,7 @@ class BenchmarkSpec:
         device: ``cuda``, ``cpu`` or ``mps``
         env: extra environment variables of every run (e.g. ``nnUNet_n_proc_DA``); part of the plan
         trainer_folders: folders added to ``nnUNet_extTrainer`` (users' own trainers)
+        epochs: the budget as nnU-Net names it: every alias or trainer name ``X`` becomes ``X_<epochs>epochs``
     """
     dataset: str
     configuration: str
@@ -62,6 +64,7 @@ class BenchmarkSpec:
     device: str = "cuda"
     env: dict = field(default_factory=dict)
     trainer_folders: list = field(default_factory=list)
+    epochs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -269,14 +272,16 @@ def make_plan(spec: BenchmarkSpec, out: str, environ=None) -> Plan:
     ext = ext_trainer_path(spec.trainer_folders, environ)
     ds, data_folder = _check_preprocessed(spec.dataset, spec.configuration, spec.plans)
     _check_folds(folds, ds.folder)
-    methods = resolve_methods(list(spec.methods), ext)
+    if spec.epochs is not None and spec.epochs < 1:
+        raise BenchmarkError(f"--epochs {spec.epochs}: at least 1")
+    methods = resolve_methods(list(spec.methods), ext, spec.epochs)
     pretrained = _check_pretrained(spec.pretrained_weights, methods)
     what = {"dataset": ds.name, "configuration": spec.configuration, "plans": spec.plans,
-            "preprocessed_folder": ds.folder, "pretrained_weights": pretrained,
+            "preprocessed_folder": os.path.abspath(ds.folder), "pretrained_weights": pretrained,
             "methods": [asdict(m) for m in methods], "folds": folds, "seeds": seeds, "device": spec.device,
             "env": env}
     runs = expand_runs(what, os.path.abspath(out))
-    environment = {"nnUNet_preprocessed": os.path.dirname(ds.folder), "nnUNet_extTrainer": ext,
+    environment = {"nnUNet_preprocessed": os.path.dirname(os.path.abspath(ds.folder)), "nnUNet_extTrainer": ext,
                    "trainer_folders": [os.path.abspath(f) for f in spec.trainer_folders],
                    "python": sys.executable, "recorded": {k: environ.get(k) for k in RECORDED_ENV}}
     return Plan(what, runs, environment, _versions(), datetime.now(timezone.utc).isoformat(timespec="seconds"))

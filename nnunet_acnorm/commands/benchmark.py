@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "--list-methods) or any nnU-Net trainer name")
     what.add_argument("-f", dest="folds", nargs="+", default=list(DEFAULT_FOLDS),
                       help="folds (default 0 1 2 3 4; or all)")
+    what.add_argument("--epochs", type=int, default=None,
+                      help="the budget, as nnU-Net names it: each method X becomes its variant X_<N>epochs "
+                           "(e.g. acnorm -> acnorm_100epochs = nnUNetTrainerACNorm_100epochs); refused where none exists")
     what.add_argument("--seeds", nargs="+", default=["0"], help="seeds, one replicate each (default 0)")
     what.add_argument("-device", dest="device", default="cuda", choices=DEVICES, help="device (default cuda)")
     what.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -91,10 +94,20 @@ def spec_from_args(args) -> BenchmarkSpec | None:
     if missing:
         raise BenchmarkError(f"missing {', '.join(missing)}: a benchmark needs -d, -c and -tr (or only -o to continue one)")
     return BenchmarkSpec(args.dataset, args.configuration, args.methods, args.pretrained_weights, args.plans,
-                         args.folds, args.seeds, args.device, _pairs(args.env, "--env"), args.trainer_folder)
+                         args.folds, args.seeds, args.device, _pairs(args.env, "--env"), args.trainer_folder,
+                         args.epochs)
+
+
+#: options that only one executor reads (dest -> (flag, executor))
+EXECUTOR_OPTIONS = {"gpus": ("--gpus", "local"), "partition": ("--partition", "slurm"),
+                    "cpus_per_run": ("--cpus-per-run", "slurm"), "mem": ("--mem", "slurm"),
+                    "gpus_per_run": ("--gpus-per-run", "slurm"), "sbatch": ("--sbatch", "slurm")}
 
 
 def make_executor(args, device: str, output=print):
+    for dest, (flag, executor) in EXECUTOR_OPTIONS.items():
+        if getattr(args, dest) not in (None, []) and args.executor != executor:
+            raise BenchmarkError(f"{flag} is for --executor {executor} (this call's executor is {args.executor})")
     if args.executor == "print":
         return PrintExecutor(output)
     if args.executor == "slurm":
@@ -148,9 +161,6 @@ def main(argv: list | None = None) -> int:
     if args.status and bench.is_new:
         raise BenchmarkError(f"{bench.folder.out} holds no benchmark yet: nothing to show (start it without --status)")
     executor = make_executor(args, bench.plan.what["device"])
-    if args.executor == "print" and not args.status:
-        executor.execute(bench.folder, bench.plan, bench.runs_to_start(args.retry_failed))
-        return 0
     if args.status:
         with bench.locked(wait_for_others=False) as mine:
             return _gather(bench, args, write=mine)
@@ -158,6 +168,8 @@ def main(argv: list | None = None) -> int:
     with bench.locked():
         bench.start()
         bench.execute(executor, args.retry_failed)
+        if args.executor == "print":
+            return 0  # the runs are printed, not run: nothing to gather yet
         return _gather(bench, args)
 
 

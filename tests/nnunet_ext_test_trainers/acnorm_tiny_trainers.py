@@ -26,6 +26,7 @@ class _Tiny:
         seed = resolve_seed(None)
         if seed is not None and not isinstance(self, nnUNetTrainerFinetune):
             seed_everything(seed)  # stock nnU-Net trainers have no seed; the plugin's seed themselves
+            self.seed = seed  # recorded in debug.json, as the plugin's trainers record theirs
         self.num_epochs = _epochs()
         self.num_iterations_per_epoch = 2
         self.num_val_iterations_per_epoch = 1
@@ -44,6 +45,10 @@ class nnUNetTrainer_acnormTinyTest(_Tiny, nnUNetTrainer):
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.print_to_log_file("validation skipped (test trainer)")
+
+
+class nnUNetTrainer_acnormTinyValTest(_Tiny, nnUNetTrainer):
+    """nnU-Net's stock trainer with its validation: a method that is not the plugin's."""
 
 
 class nnUNetTrainerBN_acnormTinyTest(_Tiny, nnUNetTrainerBN):
