@@ -239,6 +239,9 @@ def test_slurm_submits_one_array_then_gathers_and_reports(data, slurm_partition)
     data["fail_file"].unlink(missing_ok=True)
     submit = [*_args(data, out, folds=("0",), methods=(VANILLA, ACNORM, STOCK)), "--executor", "slurm",
               "--partition", slurm_partition, "--jobs", 2, "--time", "15", "--cpus-per-run", 1, "--mem", 2]
+    refused = run_console(SCRIPT, *submit, "--partition", "no_such_partition", env=data["env"], check=False)
+    _one_error_line(refused, "--partition no_such_partition: SLURM has no such partition")
+    assert not out.exists()
     start = time.time()
     proc = run_console(SCRIPT, *submit, env=data["env"])
     assert time.time() - start < 120 and "submitted 3 run(s) as SLURM job array" in proc.stdout

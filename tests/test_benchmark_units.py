@@ -262,3 +262,27 @@ def test_no_run_starts_while_slurm_cannot_say_what_it_still_holds(tmp_path, monk
     assert [s.state for s in bench.statuses()] == ["todo"] * 4 and "squeue" in bench.slurm_error
     with pytest.raises(BenchmarkError, match="SLURM cannot be asked"):
         bench.execute(executor=None)
+
+
+@pytest.mark.parametrize("behaviour,state,reason", [
+    ("import sys; sys.exit(1)", "failed", "exit status 1"),
+    ("pass", "failed", "exit status 0, but no fold_0/validation/summary.json"),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", "interrupted", "stopped by SIGTERM"),
+    ("import os; p = os.environ['nnUNet_results'] + '/Dataset950_Plan/Ta__nnUNetPlans__3d_fullres/fold_0/validation'; "
+     "os.makedirs(p); open(p + '/summary.json', 'w').write('{}')", "done", None),
+])
+def test_a_runs_end_is_read_from_its_process(tmp_path, monkeypatch, behaviour, state, reason):
+    """A real child process as the training: its exit status, signal or missing summary decide the state."""
+    from nnunet_acnorm.benchmark import worker
+
+    script = tmp_path / "fake_train.py"
+    script.write_text(f"import sys\nprint('args', sys.argv[1:])\n{behaviour}\n")
+    plan = _plan(tmp_path / "out")
+    plan.environment["nnUNet_preprocessed"] = str(tmp_path)
+    run = plan.runs[0]
+    folder = BenchmarkFolder(tmp_path / "out")
+    monkeypatch.setattr(worker, "train_command", lambda p, r, mode: [sys.executable, str(script), r.fold])
+    end = worker.execute_run(folder, plan, run)
+    assert end["state"] == state and (end.get("reason") or "").startswith(reason or "")
+    assert folder.read_state(run) == end and "args ['0']" in Path(end["log"]).read_text()
+    assert folder.status(run).state == state

@@ -276,6 +276,15 @@ class SlurmExecutor:
             import submitit  # noqa: F401
         except ImportError:
             raise BenchmarkError("--executor slurm needs the package submitit (pip install submitit)") from None
+        if self.partition is not None:
+            self._check_partition()
+
+    def _check_partition(self) -> None:
+        proc = subprocess.run([shutil.which("sinfo") or "sinfo", "-h", "-o", "%P"], capture_output=True, text=True)
+        partitions = [p.strip().rstrip("*") for p in proc.stdout.split()] if proc.returncode == 0 else []
+        if partitions and self.partition not in partitions:
+            raise BenchmarkError(f"--partition {self.partition}: SLURM has no such partition (sinfo: "
+                                 f"{', '.join(partitions)})")
 
     def parameters(self, folder: BenchmarkFolder, n: int) -> dict:
         params = {"job_name": slurm_job_name(folder), "time": self.time, "stderr_to_stdout": True,
@@ -297,10 +306,13 @@ class SlurmExecutor:
 
         executor = submitit.SlurmExecutor(folder=folder.slurm, python=shlex.quote(sys.executable))
         params = self.parameters(folder, len(runs))
+        before = set(os.listdir(folder.slurm)) if os.path.isdir(folder.slurm) else set()
         try:
             executor.update_parameters(**params)
             jobs = executor.map_array(slurm_task, [folder.out] * len(runs), [r.id for r in runs])
         except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, ValueError) as e:
+            for name in set(os.listdir(folder.slurm)) - before:  # submitit's files of the refused submission
+                os.remove(os.path.join(folder.slurm, name))
             raise BenchmarkError(f"sbatch refused the job array: {_first_line(e)}") from None
         array = jobs[0].job_id.split("_")[0]
         record = {"array": array, "submitted": time.time(), "jobs": {j.job_id: r.id for j, r in zip(jobs, runs)},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,9 @@ from nnunet_acnorm.benchmark.state import BenchmarkFolder
 from nnunet_acnorm.nnunet.seeding import SEED_ENV
 
 TRAIN_SCRIPT = "nnUNetv2_train"
+#: return codes of a training stopped from outside (SLURM's scancel and time limit send SIGTERM): interrupted,
+#: not failed. SIGKILL is not among them: the kernel's out-of-memory killer sends it.
+STOP_SIGNALS = {-signal.SIGTERM: "SIGTERM", -signal.SIGINT: "SIGINT", -signal.SIGHUP: "SIGHUP"}
 
 
 @dataclass
@@ -136,6 +140,8 @@ def execute_run(folder: BenchmarkFolder, plan: Plan, run: PlannedRun, slot: Slot
         returncode = process.wait()
     if stopping():
         return _end(folder, run, state, returncode, "stopped by the benchmark (interrupt)", "interrupted")
+    if returncode in STOP_SIGNALS:  # scancel, a time limit, a kill: the next call continues it
+        return _end(folder, run, state, returncode, f"stopped by {STOP_SIGNALS[returncode]}", "interrupted")
     if returncode == 0 and os.path.isfile(run.summary_file):
         return _end(folder, run, state, returncode, None, "done")
     return _end(folder, run, state, returncode, f"exit status {returncode}" if returncode != 0 else
