@@ -233,7 +233,7 @@ def slurm_partition():
     return partition
 
 
-def test_slurm_submits_one_array_then_gathers_and_reports(data, slurm_partition):
+def test_slurm_submits_one_array_then_gathers_and_reports(slurm_partition, data):
     """Three methods (the plugin's two and a stock nnU-Net trainer), fold 0: one array of 3 tasks, 2 at a time."""
     out = data["base"] / "bench_slurm"
     data["fail_file"].unlink(missing_ok=True)
