@@ -174,13 +174,10 @@ def main(argv: list | None = None) -> int:
 
 
 def benchmark_entry(argv: list | None = None) -> None:
-    code = [0]
-
-    def run(a):
-        code[0] = main(a)
-
-    run_command(PROG, run, argv)
-    sys.exit(code[0])
+    """Exit status: 0, 1 for bad input (one line), 3 when runs failed, 130 on Ctrl-C."""
+    status = []
+    run_command(PROG, lambda a: status.append(main(a)), argv)
+    sys.exit(status[0] if status else 0)
 
 
 if __name__ == "__main__":
