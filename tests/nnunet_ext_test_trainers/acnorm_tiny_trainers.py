@@ -1,5 +1,7 @@
 # Test-only trainers for nnUNet_extTrainer: the real trainers with a few iterations per epoch.
 # Epochs come from ACNORM_TEST_EPOCHS (default 1) so that a test can continue a run with --c.
+# ACNORM_TEST_FAIL_FILE: while that file exists and lists "<trainer class>:<fold>", that training raises at its
+# start (a failed run for the benchmark runner's tests; remove the file and the retry succeeds).
 import os
 
 import torch
@@ -24,9 +26,18 @@ class _Tiny:
         seed = resolve_seed(None)
         if seed is not None and not isinstance(self, nnUNetTrainerFinetune):
             seed_everything(seed)  # stock nnU-Net trainers have no seed; the plugin's seed themselves
+            self.seed = seed  # recorded in debug.json, as the plugin's trainers record theirs
         self.num_epochs = _epochs()
         self.num_iterations_per_epoch = 2
         self.num_val_iterations_per_epoch = 1
+
+    def on_train_start(self):
+        fail_file = os.environ.get("ACNORM_TEST_FAIL_FILE")
+        if fail_file and os.path.isfile(fail_file):
+            with open(fail_file) as f:
+                if f"{type(self).__name__}:{self.fold}" in f.read().split():
+                    raise RuntimeError(f"{type(self).__name__} fold {self.fold} fails on purpose ({fail_file} lists it)")
+        super().on_train_start()
 
 
 class nnUNetTrainer_acnormTinyTest(_Tiny, nnUNetTrainer):
@@ -34,6 +45,10 @@ class nnUNetTrainer_acnormTinyTest(_Tiny, nnUNetTrainer):
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.print_to_log_file("validation skipped (test trainer)")
+
+
+class nnUNetTrainer_acnormTinyValTest(_Tiny, nnUNetTrainer):
+    """nnU-Net's stock trainer with its validation: a method that is not the plugin's."""
 
 
 class nnUNetTrainerBN_acnormTinyTest(_Tiny, nnUNetTrainerBN):
