@@ -30,7 +30,7 @@ def files(tmp_path_factory):
 
 
 def test_family_names():
-    assert set(FAMILIES) == {"genesis", "suprem", "nnunet_v2", "nnunet_v1", "nnssl", "medicalnet",
+    assert set(FAMILIES) == {"genesis", "suprem", "nnunet_v2", "nnunet_v1", "stunet", "nnssl", "medicalnet",
                              "torchvision_resnet", "moco_v2"}
 
 
