@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -142,8 +143,10 @@ def save_nnunet_v2_checkpoint(path, architecture: dict | None = None, input_chan
 
     if plans is None:
         plans = _source_plans(architecture or plain_unet_architecture(), input_channels, configuration)
-    architecture = PlansManager(json.loads(json.dumps(plans))).get_configuration(configuration).configuration[
-        "architecture"]
+    with warnings.catch_warnings():  # nnU-Net's note on the old plans format of TotalSegmentator's plans
+        warnings.simplefilter("ignore")
+        architecture = PlansManager(json.loads(json.dumps(plans))).get_configuration(configuration).configuration[
+            "architecture"]
     dataset_json = dataset_json or {"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "b": 2},
                                     "numTraining": 10, "file_ending": ".nii.gz"}
     torch.manual_seed(seed)
