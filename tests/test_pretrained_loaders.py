@@ -359,7 +359,8 @@ def test_bridge_kernel_keeps_the_function_where_it_can():
     assert torch.allclose(torch.nn.functional.conv3d(x, grown, padding=(2, 1, 1)),
                           torch.nn.functional.conv3d(x, weight, padding=1), atol=1e-5)
     assert bridge_kernel(torch.randn(2, 3, 5, 5, 5, generator=g), (3, 3, 3)).shape == (2, 3, 3, 3, 3)
-    assert fit_tensor(weight, (2, 3, 2, 3, 3), False, 3) is None  # parity differs: no centre to align
+    assert fit_tensor(weight, (2, 3, 2, 3, 3), False, 3) is None  # even: no centre to align
+    assert fit_tensor(torch.zeros(4, 2, 2, 2, 2), (4, 2, 4, 4, 4), False, 2) is None  # a transposed conv's stride
     assert fit_tensor(weight, (4, 3, 3, 3, 3), False, 3) is None  # another width
     stem, done = fit_tensor(weight, (2, 1, 1, 3, 3), True, 1)
     assert stem.shape == (2, 1, 1, 3, 3) and done == "3 -> 1 input channels, kernel [3, 3, 3] -> [1, 3, 3]"

@@ -150,6 +150,22 @@ def test_encoder_only_needs_only_the_encoder_in_the_file(start, tmp_path):
         start(nnUNetTrainerACNorm, tmp_path / "encoder.pth")
 
 
+def test_imported_fresh_norms_are_named_in_the_log(start, tmp_path):
+    """A checkpoint of nnUNetv2_acnorm_import whose decoder was initialised fresh (an encoder-only
+    file) given to nnUNetTrainerACNorm: the log names the AC-Norm layers whose source is that
+    initialisation and points to the _encoderOnly trainers."""
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm
+
+    checkpoint = safe_torch_load(_source(tmp_path / "full.pth"))
+    fresh = [k for k in checkpoint["network_weights"] if k.startswith("decoder.stages.")]
+    checkpoint["acnorm_import"] = {"plans": "nnUNetPlans", "fresh_keys": fresh}
+    torch.save(checkpoint, tmp_path / "imported.pth")
+    trainer = start(nnUNetTrainerACNorm, tmp_path / "imported.pth")
+    log = open(trainer.log_file).read()
+    assert "WARNING: 4 AC-Norm layer(s) (first: decoder.stages.0.convs.0.norm) have affines in this checkpoint that " \
+           "nnUNetv2_acnorm_import initialised fresh" in log and "The _encoderOnly trainers" in log
+
+
 def test_kernel_sizes_are_bridged_and_widths_refused(start, tmp_path):
     """Target plans with [1, 3, 3] kernels in the first stage (anisotropic spacing), a checkpoint with
     [3, 3, 3]: the kernels are summed over the dropped axis (same response to an input constant along
@@ -195,3 +211,4 @@ def test_acnorm_trainer_refuses_a_layernorm_only_network(start, tmp_path):
     with pytest.raises(SystemExit, match="AC-Norm cannot apply: the planned network \\(Primus\\) has 6 LayerNorm/RMSNorm "
                                          "layer.*nnUNetTrainerFinetune"):
         start(nnUNetTrainerACNormPrimusTest, path)
+    assert not list((tmp_path / "results").rglob("training_log_*"))  # the refused start left nothing behind

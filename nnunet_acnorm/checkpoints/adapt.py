@@ -7,8 +7,9 @@ stem's number of input channels, and the spatial size of a convolution kernel.
 - :func:`bridge_kernel`: [out, in, *k_pre] -> [out, in, *k], per axis: a larger kernel gets the
   pretrained taps in its centre and zeros around them (the same function); a smaller one keeps the
   centre taps, except that an axis reduced to 1 sums its taps (the same response to an input that is
-  constant along that axis, which is what a 1-wide kernel assumes, e.g. thick slices). Axes whose
-  sizes differ in parity have no centre to align and are refused.
+  constant along that axis, which is what a 1-wide kernel assumes, e.g. thick slices). Only odd
+  kernel sizes are bridged (an even one has no centre to align; in nnU-Net's networks it is a
+  transposed convolution's stride).
 - :func:`fit_tensor`: one of the two, or None when the shapes differ otherwise (another depth or
   width: nothing to bridge).
 """
@@ -28,13 +29,14 @@ def adapt_stem_weight(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
 
 
 def kernel_bridgeable(file_shape: tuple[int, ...], network_shape: tuple[int, ...]) -> bool:
-    """Whether a conv weight of ``file_shape`` can be bridged to ``network_shape``: same channels,
-    spatial kernel sizes that differ only with the same parity."""
+    """Whether a conv weight of ``file_shape`` can be bridged to ``network_shape``: same channels, odd
+    kernel sizes on both sides (centred "same" convolutions; a transposed convolution's even kernel
+    is its stride, which no bridging can change)."""
     if len(file_shape) != len(network_shape) or len(file_shape) not in (4, 5) or file_shape == network_shape:
         return False
     if file_shape[:2] != network_shape[:2]:
         return False
-    return all((a - b) % 2 == 0 for a, b in zip(file_shape[2:], network_shape[2:]))
+    return all(a % 2 == 1 and b % 2 == 1 for a, b in zip(file_shape[2:], network_shape[2:]))
 
 
 def bridge_kernel(weight: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:

@@ -271,6 +271,7 @@ class _ACNormMixin:
         n_layers = len(acnorm_modules(network))
         if n_layers == 0:
             feature_norms = sum(is_feature_norm(m) for m in network.modules())
+            remove_run_output(self.log_file, self.output_folder, os.environ.get("nnUNet_results"))
             raise SystemExit(f"{type(self).__name__}: error: "
                              f"{not_applicable(feature_norms, f'the planned network ({type(network).__name__})')}")
         if self.is_ddp:
