@@ -47,9 +47,11 @@ def start(tmp_path, monkeypatch):
     data.mkdir(parents=True)
     (data / "case_000.b2nd").write_bytes(b"")
 
-    def run(trainer_class, pretrained, plans=None):
+    def run(trainer_class, pretrained, plans=None, command_line=True):
+        """``command_line=False``: nnU-Net used as a Python API (no -pretrained_weights in sys.argv)."""
+        flag = ["-pretrained_weights", str(pretrained)] if command_line else []
         monkeypatch.setattr(sys, "argv", ["nnUNetv2_train", "999", CONFIG, "0", "-tr", trainer_class.__name__,
-                                          "-pretrained_weights", str(pretrained), "-device", "cpu"])
+                                          *flag, "-device", "cpu"])
         plans = {**(plans or _plans()), "continue_training": False}  # what get_trainer_from_args adds
         trainer = trainer_class(plans, CONFIG, 0, default_dataset_json(3), torch.device("cpu"))
         maybe_load_checkpoint(trainer, False, False, str(pretrained))
@@ -107,6 +109,27 @@ def test_swapped_pretrained_file_is_never_reopened(start, tmp_path, monkeypatch)
     with open(good, "rb") as f:
         torch.load(f, weights_only=False)
     assert marker.exists()
+
+
+def test_python_api_pretrained_weights_are_read_safely_too(start, tmp_path):
+    """run_training(..., pretrained_weights=...) as a Python API (nothing in sys.argv): our trainers
+    still read the file once with weights_only=True; a file with pickled code is refused, not run."""
+    from nnunet_acnorm.nnunet.pretrained import PretrainedWeightsError
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm
+
+    good = _source(tmp_path / "checkpoint_final.pth")
+    trainer = start(nnUNetTrainerACNorm, good, command_line=False)
+    expected = safe_torch_load(good)["network_weights"]
+    assert torch.equal(trainer.network.state_dict()["encoder.stages.0.0.convs.1.norm.source_bias"],
+                       expected["encoder.stages.0.0.convs.1.norm.bias"])
+    marker = tmp_path / "pickled_code_ran"
+    evil = safe_torch_load(good)
+    evil["payload"] = Payload(marker)
+    torch.save(evil, tmp_path / "evil.pth")
+    with pytest.raises(PretrainedWeightsError, match=r"evil\.pth: it needs arbitrary pickled Python objects \(it "
+                                                     r"pickles posix\.mkdir\)"):
+        start(nnUNetTrainerACNorm, tmp_path / "evil.pth", command_line=False)
+    assert not marker.exists()
 
 
 def test_encoder_only_trainers_load_encoder_and_keep_decoder_norms_plain(start, tmp_path):

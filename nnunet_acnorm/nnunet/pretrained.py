@@ -219,9 +219,12 @@ def _unwrapped(network: nn.Module) -> nn.Module:
     return network._orig_mod if isinstance(network, OptimizedModule) else network
 
 
-def route_pretrained_loading(network: nn.Module, load: PretrainedLoad, log: Callable[[str], None]) -> None:
+def route_pretrained_loading(network: nn.Module, load: PretrainedLoad | None, log: Callable[[str], None],
+                             parts: str = "all", plans_name: str | None = None) -> None:
     """Make nnU-Net's ``run_training.load_pretrained_weights(network, fname)`` -- called right after
-    the trainer's ``initialize`` -- put ``load`` into ``network`` instead of reading ``fname`` again.
+    the trainer's ``initialize`` -- put ``load`` (read by :func:`read_pretrained_weights` from the
+    command line's file) into ``network`` instead of reading ``fname`` again; without ``load`` (nnU-Net
+    called as a Python API) or for another file, it reads ``fname`` once, here, the same safe way.
     Any other network goes to nnU-Net's loader; the original is back after the one call for ``network``.
     """
     import nnunetv2.run.run_training as run_training
@@ -232,8 +235,9 @@ def route_pretrained_loading(network: nn.Module, load: PretrainedLoad, log: Call
         if _unwrapped(target) is not network:
             return original(target, fname, verbose)
         run_training.load_pretrained_weights = original
-        chosen = load if os.path.abspath(fname) == load.path else \
-            read_pretrained_weights(network, fname, parts=load.parts)  # another file: read (safely) as well
+        chosen = load if load is not None and os.path.abspath(fname) == load.path else \
+            read_pretrained_weights(network, fname, plans_name, parts)
+        set_strict_source(network, False)  # plain checkpoints: their norm affines become the AC-Norm source
         put_pretrained_weights(network, chosen)
         log(f"Pretrained weights: {len(chosen.state)} tensors from {chosen.path} (read once, weights_only=True; "
             f"parts: {chosen.parts}); {len(chosen.fresh)} start fresh")

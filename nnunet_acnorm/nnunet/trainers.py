@@ -110,11 +110,10 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
 
     def initialize(self):
         super().initialize()
+        network, load = self._plain_network(), None
         pretrained = pretrained_weights_from_argv()
         if pretrained is not None:
-            # nnUNetv2_train -pretrained_weights: read and check the file once, here (weights_only=True);
-            # nnU-Net's loader, called next by run_training, then puts exactly these tensors in
-            network = self._plain_network()
+            # nnUNetv2_train -pretrained_weights: read and check the file once, here (weights_only=True)
             try:
                 load = read_pretrained_weights(network, pretrained, self.plans_manager.plans_name,
                                                self.pretrained_parts)
@@ -124,13 +123,16 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
                 raise SystemExit(f"{type(self).__name__}: error: {e}") from None
             # the only path that takes plain checkpoints: their norm affines become the AC-Norm source
             set_strict_source(network, False)
-            route_pretrained_loading(network, load, self.print_to_log_file)
-            if load.unpretrained_norms:
-                self.print_to_log_file(
-                    f"WARNING: {len(load.unpretrained_norms)} AC-Norm layer(s) (first: {load.unpretrained_norms[0]}) "
-                    "have affines in this checkpoint that nnUNetv2_acnorm_import initialised fresh (not in the "
-                    "pretrained file): their source is that initialisation. The _encoderOnly trainers load only the "
-                    "encoder and keep the decoder's norms plain")
+        # nnU-Net's run_training loads -pretrained_weights next: for this network it puts in what was read
+        # here (or, called as a Python API, reads the file once, as safely), never torch.load(weights_only=False)
+        route_pretrained_loading(network, load, self.print_to_log_file, self.pretrained_parts,
+                                 self.plans_manager.plans_name)
+        if load is not None and load.unpretrained_norms:
+            self.print_to_log_file(
+                f"WARNING: {len(load.unpretrained_norms)} AC-Norm layer(s) (first: {load.unpretrained_norms[0]}) "
+                "have affines in this checkpoint that nnUNetv2_acnorm_import initialised fresh (not in the "
+                "pretrained file): their source is that initialisation. The _encoderOnly trainers load only "
+                "the encoder and keep the decoder's norms plain")
 
     def on_train_start(self):
         super().on_train_start()
