@@ -1,12 +1,14 @@
 """Family detection, key mapping and safe loading on checkpoints in the published formats."""
 
+import json
 import os
 
 import pytest
 import torch
 import torchvision
 
-from nnunet_acnorm.networks import GenesisUNet3D, MedicalNetResNet3D
+from nnunet_acnorm.networks import GenesisUNet3D, MedicalNetResNet3D, STUNet
+from nnunet_acnorm.nnunet.pretrained import set_strict_source
 from nnunet_acnorm.checkpoints import FAMILIES, PretrainedLoadError, load_pretrained
 from tests.factories import checkpoints as cf
 
@@ -364,3 +366,34 @@ def test_bridge_kernel_keeps_the_function_where_it_can():
     assert fit_tensor(weight, (4, 3, 3, 3, 3), False, 3) is None  # another width
     stem, done = fit_tensor(weight, (2, 1, 1, 3, 3), True, 1)
     assert stem.shape == (2, 1, 1, 3, 3) and done == "3 -> 1 input channels, kernel [3, 3, 3] -> [1, 3, 3]"
+
+
+def test_stunet_acnorm_model_folds_for_stock_nnunet(tmp_path):
+    """An AC-Norm STU-Net model folder (as nnUNetv2_train writes it after an STU-Net import) folds into
+    plans that stock nnU-Net rebuilds: the fold writes norm_op into STUNet's kwargs, which it takes."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_acnorm.nnunet.fold import fold_model_folder
+    from nnunet_acnorm.nnunet.plain_unet_plans import default_dataset_json, default_plans
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm
+
+    plans = default_plans((32, 32, 32), (4, 8, 16), 3, configuration="3d_fullres")
+    plans["configurations"]["3d_fullres"]["architecture"] = {
+        "network_class_name": "nnunet_acnorm.networks.stunet.STUNet", "_kw_requires_import": [], "arch_kwargs": {
+            "features_per_stage": [4, 8, 8, 8, 8, 8], "blocks_per_stage": [1] * 6, "kernel_sizes": [[3, 3, 3]] * 6,
+            "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1]]}}
+    folder = tmp_path / "Dataset999_Bench" / "nnUNetTrainerACNorm__nnUNetPlans__3d_fullres"
+    (folder / "fold_0").mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(default_dataset_json(3)))
+    pm = PlansManager(plans)
+    net = nnUNetTrainerACNorm.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 3, False)
+    set_strict_source(net, False)
+    net.load_state_dict(cf.randomise_norms(STUNet(1, 3, **plans["configurations"]["3d_fullres"]["architecture"][
+        "arch_kwargs"])).state_dict())
+    torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainerACNorm",
+                "init_args": {"configuration": "3d_fullres"}, "current_epoch": 1}, folder / "fold_0" / "checkpoint_final.pth")
+    report = fold_model_folder(folder, tmp_path / "folded", log=lambda line: None)
+    folded = json.loads((tmp_path / "folded" / "plans.json").read_text())["configurations"]["3d_fullres"]
+    assert folded["architecture"]["arch_kwargs"]["norm_op"] == "torch.nn.modules.instancenorm.InstanceNorm3d"
+    assert report.max_probability_difference < 1e-4

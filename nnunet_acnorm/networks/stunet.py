@@ -64,15 +64,17 @@ class STUNetBlock(nn.Module):
         (N, in_channels, D, H, W) -> (N, out_channels, D / stride, H / stride, W / stride)
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, projection: bool = False):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, projection: bool = False,
+                 norm_op: type[nn.Module] = nn.InstanceNorm3d, norm_op_kwargs: dict | None = None):
         super().__init__()
         kernel, stride = _triple(kernel_size), _triple(stride)
         padding = [k // 2 for k in kernel]
+        norm_op_kwargs = {"affine": True} if norm_op_kwargs is None else norm_op_kwargs
         self.conv1 = nn.Conv3d(in_channels, out_channels, kernel, stride=stride, padding=padding)
-        self.norm1 = nn.InstanceNorm3d(out_channels, affine=True)
+        self.norm1 = norm_op(out_channels, **norm_op_kwargs)
         self.act1 = nn.LeakyReLU(inplace=True)
         self.conv2 = nn.Conv3d(out_channels, out_channels, kernel, padding=padding)
-        self.norm2 = nn.InstanceNorm3d(out_channels, affine=True)
+        self.norm2 = norm_op(out_channels, **norm_op_kwargs)
         self.act2 = nn.LeakyReLU(inplace=True)
         self.conv3 = nn.Conv3d(in_channels, out_channels, 1, stride=stride) if projection else None
 
@@ -100,9 +102,9 @@ class STUNetDeepSupervision(nn.Module):
         self.deep_supervision = bool(enabled)
 
 
-def _stage(in_channels: int, out_channels: int, blocks: int, kernel, stride) -> nn.Sequential:
-    return nn.Sequential(STUNetBlock(in_channels, out_channels, kernel, stride, projection=True),
-                         *[STUNetBlock(out_channels, out_channels, kernel) for _ in range(blocks - 1)])
+def _stage(in_channels: int, out_channels: int, blocks: int, kernel, stride, norm: dict) -> nn.Sequential:
+    return nn.Sequential(STUNetBlock(in_channels, out_channels, kernel, stride, projection=True, **norm),
+                         *[STUNetBlock(out_channels, out_channels, kernel, **norm) for _ in range(blocks - 1)])
 
 
 class STUNet(nn.Module):
@@ -115,6 +117,8 @@ class STUNet(nn.Module):
         kernel_sizes: per stage (default 3x3x3 everywhere, as released).
         strides: per stage, nnU-Net's plans format (the first is [1, 1, 1]); nnU-Net derives the
             deep-supervision scales from them.
+        norm_op, norm_op_kwargs: the norm layer (default affine ``InstanceNorm3d``, as released);
+            what ``nnUNetv2_acnorm_fold`` writes into the plans of a folded model.
 
     Shape:
         (N, input_channels, D, H, W) with D, H, W divisible by the product of the strides ->
@@ -123,8 +127,8 @@ class STUNet(nn.Module):
 
     Examples:
         >>> net = STUNet(1, 3, features_per_stage=[4, 8, 16, 32, 32, 32])
-        >>> net(torch.zeros(1, 1, 32, 32, 32)).shape
-        torch.Size([1, 3, 32, 32, 32])
+        >>> net(torch.zeros(1, 1, 64, 64, 64)).shape
+        torch.Size([1, 3, 64, 64, 64])
     """
 
     #: state-dict prefixes of the encoder (the stem, the first stage, included)
@@ -133,7 +137,8 @@ class STUNet(nn.Module):
     def __init__(self, input_channels: int = 1, num_classes: int = 2, deep_supervision: bool = False,
                  features_per_stage: Sequence[int] = STUNET_SIZES["B"][0],
                  blocks_per_stage: Sequence[int] = STUNET_SIZES["B"][1], kernel_sizes: Sequence | None = None,
-                 strides: Sequence | None = None):
+                 strides: Sequence | None = None, norm_op: type[nn.Module] | None = None,
+                 norm_op_kwargs: dict | None = None):
         super().__init__()
         dims, blocks = [int(f) for f in features_per_stage], [int(b) for b in blocks_per_stage]
         kernels = [_triple(k) for k in (kernel_sizes or [[3, 3, 3]] * STUNET_STAGES)]
@@ -142,13 +147,14 @@ class STUNet(nn.Module):
             raise ValueError(f"STUNet needs one width, block count (>= 1), kernel size and stride per stage; got "
                              f"{len(dims)}, {len(blocks)}, {len(kernels)}, {len(strides)}")
         self.input_channels, self.num_classes, self.strides = int(input_channels), int(num_classes), strides
+        norm = {"norm_op": norm_op or nn.InstanceNorm3d, "norm_op_kwargs": norm_op_kwargs}
         self.conv_blocks_context = nn.ModuleList(
-            [_stage(self.input_channels if s == 0 else dims[s - 1], dims[s], blocks[s], kernels[s], strides[s])
+            [_stage(self.input_channels if s == 0 else dims[s - 1], dims[s], blocks[s], kernels[s], strides[s], norm)
              for s in range(len(dims))])
         n_up = len(dims) - 1
         self.upsample_layers = nn.ModuleList([STUNetUpsample(dims[-1 - u], dims[-2 - u]) for u in range(n_up)])
         self.conv_blocks_localization = nn.ModuleList(
-            [_stage(2 * dims[-2 - u], dims[-2 - u], blocks[-2 - u], kernels[-2 - u], 1) for u in range(n_up)])
+            [_stage(2 * dims[-2 - u], dims[-2 - u], blocks[-2 - u], kernels[-2 - u], 1, norm) for u in range(n_up)])
         self.seg_outputs = nn.ModuleList([nn.Conv3d(dims[-2 - u], num_classes, 1) for u in range(n_up)])
         self.decoder = STUNetDeepSupervision(deep_supervision)
         self.apply(InitWeights_He(1e-2))
