@@ -27,11 +27,10 @@ from copy import deepcopy
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from torch import nn
 
 from nnunet_acnorm.checkpoints import PretrainedWeights, load_pretrained
-from nnunet_acnorm.checkpoints.adapt import adapt_stem_weight, fit_tensor
+from nnunet_acnorm.checkpoints.adapt import fit_tensor
 from nnunet_acnorm.checkpoints.io import atomic_torch_save, atomic_write_text
 from nnunet_acnorm.checkpoints.keys import canonical_keys
 from nnunet_acnorm.networks.parts import is_encoder_key
