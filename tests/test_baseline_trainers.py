@@ -126,7 +126,7 @@ def _n_stages(weights: dict) -> int:
 @pytest.mark.parametrize("method", list(METHODS))
 def test_train_continue_predict_and_plain_network_keys(runs, method):
     r = runs["methods"][method]
-    assert "Loading pretrained weights from file" in r["first"].stdout and r["epoch1"]["current_epoch"] == 1
+    assert "(read once, weights_only=True; parts: all)" in r["first"].stdout and r["epoch1"]["current_epoch"] == 1
     if method in CONTINUED:
         assert r["final"]["current_epoch"] == 2 and "Epoch 1" in r["cont"].stdout
     if method in PREDICTED:

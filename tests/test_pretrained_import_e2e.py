@@ -1,7 +1,10 @@
 """nnUNetv2_acnorm_import through the real console scripts: for each 3D family a checkpoint in the
 published format -> import -> nnUNetv2_train (AC-Norm, one tiny run, -pretrained_weights) ->
 nnUNetv2_predict; the trained network's AC-Norm source affines equal the file's norm affines.
-Plus the command's refusals (bad files, 2D families, decoder-only files) and stem adaptation.
+A TotalSegmentator results folder goes the same way with --encoder_only and
+nnUNetTrainerACNorm_encoderOnly. Plus the command's refusals (bad files, 2D families, decoder-only
+files, LayerNorm-only networks), stem adaptation, encoder-only imports of every family, and 2D
+nnU-Net v2 checkpoints through the import and the ranking.
 
 One tiny CT dataset is planned and preprocessed once for the module.
 """
@@ -67,10 +70,14 @@ FACTORIES = {
     "nnunet_v1": lambda p: cf.save_nnunet_v1_checkpoint(p / "Genesis_Chest_CT_nnUNet.model"),
     "nnssl": lambda p: cf.save_nnssl_checkpoint(p / "nnssl_simclr.pth", encoder_only=True),
     "medicalnet": lambda p: cf.save_medicalnet_checkpoint(p / "resnet_10.pth", depth=10, base_features=8),
+    "stunet": lambda p: cf.save_stunet_checkpoint(p / "small_ep4k.model", dims=(4, 8, 16, 16, 16, 16)),
 }
+#: the families run through the whole chain (kept cheap: nnU-Net v2 goes through it as the TotalSegmentator
+#: folder test below; SuPreM shares Genesis' network, planning and training path, its import is tested in process)
+CHAIN = [f for f in FACTORIES if f not in ("nnunet_v2", "suprem")]
 
 
-@pytest.mark.parametrize("family", list(FACTORIES))
+@pytest.mark.parametrize("family", CHAIN)
 def test_import_train_predict(workspace, tmp_path, family):
     ws = workspace
     source_plans = ws["pre"] / "nnUNetPlans.json"
@@ -145,8 +152,134 @@ def test_imported_checkpoint_sets_acnorm_sources(workspace, tmp_path, family, mo
     for module, (weight, bias) in affines.items():
         assert layers[module].source_is_set
         assert torch.equal(layers[module].source_weight, weight) and torch.equal(layers[module].source_bias, bias)
-    assert result.loaded and all(".seg_layers." in k or k.startswith(("out_tr.", "decoder."))
+    assert result.loaded and all(".seg_layers." in k or k.startswith(("out_tr.", "decoder.", "seg_outputs."))
                                  for k in result.fresh if not k.startswith(("decoder.stages", "decoder.transpconvs")))
+
+
+@pytest.mark.parametrize("family", list(FACTORIES))
+def test_encoder_only_import_for_every_family(workspace, tmp_path, family, monkeypatch):
+    """--encoder_only (in-process): only the family's encoder comes from the file; the checkpoint says
+    so; nnUNetTrainerACNorm_encoderOnly's network has AC-Norm in the encoder only, and its -pretrained_weights
+    loading (our read-once loader) sets those sources to the file's affines."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_acnorm.networks import encoder_prefixes, is_encoder_key
+    from nnunet_acnorm.norms import acnorm_modules
+    from nnunet_acnorm.nnunet.plans import import_pretrained
+    from nnunet_acnorm.nnunet.pretrained import put_pretrained_weights, read_pretrained_weights, set_strict_source
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm_encoderOnly
+
+    file = FACTORIES[family](tmp_path)
+    monkeypatch.setenv("nnUNet_preprocessed", workspace["env_plan"]["nnUNet_preprocessed"])
+    lines = []
+    result = import_pretrained(f"Dataset{DATASET:03d}_TinyCT", "3d_fullres", file, plans_name=f"nnUNetPlans_enc_{family}",
+                               output=str(tmp_path / "ckpt.pth"), preprocess=False, encoder_only=True, echo=lines.append)
+    weights = load_pretrained(file)
+    prefixes = weights.family.encoder_prefixes
+    assert result.parts == "encoder" and result.loaded and all(is_encoder_key(k, prefixes) for k in result.loaded)
+    assert torch.load(result.checkpoint, weights_only=True)["acnorm_import"]["parts"] == "encoder"
+    assert any("-tr nnUNetTrainerACNorm_encoderOnly -pretrained_weights" in line for line in lines)
+    pm = PlansManager(json.loads(Path(result.plans_file).read_text()))
+    net = nnUNetTrainerACNorm_encoderOnly.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 2, True)
+    layers = acnorm_modules(net)
+    assert layers and all(is_encoder_key(name, encoder_prefixes(net)) for name in layers)
+    set_strict_source(net, False)
+    put_pretrained_weights(net, read_pretrained_weights(net, result.checkpoint, parts="encoder"))
+    affines = weights.norm_affines()
+    for name, layer in layers.items():
+        assert torch.equal(layer.source_weight, affines[name][0]), name
+
+
+def test_stunet_plans_for_the_target_dataset(workspace, tmp_path, monkeypatch):
+    """STU-Net's plans for this dataset: the network by dotted path, widths/blocks/kernels from the
+    file, the dataset's first five downsamplings padded with [1, 1, 1], the dataset's spacing and
+    normalisation (the authors fine-tuned with the target's own plans), the pretraining's noted."""
+    from nnunet_acnorm.nnunet.plans import import_pretrained
+
+    file = cf.save_stunet_checkpoint(tmp_path / "small_ep4k.model", dims=(4, 8, 16, 16, 16, 16), blocks=2,
+                                     input_channels=1)
+    monkeypatch.setenv("nnUNet_preprocessed", workspace["env_plan"]["nnUNet_preprocessed"])
+    lines = []
+    result = import_pretrained(f"Dataset{DATASET:03d}_TinyCT", "3d_fullres", file, plans_name="nnUNetPlans_stu",
+                               output=str(tmp_path / "ckpt.pth"), preprocess=False, echo=lines.append)
+    source = json.loads((workspace["pre"] / "nnUNetPlans.json").read_text())["configurations"]["3d_fullres"]
+    config = json.loads(Path(result.plans_file).read_text())["configurations"]["3d_fullres"]
+    arch = config["architecture"]
+    assert arch["network_class_name"] == "nnunet_acnorm.networks.stunet.STUNet" and arch["_kw_requires_import"] == []
+    assert arch["arch_kwargs"]["features_per_stage"] == [4, 8, 16, 16, 16, 16]
+    assert arch["arch_kwargs"]["blocks_per_stage"] == [2] * 6 and arch["arch_kwargs"]["kernel_sizes"] == [[3, 3, 3]] * 6
+    downsamplings = source["architecture"]["arch_kwargs"]["strides"][1:6]
+    assert arch["arch_kwargs"]["strides"] == [[1, 1, 1]] + downsamplings + [[1, 1, 1]] * (5 - len(downsamplings))
+    assert config["spacing"] == source["spacing"] and config["normalization_schemes"] == source["normalization_schemes"]
+    text = "\n".join(lines)
+    assert "STU-Net of a custom width" in text and "pretraining (STUNetTrainer_small, small_ep4k.model.pkl): spacing " \
+        "[1.5, 1.5, 1.5], patch [128, 128, 128], normalisation ['ZScoreNormalization']" in text
+    assert {k.split(".")[0] for k in result.fresh} == {"seg_outputs"}  # the heads; all else from the file
+
+
+def test_totalsegmentator_folder_encoder_only_train_predict(workspace, tmp_path):
+    """A TotalSegmentator results folder (nnU-Net 2.1 plans format, 7 organs) -> import --encoder_only
+    (its plans.json and dataset.json build the network; the report says what starts fresh) ->
+    nnUNetv2_train -tr nnUNetTrainerACNorm_encoderOnly -> nnUNetv2_predict."""
+    ws, trainer = workspace, "nnUNetTrainerACNorm_encoderOnly_tinyTest"
+    folder = cf.save_totalsegmentator_model(tmp_path / "totalseg", features=(4, 8, 16))
+    out = _import(ws, folder, "--encoder_only", "-pl", "nnUNetPlans_totalseg").stdout
+    assert "family nnunet_v2" in out and "licence of the weights: that of the data it was trained on" in out
+    assert (f"nnU-Net results folder {folder}: its plans.json (configuration 3d_fullres, trainer "
+            "nnUNetTrainerNoMirroring) and dataset.json (7 labels: spleen, kidney_right, kidney_left, gallbladder "
+            "...) define the network") in out
+    assert "--encoder_only: only the encoder (stem included) comes from the file; the decoder starts fresh" in out
+    assert "the segmentation head starts fresh (2 outputs for this dataset's labels)" in out
+    assert "-tr nnUNetTrainerACNorm_encoderOnly -pretrained_weights" in out
+    checkpoint = _printed(out, "Pretrained checkpoint")
+    written = torch.load(checkpoint, weights_only=True)
+    assert written["acnorm_import"]["parts"] == "encoder"
+    assert all(k.startswith("encoder.") for k in written["acnorm_import"]["loaded_keys"])
+    arch = json.loads((ws["pre"] / "nnUNetPlans_totalseg.json").read_text())["configurations"]["3d_fullres"]["architecture"]
+    assert arch["arch_kwargs"]["features_per_stage"] == [4, 8, 16]  # from the folder's old-format plans
+
+    run_console("nnUNetv2_train", DATASET, "3d_fullres", "0", "-p", "nnUNetPlans_totalseg", "-tr", trainer,
+                "-pretrained_weights", checkpoint, "-device", "cpu", env=ws["env_train"])
+    model_dir = Path(ws["env_train"]["nnUNet_results"]) / f"Dataset{DATASET:03d}_TinyCT" / \
+        f"{trainer}__nnUNetPlans_totalseg__3d_fullres"
+    trained = torch.load(model_dir / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    file = load_pretrained(folder).norm_affines()
+    encoder = [m for m in file if m.startswith("encoder.")]
+    assert encoder and all(torch.equal(trained[m + ".source_weight"], file[m][0]) for m in encoder)
+    assert not any(k.endswith("source_weight") for k in trained if k.startswith("decoder.stages."))  # plain norms
+    assert "the encoder's only: the decoder's norms stay plain" in next(model_dir.glob("fold_0/training_log_*")).read_text()
+
+    pred_dir = tmp_path / "pred"
+    run_console("nnUNetv2_predict", "-i", ws["images"], "-o", pred_dir, "-d", DATASET, "-c", "3d_fullres",
+                "-f", "0", "-p", "nnUNetPlans_totalseg", "-tr", trainer, "-device", "cpu", "--disable_tta",
+                "-npp", "1", "-nps", "1", env=ws["env_train"])
+    assert (pred_dir / "case_000.nii.gz").is_file()
+
+
+def test_2d_nnunet_v2_checkpoint_through_import_and_rank(workspace, tmp_path):
+    """issue 30 item 3: a Conv2d nnU-Net v2 checkpoint with -c 2d was refused by both commands ("the
+    nnunet_v2 network is 3D but configuration has a 2D patch")."""
+    ws = workspace
+    file = cf.save_nnunet_v2_checkpoint(tmp_path / "source2d" / "checkpoint_final.pth",
+                                        architecture=cf.plain_unet_architecture_2d(), configuration="2d")
+    out = run_console("nnUNetv2_acnorm_import", "-d", DATASET, "-c", "2d", "-i", file, "-pl", "nnUNetPlans_2dsource",
+                      "--no_preprocess", env=ws["env_plan"]).stdout
+    config = json.loads((ws["pre"] / "nnUNetPlans_2dsource.json").read_text())["configurations"]["2d"]
+    assert config["architecture"]["arch_kwargs"]["conv_op"] == "torch.nn.modules.conv.Conv2d"
+    written = torch.load(_printed(out, "Pretrained checkpoint"), weights_only=True)["network_weights"]
+    assert written["encoder.stages.0.0.convs.0.conv.weight"].dim() == 4
+    run_console("nnUNetv2_preprocess", "-d", DATASET, "-c", "2d", "-np", "1", env=ws["env_plan"])
+    rank = run_console("nnUNetv2_acnorm_rank", "-d", DATASET, "-c", "2d", "-i", file, "--steps", "1",
+                       "-o", tmp_path / "ranking", "-device", "cpu", "--no_progress", env=ws["env_train"])
+    candidates = json.loads((tmp_path / "ranking" / "ranking.json").read_text())["candidates"]
+    assert [c["status"] for c in candidates] == ["ranked"], rank.stdout
+    # a 3D configuration is refused with the right reason
+    from nnunet_acnorm.nnunet.plans import ImportPlanError, plan_configuration
+
+    source = json.loads((ws["pre"] / "nnUNetPlans.json").read_text())["configurations"]["3d_fullres"]
+    with pytest.raises(ImportPlanError, match=r"network of this file is 2D but the configuration is 3D; use a 2D "
+                                              r"configuration \(-c 2d\)"):
+        plan_configuration(load_pretrained(file), source, {"0": "CT"})
 
 
 def test_genesis_plans_window_and_preprocessing(workspace, tmp_path):
@@ -218,5 +351,10 @@ def test_import_refusals(workspace, tmp_path):
     moco = cf.save_moco_v2_checkpoint(tmp_path / "moco.pth.tar", arch="resnet18", queue_size=16)
     message = _bad(ws, moco)
     assert "2D moco_v2" in message and "nnUNetv2_acnorm_cls_train" in message
+    # a LayerNorm-only network (SAM-Med3D-like): what was found, what AC-Norm needs, the vanilla trainer
+    message = _bad(ws, cf.save_sam_med3d_like_checkpoint(tmp_path / "sam_med3d_turbo.pth"))
+    assert "a transformer (attention weights such as" in message and "of LayerNorm type" in message
+    assert "AC-Norm cannot apply to it: AC-Norm needs affine BatchNorm/InstanceNorm/GroupNorm" in message
+    assert "nnUNetTrainerFinetune (vanilla" in message
     # nothing was written by the refused imports
     assert not list(ws["pre"].glob("nnUNetPlans__moco*.json"))

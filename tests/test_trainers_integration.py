@@ -84,7 +84,8 @@ def test_pretrained_norm_affines_become_frozen_source(pipeline):
 
 def test_loud_warning_absent_with_pretrained_weights_and_schedule_is_finetuning(pipeline):
     log = pipeline["first"].stdout
-    assert "Loading pretrained weights from file" in log
+    assert "Pretrained weights: " in log and "(read once, weights_only=True; parts: all)" in log  # our loader
+    assert "Loading pretrained weights from file" not in log  # not nnU-Net's, which reopens the file
     assert "have no source affines" not in log
     assert "AC-Norm: source affines of all" in log
     assert "Fine-tuning schedule: linear warm-up" in log

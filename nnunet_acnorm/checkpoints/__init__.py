@@ -2,6 +2,7 @@
 
     weights = load_pretrained("Genesis_Chest_CT.pt")          # family detected by content
     weights.family.name, weights.state_dict, weights.info
+    load_pretrained("Dataset291_.../nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres")  # a results folder
 
 One module per family (declarative :class:`PretrainedFamily`); files are read with
 ``torch.load(weights_only=True)``; a file that needs arbitrary pickled objects is refused unless
@@ -11,21 +12,25 @@ from __future__ import annotations
 
 import os
 
+from nnunet_acnorm.checkpoints.census import census
 from nnunet_acnorm.checkpoints.family import (PretrainedFamily, PretrainedLoadError, PretrainedWeights,
                                                    apply_family, read_checkpoint)
 from nnunet_acnorm.checkpoints.keys import wrapper_prefix
+from nnunet_acnorm.checkpoints.results_folder import apply_results_folder, locate_results_folder
 from nnunet_acnorm.checkpoints.families.genesis import GENESIS
 from nnunet_acnorm.checkpoints.families.medicalnet import MEDICALNET
 from nnunet_acnorm.checkpoints.families.moco_v2 import MOCO_V2
 from nnunet_acnorm.checkpoints.families.nnssl import NNSSL
 from nnunet_acnorm.checkpoints.families.nnunet_v1 import NNUNET_V1
 from nnunet_acnorm.checkpoints.families.nnunet_v2 import NNUNET_V2
+from nnunet_acnorm.checkpoints.families.stunet import STUNET
 from nnunet_acnorm.checkpoints.families.suprem import SUPREM
 from nnunet_acnorm.checkpoints.families.torchvision_resnet import TORCHVISION_RESNET
+from nnunet_acnorm.norms.conversion import ACNORM_NEEDS, WITHOUT_ACNORM
 
 #: every supported family, in detection order
 FAMILIES: dict[str, PretrainedFamily] = {f.name: f for f in (
-    GENESIS, SUPREM, NNUNET_V2, NNUNET_V1, NNSSL, MEDICALNET, TORCHVISION_RESNET, MOCO_V2)}
+    GENESIS, SUPREM, NNUNET_V2, NNUNET_V1, STUNET, NNSSL, MEDICALNET, TORCHVISION_RESNET, MOCO_V2)}
 
 
 def detect_family(checkpoint, path: str = "") -> PretrainedFamily:
@@ -34,15 +39,25 @@ def detect_family(checkpoint, path: str = "") -> PretrainedFamily:
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        if isinstance(checkpoint, dict):
-            top = sorted(str(k) for k in checkpoint)[:8]
-            what = f"top-level keys {top}{' ...' if len(checkpoint) > 8 else ''}"
-        else:
-            what = f"a {type(checkpoint).__name__}, not a dict"
-        raise PretrainedLoadError(f"{path}: no known pretrained family recognises this file ({what}); tried "
-                                  f"{', '.join(FAMILIES)}. Pass -f FAMILY if you know its family")
+        raise PretrainedLoadError(unknown_family_message(checkpoint, path))
     raise PretrainedLoadError(f"{path}: several families recognise this file "
                               f"({', '.join(f.name for f in matches)}); pass -f FAMILY to choose")
+
+
+def unknown_family_message(checkpoint, path: str = "") -> str:
+    """One line for a file no family recognises: what it holds, what AC-Norm needs, what to do instead."""
+    if isinstance(checkpoint, dict):
+        top = sorted(str(k) for k in checkpoint)[:8]
+        what = f"top-level keys {top}{' ...' if len(checkpoint) > 8 else ''}"
+    else:
+        what = f"a {type(checkpoint).__name__}, not a dict"
+    found = census(checkpoint)
+    head = f"{path}: no known pretrained family recognises this file ({what}; {found.describe()}); tried " \
+           f"{', '.join(FAMILIES)}"
+    if found.transformer_only:
+        return f"{head}. AC-Norm cannot apply to it: {ACNORM_NEEDS}; {WITHOUT_ACNORM}"
+    return f"{head}. Pass -f FAMILY if you know its family; {ACNORM_NEEDS} in a network this plugin can build, " \
+           f"otherwise {WITHOUT_ACNORM}"
 
 
 def strip_wrapper_prefix(checkpoint) -> tuple[object, str] | None:
@@ -92,11 +107,16 @@ def load_pretrained(path: str | os.PathLike, family: str | None = None,
     path = os.fspath(path)
     if family is not None and family not in FAMILIES:
         raise PretrainedLoadError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    folder = locate_results_folder(path)  # an nnU-Net results folder (TotalSegmentator's models) or a file in one
+    if folder is not None:
+        path = folder.checkpoint
     checkpoint = read_checkpoint(path, trust_pickle=trust_pickle)
     chosen, checkpoint, prefix = resolve_family(checkpoint, path, family)
     weights = apply_family(chosen, checkpoint, path)
     if prefix is not None:
         weights.info["stripped_prefix"] = prefix
+    if folder is not None:
+        apply_results_folder(weights, folder)
     return weights
 
 
@@ -106,4 +126,4 @@ def _detected_name(checkpoint) -> str:
 
 
 __all__ = ["FAMILIES", "PretrainedFamily", "PretrainedLoadError", "PretrainedWeights", "detect_family",
-           "load_pretrained", "read_checkpoint", "resolve_family", "strip_wrapper_prefix"]
+           "load_pretrained", "read_checkpoint", "resolve_family", "strip_wrapper_prefix", "unknown_family_message"]

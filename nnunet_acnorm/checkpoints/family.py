@@ -89,6 +89,9 @@ class PretrainedFamily:
     map_key: Callable[[str], str | None] = _identity_key
     filter_state_dict: Callable[[StateDict, dict], StateDict] | None = None
     read_info: Callable[[Any, StateDict], dict] = _no_info
+    #: ``read_companion(path)``: facts from files published beside the checkpoint (nnU-Net v1's
+    #: ``<file>.pkl``), merged into ``info``; None: the file stands alone
+    read_companion: Callable[[str], dict] | None = None
     #: our key of the first convolution's weight (input-channel adaptation); None: from info["stem_key"]
     stem_weight_key: str | None = None
     #: prefixes (our names) of the encoder; an import must match at least these
@@ -111,6 +114,20 @@ class PretrainedWeights:
     @property
     def stem_weight_key(self) -> str | None:
         return self.info.get("stem_key", self.family.stem_weight_key)
+
+    @property
+    def stem_weight_keys(self) -> tuple[str, ...]:
+        """Every weight that convolves the input image (STU-Net: the stem conv and its 1x1 shortcut)."""
+        keys = self.info.get("stem_keys")
+        if keys:
+            return tuple(keys)
+        return (self.stem_weight_key,) if self.stem_weight_key else ()
+
+    @property
+    def spatial_dims(self) -> int:
+        """The file's own number of spatial dimensions (an nnU-Net v2 checkpoint is 2D or 3D by its
+        plans), else the family's."""
+        return int(self.info.get("spatial_dims", self.family.spatial_dims))
 
     @property
     def description(self) -> str:
@@ -184,6 +201,8 @@ def apply_family(family: PretrainedFamily, checkpoint: Any, path: str = "") -> P
         raise PretrainedLoadError(f"{path}: no state dict under {wanted}: not a {family.name} checkpoint")
     raw = tensor_items(raw)
     info = family.read_info(checkpoint, raw)
+    if family.read_companion is not None and path:
+        info.update(family.read_companion(path))
     mapped: StateDict = {}
     for key, value in raw.items():
         for prefix in family.strip_prefixes:

@@ -2,6 +2,8 @@
 
     nnUNetv2_acnorm_import -d 501 -c 3d_fullres -i Genesis_Chest_CT.pt
     nnUNetv2_train 501 3d_fullres 0 -p <plans> -tr nnUNetTrainerACNorm -pretrained_weights <checkpoint>
+    nnUNetv2_acnorm_import -d 501 -c 3d_fullres -i <results>/Dataset291_.../nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres \
+        --encoder_only          # then -tr nnUNetTrainerACNorm_encoderOnly
 
 What it does is :func:`nnunet_acnorm.nnunet.plans.import_pretrained`'s job: new plans for the
 pretrained network, preprocessing if needed, and an nnU-Net checkpoint for ``-pretrained_weights``.
@@ -24,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "pretrained network, preprocessing if needed, and an nnU-Net checkpoint for -pretrained_weights.")
     p.add_argument("-d", dest="dataset", required=True, help="dataset name or id")
     p.add_argument("-c", dest="configuration", required=True, help="configuration, e.g. 3d_fullres")
-    p.add_argument("-i", dest="file", required=True, help="the pretrained checkpoint file")
+    p.add_argument("-i", dest="file", required=True,
+                   help="the pretrained checkpoint file, or an nnU-Net v2 results folder (e.g. a TotalSegmentator model: "
+                        "Dataset291_.../nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres) or a checkpoint inside one")
     p.add_argument("-f", dest="family", choices=sorted(FAMILIES), default=None,
                    help="force the family (default: detected from the file's content)")
     p.add_argument("--trust_pickle", action="store_true",
@@ -37,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", dest="num_processes", type=int, default=2, help="processes for preprocessing (default 2)")
     p.add_argument("--no_preprocess", action="store_true", help="do not run the preprocessing (print the command)")
     p.add_argument("--overwrite", action="store_true", help="replace plans/checkpoint written by an earlier import")
+    p.add_argument("--encoder_only", action="store_true",
+                   help="take only the encoder (stem included) from the file; the decoder starts fresh (as nnU-Net's "
+                        "PretrainedTrainer). Train with the _encoderOnly trainers, e.g. nnUNetTrainerACNorm_encoderOnly")
     return p
 
 
@@ -44,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     import_pretrained(args.dataset, args.configuration, args.file, args.family, args.trust_pickle, args.source_plans,
                       args.plans_name, args.output, args.num_processes, not args.no_preprocess, args.overwrite,
-                      echo=print)
+                      echo=print, encoder_only=args.encoder_only)
 
 
 def import_entry(argv: list[str] | None = None) -> None:

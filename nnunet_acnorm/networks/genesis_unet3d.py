@@ -134,6 +134,9 @@ class GenesisEncoder3D(nn.Module):
     (global average pool, Linear(512, 1024), ReLU, Linear(1024, n)).
     """
 
+    #: state-dict prefixes of the encoder (the stem included)
+    encoder_prefixes = ("down_tr64.", "down_tr128.", "down_tr256.", "down_tr512.")
+
     def __init__(self, input_channels: int = 1, base_features: int = 32, act: str = "relu",
                  input_window: Sequence[float] | None = None) -> None:
         super().__init__()

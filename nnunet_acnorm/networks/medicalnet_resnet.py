@@ -96,6 +96,9 @@ class Bottleneck(nn.Module):
 class MedicalNetResNet3D(nn.Module):
     """A MedicalNet 3D ResNet encoder; ``forward`` returns the ``layer4`` features (1/8 size)."""
 
+    #: state-dict prefixes of the encoder (the stem ``conv1``/``bn1`` included)
+    encoder_prefixes = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
+
     def __init__(self, depth: int = 18, input_channels: int = 1, shortcut_type: str | None = None,
                  base_features: int = 64) -> None:
         super().__init__()

@@ -12,7 +12,9 @@ behind ``nnUNetv2_acnorm_import``; the ranking uses it too).
    changed (otherwise the new plans reuse the existing preprocessed data);
 4. writes an nnU-Net checkpoint ``{"network_weights": ...}`` holding every key of the planned
    network: the file's tensors where it has them (stem adapted when the number of input channels
-   differs), a fresh initialisation elsewhere (decoder of encoder-only files, segmentation head).
+   differs, convolution kernels bridged where only their spatial size differs), a fresh
+   initialisation elsewhere (decoder of encoder-only files, segmentation head; with
+   ``encoder_only`` the whole decoder, as nnU-Net's ``PretrainedTrainer`` does).
 
 It prints nothing itself: each line of its report goes to the ``echo`` callable (the command passes
 ``print``, the ranking its log).
@@ -25,34 +27,19 @@ from copy import deepcopy
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from torch import nn
 
 from nnunet_acnorm.checkpoints import PretrainedWeights, load_pretrained
+from nnunet_acnorm.checkpoints.adapt import fit_tensor
 from nnunet_acnorm.checkpoints.io import atomic_torch_save, atomic_write_text
 from nnunet_acnorm.checkpoints.keys import canonical_keys
+from nnunet_acnorm.networks.parts import is_encoder_key
 from nnunet_acnorm.errors import InputError
 from nnunet_acnorm.nnunet.dataset import check_identifier, read_preprocessed_dataset
 
 
 class ImportPlanError(InputError):
     """The pretrained file cannot be planned onto this dataset."""
-
-
-# -- input-channel adaptation ---------------------------------------------------------------------
-def adapt_stem_weight(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """Adapt a first-convolution weight [out, c_pre, *k] to ``in_channels`` inputs.
-
-    The pretrained filters are averaged over their input channels, repeated for each new channel,
-    and scaled by c_pre / in_channels, so that an input whose channels all carry the same image
-    gives the pretrained response (1 -> n: repeat and divide by n; 3 -> 1: the sum of the three
-    filters, as timm does for RGB -> grey).
-    """
-    c_pre = weight.shape[1]
-    if in_channels == c_pre:
-        return weight.clone()
-    mean = weight.mean(dim=1, keepdim=True)
-    return mean.repeat(1, in_channels, *([1] * (weight.dim() - 2))) * (c_pre / in_channels)
 
 
 # -- the plans for the pretrained network ---------------------------------------------------------
@@ -77,9 +64,11 @@ def plan_configuration(weights: PretrainedWeights, source_config: dict, channel_
     config = deepcopy(source_config)
     config.pop("inherits_from", None)
     notes: list[str] = []
-    if len(config["patch_size"]) != family.spatial_dims:
-        raise ImportPlanError(f"the {family.name} network is {family.spatial_dims}D but configuration has a "
-                              f"{len(config['patch_size'])}D patch; use a 3d configuration (-c 3d_fullres)")
+    dims = weights.spatial_dims
+    if len(config["patch_size"]) != dims:
+        raise ImportPlanError(f"the {family.name} network of this file is {dims}D but the configuration is "
+                              f"{len(config['patch_size'])}D; use a {dims}D configuration "
+                              f"(-c {'2d' if dims == 2 else '3d_fullres'})")
     if family.plan_architecture is None:
         raise ImportPlanError(f"{family.name} files carry no architecture this command can plan")
     family.plan_architecture(weights, config, channel_names, notes)
@@ -106,42 +95,45 @@ class WeightTransfer:
     unused: list[str]
 
 
-def transfer_weights(weights: PretrainedWeights, network: nn.Module, num_input_channels: int) -> WeightTransfer:
+def transfer_weights(weights: PretrainedWeights, network: nn.Module, num_input_channels: int,
+                     encoder_only: bool = False) -> WeightTransfer:
     """Put the file's tensors into ``network`` (fresh elsewhere); refuse if the encoder did not match.
 
     Decoder tensors of the file whose shape does not fit start fresh (reported); encoder tensors
-    must all be in the file with the network's shapes (the stem may differ in input channels).
+    must all be in the file with the network's shapes, up to what can be bridged (the stem's input
+    channels, kernel sizes: :func:`~nnunet_acnorm.checkpoints.adapt.fit_tensor`). ``encoder_only``:
+    nothing outside the family's encoder prefixes is taken from the file.
     """
     own = network.state_dict()
+    encoder = weights.family.encoder_prefixes
     matched, adapted, unused, misfit = {}, [], [], []
-    stem_key = weights.stem_weight_key
+    stems = set(weights.stem_weight_keys)
     for key, value in weights.state_dict.items():
-        if key not in own:
+        if key not in own or (encoder_only and not is_encoder_key(key, encoder)):
             unused.append(key)
             continue
-        target = own[key]
-        if tuple(value.shape) == tuple(target.shape):
-            matched[key] = value.to(target.dtype)
-        elif (key == stem_key and value.dim() == target.dim() and value.shape[0] == target.shape[0]
-              and value.shape[2:] == target.shape[2:] and target.shape[1] == num_input_channels):
-            matched[key] = adapt_stem_weight(value, num_input_channels).to(target.dtype)
-            adapted.append(f"{key}: {value.shape[1]} -> {num_input_channels} input channels")
-        else:
-            misfit.append(f"{key} {tuple(value.shape)} vs {tuple(target.shape)}")
-    encoder_keys = [k for k in canonical_keys(own) if k.startswith(weights.family.encoder_prefixes)]
+        fitted = fit_tensor(value, tuple(own[key].shape), key in stems, num_input_channels)
+        if fitted is None:
+            misfit.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
+            continue
+        matched[key] = fitted[0].to(own[key].dtype)
+        if fitted[1]:
+            adapted.append(f"{key}: {fitted[1]}")
+    encoder_keys = [k for k in canonical_keys(own) if is_encoder_key(k, encoder)]
     missing_encoder = [k for k in encoder_keys if k not in matched]
     if not encoder_keys or missing_encoder:
         first = missing_encoder[0] if missing_encoder else "none"
         shape_note = next((m for m in misfit if m.startswith(first + " ")), None)
         raise ImportPlanError(
-                              f"{weights.path}: not even the encoder matched: {len(missing_encoder)} of {len(encoder_keys)} encoder "
-                              f"tensors of the planned {weights.family.name} network are not in the file"
-                              f"{' with the same shape' if misfit else ''} (first: {shape_note or first}); "
-                              f"{len(matched)} tensor(s) matched elsewhere. The file does not fit: check -f and the file")
+            f"{weights.path}: not even the encoder matched: {len(missing_encoder)} of {len(encoder_keys)} encoder "
+            f"tensors of the planned {weights.family.name} network are not in the file"
+            f"{' with the same shape' if misfit else ''} (first: {shape_note or first}; kernel sizes and the stem's "
+            f"input channels can be bridged, other widths and depths cannot); {len(matched)} tensor(s) matched "
+            "elsewhere. The file does not fit: check -f and the file")
     network.load_state_dict(matched, strict=False)
     state = {k: v.detach().clone() for k, v in network.state_dict().items()}
     fresh = [k for k in canonical_keys(state) if k not in matched]
-    return WeightTransfer(state, sorted(matched), fresh, adapted, unused + misfit)
+    return WeightTransfer(state, sorted(matched), fresh, adapted, ([] if encoder_only else unused) + misfit)
 
 
 def _group(keys: list[str]) -> str:
@@ -164,105 +156,143 @@ class ImportResult:
     fresh: list[str]
     adapted: list[str]
     preprocessed: bool
+    #: "all" or "encoder" (the trainers' pretrained_parts that go with the checkpoint)
+    parts: str = "all"
 
 
 def _silent(line: str) -> None:
     pass
 
 
+def _new_plans(plans: dict, configuration: str, new_config: dict, plans_name: str, weights: PretrainedWeights,
+               source_plans: str) -> dict:
+    new_plans = deepcopy(plans)
+    new_plans["plans_name"] = plans_name
+    new_plans["configurations"] = {configuration: new_config}
+    new_plans["acnorm_pretrained"] = {"family": weights.family.name, "file": os.path.abspath(weights.path),
+                                      "source_plans": source_plans}
+    return new_plans
+
+
+def _needs_preprocessing(new_config: dict, source_config: dict) -> bool:
+    return (new_config["normalization_schemes"] != source_config["normalization_schemes"]
+            or [float(s) for s in new_config["spacing"]] != [float(s) for s in source_config["spacing"]]
+            or new_config.get("use_mask_for_norm") != source_config.get("use_mask_for_norm"))
+
+
+def _build_network(weights: PretrainedWeights, arch: dict, num_inputs: int, num_outputs: int) -> nn.Module:
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    try:
+        return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                      num_inputs, num_outputs, allow_init=True, deep_supervision=True)
+    except Exception as e:  # noqa: BLE001 - a plans/architecture mismatch, reported in one line
+        raise ImportPlanError(f"cannot build the {weights.family.name} network from the planned architecture "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def import_pretrained(dataset: str, configuration: str, file: str | PretrainedWeights, family: str | None = None,
                       trust_pickle: bool = False, source_plans: str = "nnUNetPlans", plans_name: str | None = None,
                       output: str | None = None, num_processes: int = 2, preprocess: bool = True,
-                      overwrite: bool = False, echo=_silent) -> ImportResult:
+                      overwrite: bool = False, echo=_silent, encoder_only: bool = False) -> ImportResult:
     """Plans, preprocessing and an nnU-Net checkpoint for fine-tuning ``dataset`` from ``file`` (a path,
-    or weights already read by :func:`~nnunet_acnorm.checkpoints.load_pretrained`)."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    an nnU-Net results folder, or weights already read by :func:`~nnunet_acnorm.checkpoints.load_pretrained`).
+    ``encoder_only``: take only the encoder (and stem) from the file; the decoder starts fresh."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     if plans_name is not None:  # before anything is read or written: the name becomes a file name
         check_identifier(plans_name, "-pl (new plans identifier)")
     source = read_preprocessed_dataset(dataset, configuration, source_plans)
-    dataset_name, folder = source.name, source.folder
-    plans, dataset_json = source.plans, source.dataset_json
-    plans_manager = PlansManager(plans)
-
+    plans_manager = PlansManager(source.plans)
     weights = file if isinstance(file, PretrainedWeights) else \
         load_pretrained(file, family=family, trust_pickle=trust_pickle)
-    file = weights.path
     fam = weights.family
-    if fam.spatial_dims == 2:
-        raise ImportPlanError(f"{file}: a 2D {fam.name} file ({weights.description}) cannot initialise a 3D "
-                              "segmentation network; use it with the classification trainer (nnUNetv2_acnorm_cls_train)")
+    if fam.plan_architecture is None and fam.classifier is not None:
+        raise ImportPlanError(f"{weights.path}: a {weights.spatial_dims}D {fam.name} file ({weights.description}) "
+                              "cannot initialise a segmentation network; use it with the classification trainer "
+                              "(nnUNetv2_acnorm_cls_train)")
     source_config = plans_manager.get_configuration(configuration).configuration
-    planned = plan_configuration(weights, source_config, dataset_json["channel_names"])  # works on a copy
+    planned = plan_configuration(weights, source_config, source.dataset_json["channel_names"])  # works on a copy
     new_config = planned.configuration
     plans_name = plans_name or f"{source_plans}__{fam.name}"
     if plans_name == source_plans:
         raise ImportPlanError("the new plans name must differ from the source plans (-p); the source stays untouched")
-    needs_preprocessing = (new_config["normalization_schemes"] != source_config["normalization_schemes"]
-                           or [float(s) for s in new_config["spacing"]] != [float(s) for s in source_config["spacing"]]
-                           or new_config.get("use_mask_for_norm") != source_config.get("use_mask_for_norm"))
+    needs_preprocessing = _needs_preprocessing(new_config, source_config)
     if needs_preprocessing:
         new_config["data_identifier"] = f"{plans_name}_{configuration}"
-    new_plans = deepcopy(plans)
-    new_plans["plans_name"] = plans_name
-    new_plans["configurations"] = {configuration: new_config}
-    new_plans["acnorm_pretrained"] = {"family": fam.name, "file": os.path.abspath(file),
-                                      "source_plans": source_plans}
-
-    plans_file = os.path.join(folder, plans_name + ".json")
-    checkpoint_file = output or os.path.join(folder, "acnorm_pretrained", f"{plans_name}__{configuration}.pth")
-
-    num_inputs = len(dataset_json["channel_names"])
-    label_manager = plans_manager.get_label_manager(dataset_json)
-    arch = new_config["architecture"]
-    try:
-        network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
-                                         num_inputs, label_manager.num_segmentation_heads, allow_init=True,
-                                         deep_supervision=True)
-    except Exception as e:  # noqa: BLE001 - a plans/architecture mismatch, reported in one line
-        raise ImportPlanError(f"cannot build the {fam.name} network from the planned architecture "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    transfer = transfer_weights(weights, network, num_inputs)
+    plans_file = os.path.join(source.folder, plans_name + ".json")
+    checkpoint_file = output or os.path.join(source.folder, "acnorm_pretrained", f"{plans_name}__{configuration}.pth")
+    num_inputs = len(source.dataset_json["channel_names"])
+    num_outputs = plans_manager.get_label_manager(source.dataset_json).num_segmentation_heads
+    network = _build_network(weights, new_config["architecture"], num_inputs, num_outputs)
+    transfer = transfer_weights(weights, network, num_inputs, encoder_only)
     for existing in (plans_file, checkpoint_file):
         if os.path.exists(existing) and not overwrite:
             raise ImportPlanError(f"{existing} exists; pass --overwrite to replace it, or -o / -pl for new names")
-
+    parts = "encoder" if encoder_only else "all"
     os.makedirs(os.path.dirname(os.path.abspath(checkpoint_file)), exist_ok=True)
-    atomic_torch_save({"network_weights": transfer.state_dict,
-                       "acnorm_import": {"family": fam.name, "file": os.path.abspath(file), "plans": plans_name,
-                                         "configuration": configuration, "loaded_keys": transfer.loaded,
-                                         "fresh_keys": transfer.fresh, "adapted": transfer.adapted}},
-                      checkpoint_file)
-    atomic_write_text(plans_file, json.dumps(new_plans, indent=4, sort_keys=False))
+    atomic_torch_save({"network_weights": transfer.state_dict, "acnorm_import": {
+        "family": fam.name, "file": os.path.abspath(weights.path), "plans": plans_name, "configuration": configuration,
+        "loaded_keys": transfer.loaded, "fresh_keys": transfer.fresh, "adapted": transfer.adapted, "parts": parts}},
+        checkpoint_file)
+    atomic_write_text(plans_file, json.dumps(_new_plans(source.plans, configuration, new_config, plans_name, weights,
+                                                        source_plans), indent=4, sort_keys=False))
+    result = ImportResult(plans_name, plans_file, checkpoint_file, fam.name, transfer.loaded, transfer.fresh,
+                          transfer.adapted, needs_preprocessing and preprocess, parts)
+    _report(echo, weights, new_config, planned.notes, transfer, result, num_outputs)
+    _preprocess(echo, dataset, source.name, configuration, result, needs_preprocessing, num_processes, new_config)
+    _report_commands(echo, dataset, configuration, result)
+    return result
 
-    echo(f"Pretrained file: {file} -> family {fam.name} ({weights.description}); licence of the weights: "
+
+def _report(echo, weights: PretrainedWeights, config: dict, notes: list[str], transfer: WeightTransfer,
+            result: ImportResult, num_outputs: int) -> None:
+    fam = weights.family
+    echo(f"Pretrained file: {weights.path} -> family {fam.name} ({weights.description}); licence of the weights: "
          f"{fam.licence}")
-    echo(f"Network: {arch['network_class_name']}; norm layers: {fam.norm_type}")
-    for note in planned.notes:
+    folder = weights.info.get("results_folder")
+    if folder:
+        labels = [k for k in (weights.info.get("dataset_json") or {}).get("labels", {}) if k != "background"]
+        echo(f"  nnU-Net results folder {folder}: its plans.json (configuration {weights.info.get('configuration')}, "
+             f"trainer {weights.info.get('trainer_name')}) and dataset.json ({len(labels)} labels: "
+             f"{', '.join(labels[:4])}{' ...' if len(labels) > 4 else ''}) define the network")
+    echo(f"Network: {config['architecture']['network_class_name']}; norm layers: {fam.norm_type}")
+    for note in notes:
         echo(f"  {note}")
     echo(f"Loaded {len(transfer.loaded)} tensors from the file; {len(transfer.fresh)} start fresh"
          + (f": {_group(transfer.fresh)}" if transfer.fresh else ""))
+    if result.parts == "encoder":
+        echo("  --encoder_only: only the encoder (stem included) comes from the file; the decoder starts fresh")
+    echo(f"  the segmentation head starts fresh ({num_outputs} outputs for this dataset's labels)")
     if transfer.unused:
         echo(f"  {len(transfer.unused)} tensor(s) of the file do not fit the planned network and are ignored "
              f"(first: {transfer.unused[0]})")
     for line in transfer.adapted:
-        echo(f"  stem adapted (averaged over the pretrained input channels, repeated, scaled): {line}")
-    if needs_preprocessing and preprocess:
-        echo(f"Preprocessing {dataset_name} {configuration} with plans {plans_name} (normalisation/spacing changed)")
+        echo(f"  adapted (stem: averaged over the pretrained input channels, repeated, scaled; kernels: bridged): "
+             f"{line}")
+
+
+def _preprocess(echo, dataset: str, dataset_name: str, configuration: str, result: ImportResult,
+                needs_preprocessing: bool, num_processes: int, new_config: dict) -> None:
+    if needs_preprocessing and result.preprocessed:
+        echo(f"Preprocessing {dataset_name} {configuration} with plans {result.plans_name} (normalisation/spacing "
+             "changed)")
         from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess as nnunet_preprocess
-        nnunet_preprocess([int(dataset_name[7:10])], plans_name, [configuration], [num_processes], verbose=False,
-                          show_progress_bar=False)
+        nnunet_preprocess([int(dataset_name[7:10])], result.plans_name, [configuration], [num_processes],
+                          verbose=False, show_progress_bar=False)
     elif needs_preprocessing:
-        echo(f"Preprocessing skipped: run nnUNetv2_preprocess -d {dataset} -plans_name {plans_name} -c {configuration}")
+        echo(f"Preprocessing skipped: run nnUNetv2_preprocess -d {dataset} -plans_name {result.plans_name} "
+             f"-c {configuration}")
     else:
         echo(f"Preprocessing: not needed (reuses {new_config['data_identifier']})")
-    echo(f"Plans identifier: {plans_name}")
-    echo(f"Pretrained checkpoint: {checkpoint_file}")
+
+
+def _report_commands(echo, dataset: str, configuration: str, result: ImportResult) -> None:
+    trainer = "nnUNetTrainerACNorm" + ("_encoderOnly" if result.parts == "encoder" else "")
+    echo(f"Plans identifier: {result.plans_name}")
+    echo(f"Pretrained checkpoint: {result.checkpoint}")
     echo("Train and predict with:")
-    echo(f"  nnUNetv2_train {dataset} {configuration} FOLD -p {plans_name} -tr nnUNetTrainerACNorm "
-         f"-pretrained_weights {checkpoint_file}")
-    echo(f"  nnUNetv2_predict -i INPUT -o OUTPUT -d {dataset} -c {configuration} -f FOLD -p {plans_name} "
-         "-tr nnUNetTrainerACNorm")
-    return ImportResult(plans_name, plans_file, checkpoint_file, fam.name, transfer.loaded, transfer.fresh,
-                        transfer.adapted, needs_preprocessing and preprocess)
+    echo(f"  nnUNetv2_train {dataset} {configuration} FOLD -p {result.plans_name} -tr {trainer} "
+         f"-pretrained_weights {result.checkpoint}")
+    echo(f"  nnUNetv2_predict -i INPUT -o OUTPUT -d {dataset} -c {configuration} -f FOLD -p {result.plans_name} "
+         f"-tr {trainer}")

@@ -1,11 +1,19 @@
 """Checks around the checkpoints the fine-tuning trainers load.
 
-- ``-pretrained_weights``: nnU-Net's loader (``nnunetv2.run.load_pretrained_weights``) asserts
-  that every network key except the segmentation layers is in the file with the same shape, but
-  its message prints the whole tensor of the network instead of its shape, and a missing or
-  foreign file ends in a traceback. The fine-tuning trainers call :func:`check_pretrained_weights`
-  first and stop with one line that names the file, the first offending key and both shapes (and,
-  where the file says so, the plans it was made for, or the ``module.`` prefix it carries).
+- ``-pretrained_weights``: the trainers read the file ONCE, with ``torch.load(weights_only=True)``
+  (:func:`read_pretrained_weights`), check it against the network and keep the tensors; nnU-Net's
+  ``run_training`` then calls its ``load_pretrained_weights(network, fname)``, which would open the
+  path a second time with ``weights_only=False`` (a file swapped in between would run pickled code):
+  :func:`route_pretrained_loading` makes that call, for this trainer's network only, put the tensors
+  already read instead. What is checked is what is loaded.
+- What loads (``parts``): ``"all"``: nnU-Net's rule, every network key except the segmentation
+  layers (``.seg_layers.``) must be in the file with the same shape; ``"encoder"``: only the
+  encoder and its stem (:func:`nnunet_acnorm.networks.encoder_prefixes`), the decoder and heads
+  start fresh, as nnU-Net's ``PretrainedTrainer`` does. Convolution kernels whose spatial size
+  differs (e.g. [3, 3, 3] in the file, [1, 3, 3] in anisotropic target plans) are bridged
+  (:func:`nnunet_acnorm.checkpoints.adapt.bridge_kernel`); other shape differences (another depth or
+  width) stop the start with one line that names the file, the first offending key and both shapes
+  (and, where the file says so, the plans it was made for, or the ``module.`` prefix it carries).
 - Strict AC-Norm reload: the networks the AC-Norm trainers build demand their source affines
   (``source_weight``/``source_bias``) in every state dict they load, except while in "pretrained
   loading" mode (:func:`set_strict_source`), which only ``-pretrained_weights`` switches on.
@@ -16,12 +24,22 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass, field
+from typing import Callable
 
+import torch
 from torch import nn
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel
 
+from nnunet_acnorm.checkpoints.adapt import fit_tensor
 from nnunet_acnorm.checkpoints.io import CheckpointReadError, safe_torch_load
-from nnunet_acnorm.checkpoints.keys import first_misfit, transferable_keys, wrapper_prefix
+from nnunet_acnorm.checkpoints.keys import canonical_keys, is_alias, transferable_keys, wrapper_prefix
 from nnunet_acnorm.errors import InputError
+from nnunet_acnorm.networks.parts import NoEncoderError, encoder_prefixes, is_encoder_key
+
+#: what a trainer loads from -pretrained_weights (its class attribute ``pretrained_parts``)
+PRETRAINED_PARTS = ("all", "encoder")
 
 class PretrainedWeightsError(InputError):
     """The pretrained checkpoint cannot initialise this network."""
@@ -96,20 +114,39 @@ def _misfit_advice(checkpoint: dict, plans_name: str | None) -> str:
     return f"{phrase}; {advice}" if phrase else advice
 
 
-def check_pretrained_weights(network: nn.Module, fname: str, plans_name: str | None = None) -> dict:
-    """Raise :class:`PretrainedWeightsError` unless nnU-Net's loader can put ``fname`` into ``network``.
+@dataclass
+class PretrainedLoad:
+    """What -pretrained_weights puts into a network: read once, checked, fitted."""
 
-    ``plans_name``: the plans of the training (to tell whether an imported checkpoint's plans are
-    others). Returns the checkpoint's network weights.
-    """
-    checkpoint = _load_pretrained_checkpoint(fname)
-    pretrained = checkpoint["network_weights"]
-    model_state = network.state_dict()
-    misfit = first_misfit(model_state, pretrained, transferable_keys(model_state))
-    if misfit is None:
-        return pretrained
-    key = misfit.key
-    if misfit.kind == "missing":
+    path: str
+    parts: str
+    #: network key -> tensor to load (kernels already bridged)
+    state: dict = field(default_factory=dict)
+    #: "key: kernel [3, 3, 3] -> [1, 3, 3]" for every bridged tensor
+    bridged: list = field(default_factory=list)
+    #: network keys that start fresh (segmentation layers; decoder and heads for ``encoder``)
+    fresh: list = field(default_factory=list)
+    #: AC-Norm layers whose affines in the file are a fresh initialisation (an imported checkpoint's
+    #: ``acnorm_import.fresh_keys``): their source is that initialisation
+    unpretrained_norms: list = field(default_factory=list)
+
+
+def _keys_to_load(network: nn.Module, parts: str) -> list[str]:
+    own = network.state_dict()
+    if parts == "all":
+        return transferable_keys(own)
+    if parts != "encoder":
+        raise ValueError(f"pretrained_parts must be one of {PRETRAINED_PARTS}, got {parts!r}")
+    try:
+        prefixes = encoder_prefixes(network)
+    except NoEncoderError as e:
+        raise PretrainedWeightsError(str(e)) from None
+    return [k for k in canonical_keys(own) if is_encoder_key(k, prefixes)]
+
+
+def _refuse_misfit(fname: str, checkpoint: dict, pretrained: dict, key: str, own_shape, plans_name, parts) -> None:
+    where = " (of the encoder, which the _encoderOnly trainers load)" if parts == "encoder" else ""
+    if key not in pretrained:
         prefix = wrapper_prefix(pretrained)
         if prefix is not None and prefix + key in pretrained:
             raise PretrainedWeightsError(
@@ -118,18 +155,97 @@ def check_pretrained_weights(network: nn.Module, fname: str, plans_name: str | N
                 f"as '{prefix}{key}'. Re-save network_weights without the prefix, or convert the file with "
                 f"nnUNetv2_acnorm_import -i {fname}, which strips it")
         raise PretrainedWeightsError(
-            f"{fname} does not fit this network: key '{key}' (shape {misfit.network_shape}) is missing "
-            f"in the checkpoint. It comes from another architecture or plans; "
-            f"{_misfit_advice(checkpoint, plans_name)}")
-    if misfit.kind == "shape":
-        raise PretrainedWeightsError(
-            f"{fname} does not fit this network: first mismatching key '{key}' has shape "
-            f"{misfit.file_shape} in the checkpoint but {misfit.network_shape} in the network. It comes "
-            "from another architecture, plans or number of input channels; "
-            f"{_misfit_advice(checkpoint, plans_name)}")
+            f"{fname} does not fit this network: key '{key}' (shape {tuple(own_shape)}){where} is missing "
+            f"in the checkpoint. It comes from another architecture or plans; {_misfit_advice(checkpoint, plans_name)}")
     raise PretrainedWeightsError(
-        f"{fname}: key '{key}' contains NaN or infinite values; the checkpoint is corrupted or "
-        "comes from a diverged run")
+        f"{fname} does not fit this network: first mismatching key '{key}'{where} has shape "
+        f"{tuple(pretrained[key].shape)} in the checkpoint but {tuple(own_shape)} in the network (kernel sizes "
+        "can be bridged, channel counts and depths cannot). It comes from another architecture, plans or number of "
+        f"input channels; {_misfit_advice(checkpoint, plans_name)}")
+
+
+def read_pretrained_weights(network: nn.Module, fname: str, plans_name: str | None = None,
+                            parts: str = "all") -> PretrainedLoad:
+    """Read ``fname`` once (``weights_only=True``) and check it against ``network``: raise
+    :class:`PretrainedWeightsError` (one line) unless every key of ``parts`` is in the file with the
+    network's shape (kernel sizes bridged) and finite values. ``plans_name``: the training's plans
+    (to tell whether an imported checkpoint was made for others)."""
+    checkpoint = _load_pretrained_checkpoint(fname)
+    pretrained = checkpoint["network_weights"]
+    own = network.state_dict()
+    load = PretrainedLoad(os.path.abspath(fname), parts)
+    keys = _keys_to_load(network, parts)
+    for key in keys:
+        if key in pretrained and not isinstance(pretrained[key], torch.Tensor):
+            raise PretrainedWeightsError(f"{fname}: network_weights['{key}'] is a {type(pretrained[key]).__name__}, "
+                                         "not a tensor; the checkpoint was edited or is not an nnU-Net checkpoint")
+        fitted = fit_tensor(pretrained[key], tuple(own[key].shape), False, 0) if key in pretrained else None
+        if fitted is None:
+            _refuse_misfit(fname, checkpoint, pretrained, key, own[key].shape, plans_name, parts)
+        value, done = fitted
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise PretrainedWeightsError(f"{fname}: key '{key}' contains NaN or infinite values; the checkpoint is "
+                                         "corrupted or comes from a diverged run")
+        load.state[key] = value
+        if done and not is_alias(key):
+            load.bridged.append(f"{key}: {done}")
+    chosen = set(keys)
+    load.fresh = [k for k in canonical_keys(own) if k not in chosen]
+    load.unpretrained_norms = _unpretrained_norms(network, checkpoint, chosen)
+    return load
+
+
+def _unpretrained_norms(network: nn.Module, checkpoint: dict, loaded: set) -> list[str]:
+    from nnunet_acnorm.norms import acnorm_modules
+
+    imported = checkpoint.get("acnorm_import")
+    fresh = set(imported.get("fresh_keys") or []) if isinstance(imported, dict) else set()
+    return [name for name in acnorm_modules(network) if f"{name}.weight" in fresh and f"{name}.weight" in loaded]
+
+
+def check_pretrained_weights(network: nn.Module, fname: str, plans_name: str | None = None) -> dict:
+    """:func:`read_pretrained_weights` with nnU-Net's rule (``parts="all"``); returns the tensors to load."""
+    return read_pretrained_weights(network, fname, plans_name).state
+
+
+def put_pretrained_weights(network: nn.Module, load: PretrainedLoad) -> None:
+    """Load what :func:`read_pretrained_weights` read into ``network`` (the rest stays as it is)."""
+    own = network.state_dict()
+    network.load_state_dict({k: v.to(own[k].dtype) for k, v in load.state.items()}, strict=False)
+
+
+def _unwrapped(network: nn.Module) -> nn.Module:
+    network = network.module if isinstance(network, DistributedDataParallel) else network
+    return network._orig_mod if isinstance(network, OptimizedModule) else network
+
+
+def route_pretrained_loading(network: nn.Module, load: PretrainedLoad | None, log: Callable[[str], None],
+                             parts: str = "all", plans_name: str | None = None) -> None:
+    """Make nnU-Net's ``run_training.load_pretrained_weights(network, fname)`` -- called right after
+    the trainer's ``initialize`` -- put ``load`` (read by :func:`read_pretrained_weights` from the
+    command line's file) into ``network`` instead of reading ``fname`` again; without ``load`` (nnU-Net
+    called as a Python API) or for another file, it reads ``fname`` once, here, the same safe way.
+    Any other network goes to nnU-Net's loader; the original is back after the one call for ``network``.
+    """
+    import nnunetv2.run.run_training as run_training
+
+    original = getattr(run_training.load_pretrained_weights, "nnunet_original", run_training.load_pretrained_weights)
+
+    def load_pretrained_weights(target, fname, verbose=False):
+        if _unwrapped(target) is not network:
+            return original(target, fname, verbose)
+        run_training.load_pretrained_weights = original
+        chosen = load if load is not None and os.path.abspath(fname) == load.path else \
+            read_pretrained_weights(network, fname, plans_name, parts)
+        set_strict_source(network, False)  # plain checkpoints: their norm affines become the AC-Norm source
+        put_pretrained_weights(network, chosen)
+        log(f"Pretrained weights: {len(chosen.state)} tensors from {chosen.path} (read once, weights_only=True; "
+            f"parts: {chosen.parts}); {len(chosen.fresh)} start fresh")
+        for line in chosen.bridged:
+            log(f"  kernel bridged: {line}")
+
+    load_pretrained_weights.nnunet_original = original
+    run_training.load_pretrained_weights = load_pretrained_weights
 
 
 def load_nnunet_checkpoint(fname: str, map_location="cpu") -> dict:

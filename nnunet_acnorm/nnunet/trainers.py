@@ -25,13 +25,16 @@ from nnunetv2.training.nnUNetTrainer.variants.network_architecture.nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch._dynamo import OptimizedModule
 
+from nnunet_acnorm.networks.parts import encoder_prefixes, is_encoder_key
 from nnunet_acnorm.norms import AUTO_TAU, acnorm_modules, acnorm_sync_batchnorm, convert_to_acnorm
+from nnunet_acnorm.norms.conversion import is_feature_norm, not_applicable
 from nnunet_acnorm.norms.modules import SOURCE_KEYS, describe_temperatures
 from nnunet_acnorm.nnunet.pretrained import (NnunetCheckpointError, PretrainedWeightsError,
-                                                     check_pretrained_weights, continue_training_from_argv,
+                                                     continue_training_from_argv,
                                                      describe_missing_sources, load_nnunet_checkpoint,
                                                      missing_source_layers, pretrained_weights_from_argv,
-                                                     remove_run_output, set_strict_source)
+                                                     read_pretrained_weights, remove_run_output,
+                                                     route_pretrained_loading, set_strict_source)
 from nnunet_acnorm.finetuning.schedules import WarmupPolyLRScheduler
 from nnunet_acnorm.nnunet.seeding import (SEED_ENV, apply_cpu_thread_limit, resolve_seed, seed_everything,
                                             seeded_augmenters)
@@ -65,6 +68,11 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
 
     ``iterations_per_epoch`` / ``val_iterations_per_epoch`` (None: nnU-Net's 250 / 50) exist for
     short demos and tests.
+
+    ``pretrained_parts`` says what ``-pretrained_weights`` loads: ``"all"`` (nnU-Net's rule: every
+    key but the segmentation layers) or ``"encoder"`` (encoder and stem; decoder and heads fresh, as
+    nnU-Net's ``PretrainedTrainer``): the ``_encoderOnly`` variants. The file is read once, with
+    ``weights_only=True`` (see :mod:`nnunet_acnorm.nnunet.pretrained`).
     """
 
     finetune_num_epochs: int = 250
@@ -76,6 +84,8 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
     #: seed of torch/numpy/random and the augmentation workers (None: unseeded, as nnU-Net);
     #: the environment variable ``nnUNet_acnorm_seed`` overrides it (see nnunet/seeding.py)
     seed: int | None = None
+    #: what -pretrained_weights loads: "all" or "encoder" (nnunet/pretrained.py: PRETRAINED_PARTS)
+    pretrained_parts: str = "all"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -100,17 +110,29 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
 
     def initialize(self):
         super().initialize()
+        network, load = self._plain_network(), None
         pretrained = pretrained_weights_from_argv()
         if pretrained is not None:
-            # nnUNetv2_train -pretrained_weights: check the file before nnU-Net's loader asserts on it
+            # nnUNetv2_train -pretrained_weights: read and check the file once, here (weights_only=True)
             try:
-                check_pretrained_weights(self._plain_network(), pretrained, self.plans_manager.plans_name)
+                load = read_pretrained_weights(network, pretrained, self.plans_manager.plans_name,
+                                               self.pretrained_parts)
             except PretrainedWeightsError as e:
                 # nothing of the refused start stays behind: its log file and the folders it created
                 remove_run_output(self.log_file, self.output_folder, os.environ.get("nnUNet_results"))
                 raise SystemExit(f"{type(self).__name__}: error: {e}") from None
             # the only path that takes plain checkpoints: their norm affines become the AC-Norm source
-            set_strict_source(self._plain_network(), False)
+            set_strict_source(network, False)
+        # nnU-Net's run_training loads -pretrained_weights next: for this network it puts in what was read
+        # here (or, called as a Python API, reads the file once, as safely), never torch.load(weights_only=False)
+        route_pretrained_loading(network, load, self.print_to_log_file, self.pretrained_parts,
+                                 self.plans_manager.plans_name)
+        if load is not None and load.unpretrained_norms:
+            self.print_to_log_file(
+                f"WARNING: {len(load.unpretrained_norms)} AC-Norm layer(s) (first: {load.unpretrained_norms[0]}) "
+                "have affines in this checkpoint that nnUNetv2_acnorm_import initialised fresh (not in the "
+                "pretrained file): their source is that initialisation. The _encoderOnly trainers load only "
+                "the encoder and keep the decoder's norms plain")
 
     def on_train_start(self):
         super().on_train_start()
@@ -250,12 +272,16 @@ class _ACNormMixin:
         network = self._plain_network()
         n_layers = len(acnorm_modules(network))
         if n_layers == 0:
-            raise RuntimeError(f"{type(self).__name__}: the planned network has no affine norm layer to turn into "
-                               "AC-Norm; use nnUNetTrainerFinetune for it")
+            feature_norms = sum(is_feature_norm(m) for m in network.modules())
+            remove_run_output(self.log_file, self.output_folder, os.environ.get("nnUNet_results"))
+            raise SystemExit(f"{type(self).__name__}: error: "
+                             f"{not_applicable(feature_norms, f'the planned network ({type(network).__name__})')}")
         if self.is_ddp:
             acnorm_sync_batchnorm(network)
         self._check_optimizer_has_no_source_affines()
-        self.print_to_log_file(f"AC-Norm: {n_layers} norm layer(s)")
+        self.print_to_log_file(f"AC-Norm: {n_layers} norm layer(s)" + (
+            "; the encoder's only: the decoder's norms stay plain (its weights start fresh, so they have no pretrained "
+            "source)" if self.pretrained_parts == "encoder" else ""))
 
     def _check_optimizer_has_no_source_affines(self) -> None:
         source_ids = {id(getattr(m, key)) for m in acnorm_modules(self._plain_network()).values()
@@ -285,19 +311,25 @@ class _ACNormMixin:
 
 
 def _acnorm_builder(base_builder, tau: float | str):
-    """A ``build_network_architecture`` (static, as nnU-Net requires) that builds ``base_builder``'s
-    network and turns every affine norm into AC-Norm with temperature ``tau``, source not set."""
+    """A ``build_network_architecture`` (callable on the class, as nnU-Net's predictor does) that
+    builds ``base_builder``'s network and turns every affine norm into AC-Norm with temperature
+    ``tau``, source not set; with the trainer's ``pretrained_parts = "encoder"`` only the encoder's
+    norms (the decoder starts fresh: its norms have no pretrained source and stay plain)."""
 
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
         network = base_builder(plans_manager, configuration_manager, num_input_channels, num_output_channels,
                                enable_deep_supervision)
-        convert_to_acnorm(network, tau=tau, set_source=False)
+        include = None
+        if getattr(cls, "pretrained_parts", "all") == "encoder":
+            prefixes = encoder_prefixes(network)
+            include = lambda name: is_encoder_key(name, prefixes)  # noqa: E731
+        convert_to_acnorm(network, tau=tau, set_source=False, include=include)
         set_strict_source(network, True)  # --c, --val, predict, fold: a checkpoint must hold the source affines
         return network
 
-    return staticmethod(build_network_architecture)
+    return classmethod(build_network_architecture)
 
 
 def _bn_builder(plans_manager: PlansManager, configuration_manager: ConfigurationManager, num_input_channels: int,
@@ -343,6 +375,27 @@ class nnUNetTrainerACNormBN_tau1(nnUNetTrainerACNormBN):
 
 class nnUNetTrainerACNormBN_tauAuto(nnUNetTrainerACNormBN):
     build_network_architecture = _acnorm_builder(_bn_builder, AUTO_TAU)
+
+
+# -- encoder-only loading (nnU-Net's PretrainedTrainer: encoder + stem loaded, decoder fresh) -------
+class nnUNetTrainerFinetune_encoderOnly(nnUNetTrainerFinetune):
+    """Vanilla fine-tuning from the pretrained encoder and stem; decoder and heads start fresh."""
+
+    pretrained_parts = "encoder"
+
+
+class nnUNetTrainerACNorm_encoderOnly(nnUNetTrainerACNorm):
+    """AC-Norm on the pretrained encoder; the fresh decoder keeps plain norms (no pretrained source)."""
+
+    pretrained_parts = "encoder"
+
+
+class nnUNetTrainerFinetuneBN_encoderOnly(nnUNetTrainerFinetuneBN):
+    pretrained_parts = "encoder"
+
+
+class nnUNetTrainerACNormBN_encoderOnly(nnUNetTrainerACNormBN):
+    pretrained_parts = "encoder"
 
 
 # -- schedule lengths (nnU-Net's _Xepochs naming) ------------------------------------------------

@@ -16,16 +16,52 @@ from nnunet_acnorm.norms.functional import DEFAULT_DIAGONAL
 from nnunet_acnorm.norms.modules import ACNORM_FOR_PLAIN, _ACBatchNorm, _ACNorm
 
 
+#: what AC-Norm needs, and what to do instead, in the words every refusal uses
+ACNORM_NEEDS = ("AC-Norm needs affine BatchNorm/InstanceNorm/GroupNorm layers (per-channel affines it keeps as the "
+                "frozen source)")
+WITHOUT_ACNORM = ("fine-tune it without AC-Norm: nnUNetTrainerFinetune (vanilla, same recipe) for a network nnU-Net "
+                  "builds, or the network's own training code")
+#: norm classes that normalise over features (per token or position), not per channel
+FEATURE_NORM_NAMES = ("layernorm", "rmsnorm")
+
+
+def is_feature_norm(module: nn.Module) -> bool:
+    """LayerNorm / RMSNorm and their relatives (e.g. dynamic-network-architectures' LayerNormNd)."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return True
+    return next(module.children(), None) is None and any(n in type(module).__name__.lower()
+                                                         for n in FEATURE_NORM_NAMES)
+
+
+def not_applicable(feature_norms: int, what: str = "the model") -> str:
+    """The line for a model in which AC-Norm has nothing to convert."""
+    found = (f"{what} has {feature_norms} LayerNorm/RMSNorm layer(s), which normalise over features, not channels, "
+             "and no affine BatchNorm/InstanceNorm/GroupNorm" if feature_norms else
+             f"{what} has no affine BatchNorm/InstanceNorm/GroupNorm layer")
+    return f"AC-Norm cannot apply: {found}; {ACNORM_NEEDS}; {WITHOUT_ACNORM}"
+
+
 @dataclass
 class ConversionReport:
-    """What a conversion did: module names (first registered name) and, for the rest, why."""
+    """What a conversion did: module names (first registered name) and, for the rest, why.
+    ``feature_norms``: LayerNorm/RMSNorm layers found (left as they are); ``excluded``: convertible
+    norms left plain because ``include`` did not accept them."""
 
     converted: list[str] = field(default_factory=list)
     left: dict[str, str] = field(default_factory=dict)
+    feature_norms: int = 0
+    excluded: int = 0
+
+    @property
+    def applicable(self) -> bool:
+        """Whether the model has anything AC-Norm can convert (False: AC-Norm cannot apply to it)."""
+        return bool(self.converted) or bool(self.excluded)
 
     def __str__(self) -> str:
         lines = [f"{len(self.converted)} norm layer(s) converted"]
         lines += [f"  left as is: {name} ({why})" for name, why in self.left.items()]
+        if not self.applicable:
+            lines.append(not_applicable(self.feature_norms))
         return "\n".join(lines)
 
 
@@ -62,7 +98,7 @@ def _why_not_convertible(module: nn.Module) -> str | None:
     if isinstance(module, nn.SyncBatchNorm):
         return ("SyncBatchNorm: convert the model before the DDP set-up, then call "
                 "acnorm_sync_batchnorm")
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+    if is_feature_norm(module):
         return f"{type(module).__name__} normalises over features, not channels: not supported"
     if "norm" in type(module).__name__.lower() and next(module.children(), None) is None:
         return (f"unknown norm type {type(module).__module__}.{type(module).__name__}: replace it by "
@@ -71,7 +107,8 @@ def _why_not_convertible(module: nn.Module) -> str | None:
 
 
 def convert_to_acnorm(model: nn.Module, tau: float | str = 1.0, set_source: bool = True,
-                      tau_diagonal: float = DEFAULT_DIAGONAL) -> ConversionReport:
+                      tau_diagonal: float = DEFAULT_DIAGONAL,
+                      include: Callable[[str], bool] | None = None) -> ConversionReport:
     """Replace, in place, every affine BatchNorm/InstanceNorm/GroupNorm of ``model`` by its AC-Norm.
 
     The target affines (and running statistics) are copies of the current ones. With
@@ -82,6 +119,9 @@ def convert_to_acnorm(model: nn.Module, tau: float | str = 1.0, set_source: bool
     the mean step-0 diagonal of the correlation is ``tau_diagonal`` (``functional.calibrated_tau``).
     It also installs, on ``model``, the hooks that compute the affines of all its AC-Norm layers in
     one call per forward on CPU (``norms.batched``; the same values as one call per layer).
+    ``include(name)``: convert only the norms whose (first registered) module name it accepts, e.g.
+    the encoder's; the others stay plain norms and are listed in the report. A model with nothing to
+    convert gets a report that says AC-Norm cannot apply (LayerNorm-only transformers, for example).
     """
     if type(model) in ACNORM_FOR_PLAIN:
         raise TypeError(f"convert_to_acnorm replaces submodules; for a bare {type(model).__name__} "
@@ -90,11 +130,15 @@ def convert_to_acnorm(model: nn.Module, tau: float | str = 1.0, set_source: bool
 
     def replacement(name: str, module: nn.Module) -> nn.Module | None:
         why = _why_not_convertible(module)
+        if why is None and include is not None and not include(name):
+            why = "outside the part to convert (include)"
+            report.excluded += 1
         if why is None:
             return ACNORM_FOR_PLAIN[type(module)].from_norm(module, tau=tau, set_source=set_source,
                                                             tau_diagonal=tau_diagonal)
         if why:
             report.left[name] = why
+            report.feature_norms += is_feature_norm(module)
         return None
 
     report.converted = _replace_modules(model, replacement)

@@ -6,8 +6,12 @@ test can tell the file's affines from a fresh initialisation.
 """
 from __future__ import annotations
 
+import json
 import os
+import pickle
+import warnings
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -114,25 +118,41 @@ def build_from_architecture(architecture: dict, input_channels: int, num_classes
                                   allow_init=True, deep_supervision=True)
 
 
+def _source_plans(architecture: dict, input_channels: int, configuration: str = "3d_fullres") -> dict:
+    dims = len(architecture["arch_kwargs"]["kernel_sizes"][0])
+    config = {"data_identifier": f"nnUNetPlans_{configuration}", "preprocessor_name": "DefaultPreprocessor",
+              "batch_size": 2, "patch_size": [16] * dims, "median_image_size_in_voxels": [20] * dims,
+              "spacing": [1.5, 1.0, 1.0][-dims:], "normalization_schemes": ["CTNormalization"] * input_channels,
+              "use_mask_for_norm": [False] * input_channels, "architecture": architecture}
+    return {"dataset_name": "Dataset900_Source", "plans_name": "nnUNetPlans",
+            "original_median_spacing_after_transp": [1.5, 1.0, 1.0], "image_reader_writer": "SimpleITKIO",
+            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+            "configurations": {configuration: config}, "experiment_planner_used": "ExperimentPlanner",
+            "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {}}
+
+
 def save_nnunet_v2_checkpoint(path, architecture: dict | None = None, input_channels: int = 1,
-                              num_classes: int = 3, seed: int = 0, untrained_norms: bool = False) -> str:
+                              num_classes: int = 3, seed: int = 0, untrained_norms: bool = False,
+                              plans: dict | None = None, dataset_json: dict | None = None,
+                              configuration: str = "3d_fullres", trainer_name: str = "nnUNetTrainer") -> str:
     """``checkpoint_final.pth`` as ``nnUNetTrainer.save_checkpoint`` writes it (numpy scalars in the
     logging, plans inside ``init_args``). ``untrained_norms``: norm affines left at PyTorch's
-    initial 1 / 0 (a network that was never trained)."""
-    architecture = architecture or plain_unet_architecture()
+    initial 1 / 0 (a network that was never trained). ``plans``: the plans to store (any nnU-Net v2
+    format; the network is built from them), else plans made around ``architecture``."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    if plans is None:
+        plans = _source_plans(architecture or plain_unet_architecture(), input_channels, configuration)
+    with warnings.catch_warnings():  # nnU-Net's note on the old plans format of TotalSegmentator's plans
+        warnings.simplefilter("ignore")
+        architecture = PlansManager(json.loads(json.dumps(plans))).get_configuration(configuration).configuration[
+            "architecture"]
+    dataset_json = dataset_json or {"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "b": 2},
+                                    "numTraining": 10, "file_ending": ".nii.gz"}
     torch.manual_seed(seed)
     net = build_from_architecture(architecture, input_channels, num_classes)
     if not untrained_norms:
         net = randomise_norms(net, seed)
-    config = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
-              "batch_size": 2, "patch_size": [16, 16, 16], "median_image_size_in_voxels": [20, 20, 20],
-              "spacing": [1.5, 1.0, 1.0], "normalization_schemes": ["CTNormalization"] * input_channels,
-              "use_mask_for_norm": [False] * input_channels, "architecture": architecture}
-    plans = {"dataset_name": "Dataset900_Source", "plans_name": "nnUNetPlans",
-             "original_median_spacing_after_transp": [1.5, 1.0, 1.0], "image_reader_writer": "SimpleITKIO",
-             "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
-             "configurations": {"3d_fullres": config}, "experiment_planner_used": "ExperimentPlanner",
-             "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {}}
     logging = {"mean_fg_dice": [np.float64(0.5)], "ema_fg_dice": [np.float64(0.5)],
                "dice_per_class_or_region": [[np.float64(0.5)] * (num_classes - 1)],
                "train_losses": [np.float32(-0.3)], "val_losses": [np.float32(-0.2)], "lrs": [0.01],
@@ -140,13 +160,60 @@ def save_nnunet_v2_checkpoint(path, architecture: dict | None = None, input_chan
     checkpoint = {
         "network_weights": net.state_dict(), "optimizer_state": _sgd_state(net.state_dict()),
         "grad_scaler_state": None, "logging": logging, "_best_ema": np.float64(0.5), "current_epoch": 1000,
-        "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0,
-                      "dataset_json": {"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "b": 2},
-                                       "numTraining": 10, "file_ending": ".nii.gz"},
+        "init_args": {"plans": plans, "configuration": configuration, "fold": 0, "dataset_json": dataset_json,
                       "device": torch.device("cpu")},
-        "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2),
+        "trainer_name": trainer_name, "inference_allowed_mirroring_axes": (0, 1, 2),
     }
     return _save(checkpoint, path)
+
+
+def plain_unet_architecture_2d(features=(4, 8, 16)) -> dict:
+    """A 2D PlainConvUNet (``-c 2d``): Conv2d, InstanceNorm2d."""
+    arch = plain_unet_architecture(features, strides=[[1, 1]] + [[2, 2]] * (len(features) - 1),
+                                   norm="torch.nn.modules.instancenorm.InstanceNorm2d")
+    arch["arch_kwargs"].update(conv_op="torch.nn.modules.conv.Conv2d", kernel_sizes=[[3, 3]] * len(features))
+    return arch
+
+
+#: a few of the 24 labels of TotalSegmentator's Dataset291 (part 1, organs)
+TOTALSEG_PART1_LABELS = ("spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "pancreas")
+
+
+def totalsegmentator_plans(features=(4, 8, 16), dataset: str = "Dataset291_TotalSegmentator_part1_organs_1559subj"
+                           ) -> dict:
+    """TotalSegmentator v2's plans.json, in the format of nnU-Net 2.1/2.2 that trained them (no
+    ``architecture`` entry: ``UNet_class_name``, ``conv_kernel_sizes``, ``pool_op_kernel_sizes`` ...),
+    at a reduced width."""
+    n = len(features)
+    config = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+              "batch_size": 2, "patch_size": [16, 16, 16], "median_image_size_in_voxels": [300, 300, 300],
+              "spacing": [1.5, 1.5, 1.5], "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
+              "UNet_class_name": "PlainConvUNet", "UNet_base_num_features": features[0],
+              "n_conv_per_stage_encoder": [2] * n, "n_conv_per_stage_decoder": [2] * (n - 1),
+              "num_pool_per_axis": [n - 1] * 3, "pool_op_kernel_sizes": [[1, 1, 1]] + [[2, 2, 2]] * (n - 1),
+              "conv_kernel_sizes": [[3, 3, 3]] * n, "unet_max_num_features": features[-1],
+              "resampling_fn_data": "resample_data_or_seg_to_shape", "batch_dice": True}
+    return {"dataset_name": dataset, "plans_name": "nnUNetPlans", "original_median_spacing_after_transp": [1.5] * 3,
+            "original_median_shape_after_transp": [300, 300, 300], "image_reader_writer": "SimpleITKIO",
+            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "configurations": {"3d_fullres": config},
+            "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+            "foreground_intensity_properties_per_channel": {"0": {"mean": 100.0, "std": 200.0, "percentile_00_5": -1000.0,
+                                                                  "percentile_99_5": 1500.0}}}
+
+
+def save_totalsegmentator_model(root, features=(4, 8, 16), labels=TOTALSEG_PART1_LABELS, seed: int = 0,
+                                dataset: str = "Dataset291_TotalSegmentator_part1_organs_1559subj") -> Path:
+    """A TotalSegmentator v2 results folder: ``<dataset>/nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres``
+    with ``plans.json``, ``dataset.json`` and ``fold_0/checkpoint_final.pth``. Returns the model folder."""
+    folder = Path(root) / dataset / "nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres"
+    plans = totalsegmentator_plans(features, dataset)
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": {"background": 0, **{n: i + 1 for i, n in enumerate(labels)}},
+                    "numTraining": 1559, "file_ending": ".nii.gz"}
+    save_nnunet_v2_checkpoint(folder / "fold_0" / "checkpoint_final.pth", num_classes=len(labels) + 1, seed=seed,
+                              plans=plans, dataset_json=dataset_json, trainer_name="nnUNetTrainerNoMirroring")
+    (folder / "plans.json").write_text(json.dumps(plans, indent=4))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=4))
+    return folder
 
 
 def resenc_arch_kwargs(features=(4, 8, 16), blocks=(1, 2, 2)) -> dict:
@@ -277,3 +344,122 @@ def save_moco_v2_checkpoint(path, arch: str = "resnet50", queue_size: int = 6553
     state["module.queue"] = torch.nn.functional.normalize(torch.randn(dim, queue_size, generator=g), dim=0)
     state["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
     return _save({"epoch": 800, "arch": arch, "state_dict": state, "optimizer": _sgd_state(state)}, path)
+
+
+# -- STU-Net (nnU-Net v1 format) -------------------------------------------------------------------
+#: the released sizes: features per stage, residual blocks per stage (STU-Net README / trainers)
+STUNET_RELEASED = {"S": ((16, 32, 64, 128, 256, 256), 1), "B": ((32, 64, 128, 256, 512, 512), 1),
+                   "L": ((64, 128, 256, 512, 1024, 1024), 2), "H": ((96, 192, 384, 768, 1536, 1536), 3)}
+
+
+def stunet_shapes(dims, blocks: int, input_channels: int = 1, num_classes: int = 105) -> "OrderedDict":
+    """Key -> shape of a released STU-Net state dict, written from its structure (not from our
+    network): six encoder stages of residual blocks (conv1, norm1, conv2, norm2; conv3, the 1x1x1
+    shortcut, in each stage's first block), five nearest-upsampling 1x1x1 convs, five decoder stages
+    fed by the concatenation, five 1x1x1 heads; 3x3x3 kernels, affine InstanceNorm3d, biases."""
+    shapes: OrderedDict = OrderedDict()
+
+    def block(prefix: str, cin: int, cout: int, first: bool) -> None:
+        shapes[prefix + "conv1.weight"], shapes[prefix + "conv1.bias"] = (cout, cin, 3, 3, 3), (cout,)
+        shapes[prefix + "norm1.weight"], shapes[prefix + "norm1.bias"] = (cout,), (cout,)
+        shapes[prefix + "conv2.weight"], shapes[prefix + "conv2.bias"] = (cout, cout, 3, 3, 3), (cout,)
+        shapes[prefix + "norm2.weight"], shapes[prefix + "norm2.bias"] = (cout,), (cout,)
+        if first:
+            shapes[prefix + "conv3.weight"], shapes[prefix + "conv3.bias"] = (cout, cin, 1, 1, 1), (cout,)
+
+    for s, width in enumerate(dims):
+        for b in range(blocks):
+            block(f"conv_blocks_context.{s}.{b}.", (input_channels if s == 0 else dims[s - 1]) if b == 0 else width,
+                  width, b == 0)
+    for u in range(len(dims) - 1):
+        shapes[f"upsample_layers.{u}.conv.weight"] = (dims[-2 - u], dims[-1 - u], 1, 1, 1)
+        shapes[f"upsample_layers.{u}.conv.bias"] = (dims[-2 - u],)
+    for u in range(len(dims) - 1):
+        for b in range(blocks):
+            block(f"conv_blocks_localization.{u}.{b}.", 2 * dims[-2 - u] if b == 0 else dims[-2 - u], dims[-2 - u],
+                  b == 0)
+    for u in range(len(dims) - 1):
+        shapes[f"seg_outputs.{u}.weight"] = (num_classes, dims[-2 - u], 1, 1, 1)
+        shapes[f"seg_outputs.{u}.bias"] = (num_classes,)
+    return shapes
+
+
+def stunet_state_dict(dims=(4, 8, 16, 32, 32, 32), blocks: int = 1, input_channels: int = 1, num_classes: int = 105,
+                      seed: int = 0) -> "OrderedDict":
+    """Random tensors with the shapes of :func:`stunet_shapes`; norm weights around 1, biases around 0."""
+    g = torch.Generator().manual_seed(seed)
+    state = OrderedDict()
+    for key, shape in stunet_shapes(dims, blocks, input_channels, num_classes).items():
+        if ".norm" in key:
+            state[key] = (1.0 if key.endswith("weight") else 0.0) + 0.2 * torch.randn(shape, generator=g)
+        else:
+            state[key] = 0.05 * torch.randn(shape, generator=g)
+    return state
+
+
+def stunet_model_pkl(trainer: str = "STUNetTrainer_small", num_classes: int = 104) -> "OrderedDict":
+    """The ``.model.pkl`` nnU-Net v1's trainer writes beside a checkpoint (init, name, class, plans), as
+    in the STU-Net release (TotalSegmentator: 1.5 mm, 128^3 patches, 'nonCT' normalisation)."""
+    stage = {"batch_size": 2, "num_pool_per_axis": [4, 4, 5], "patch_size": np.array([128, 128, 128]),
+             "median_patient_size_in_voxels": np.array([228, 228, 240]), "current_spacing": np.array([1.5, 1.5, 1.5]),
+             "original_spacing": np.array([1.5, 1.5, 1.5]), "do_dummy_2D_data_aug": np.False_,
+             "pool_op_kernel_sizes": [[2, 2, 2]] * 4 + [[1, 1, 2]], "conv_kernel_sizes": [[3, 3, 3]] * 6}
+    plans = {"num_stages": 1, "num_modalities": 1, "modalities": {0: "nonCT"},
+             "normalization_schemes": OrderedDict([(0, "nonCT")]), "num_classes": num_classes,
+             "all_classes": list(range(1, num_classes + 1)), "base_num_features": 32,
+             "use_mask_for_norm": OrderedDict([(0, False)]), "keep_only_largest_region": None,
+             "min_region_size_per_class": None, "min_size_per_class": None,
+             "transpose_forward": [np.int64(0), 1, 2], "transpose_backward": [np.int64(0), np.int64(1), np.int64(2)],
+             "data_identifier": "nnUNetData_plans_v2.1", "plans_per_stage": {0: stage},
+             "preprocessor_name": "GenericPreprocessor", "conv_per_stage": 2,
+             "dataset_properties": {"intensityproperties": None}}
+    return OrderedDict([("init", ("", 0, "", "", False, 0, True, False, True)), ("name", trainer),
+                        ("class", f"<class 'nnunet.training.network_training.STUNetTrainer.{trainer}'>"),
+                        ("plans", plans)])
+
+
+def save_stunet_checkpoint(path, dims=(4, 8, 16, 32, 32, 32), blocks: int = 1, input_channels: int = 1,
+                           num_classes: int = 105, trainer: str = "STUNetTrainer_small", with_pkl: bool = True,
+                           seed: int = 0) -> str:
+    """``<name>.model`` (nnU-Net v1's ``save_checkpoint``: epoch, state_dict, optimizer_state_dict,
+    lr_scheduler_state_dict, plot_stuff, best_stuff) and, with ``with_pkl``, ``<name>.model.pkl``."""
+    state = stunet_state_dict(dims, blocks, input_channels, num_classes, seed)
+    path = _save({"epoch": 4000, "state_dict": state, "optimizer_state_dict": _sgd_state(state),
+                  "lr_scheduler_state_dict": None, "plot_stuff": ([0.5], [0.4], [0.3], [0.6]),
+                  "best_stuff": (3999, 0.1, 0.9)}, path)
+    if with_pkl:
+        with open(path + ".pkl", "wb") as f:
+            pickle.dump(stunet_model_pkl(trainer, num_classes - 1), f)
+    return path
+
+
+# -- a LayerNorm-only network (SAM-Med3D-like ViT) -------------------------------------------------
+def save_sam_med3d_like_checkpoint(path, embed: int = 8, depth: int = 2, seed: int = 0) -> str:
+    """SAM-Med3D's layout at a tiny width: ``model_state_dict`` with ``image_encoder`` (patch embedding,
+    position embedding, ViT blocks with LayerNorm ``norm1``/``norm2``, attention ``qkv``/``proj`` and
+    relative positions, MLP; a conv neck with 3D LayerNorms), ``prompt_encoder`` and ``mask_decoder``
+    (transformer with LayerNorms). No BatchNorm/InstanceNorm/GroupNorm anywhere. (The published files
+    also pickle the training ``args``, which ``weights_only`` refuses first.)"""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: 0.02 * torch.randn(shape, generator=g)  # noqa: E731
+    s: OrderedDict = OrderedDict()
+    s["image_encoder.pos_embed"] = r(1, 2, 2, 2, embed)
+    s["image_encoder.patch_embed.proj.weight"], s["image_encoder.patch_embed.proj.bias"] = r(embed, 1, 16, 16, 16), r(embed)
+    for i in range(depth):
+        p = f"image_encoder.blocks.{i}."
+        s[p + "norm1.weight"], s[p + "norm1.bias"] = 1 + r(embed), r(embed)
+        s[p + "attn.rel_pos_d"], s[p + "attn.rel_pos_h"], s[p + "attn.rel_pos_w"] = r(3, 4), r(3, 4), r(3, 4)
+        s[p + "attn.qkv.weight"], s[p + "attn.qkv.bias"] = r(3 * embed, embed), r(3 * embed)
+        s[p + "attn.proj.weight"], s[p + "attn.proj.bias"] = r(embed, embed), r(embed)
+        s[p + "norm2.weight"], s[p + "norm2.bias"] = 1 + r(embed), r(embed)
+        s[p + "mlp.lin1.weight"], s[p + "mlp.lin1.bias"] = r(4 * embed, embed), r(4 * embed)
+        s[p + "mlp.lin2.weight"], s[p + "mlp.lin2.bias"] = r(embed, 4 * embed), r(embed)
+    s["image_encoder.neck.0.weight"] = r(embed, embed, 1, 1, 1)
+    s["image_encoder.neck.1.weight"], s["image_encoder.neck.1.bias"] = 1 + r(embed), r(embed)
+    s["image_encoder.neck.2.weight"] = r(embed, embed, 3, 3, 3)
+    s["image_encoder.neck.3.weight"], s["image_encoder.neck.3.bias"] = 1 + r(embed), r(embed)
+    s["prompt_encoder.point_embeddings.0.weight"] = r(1, embed)
+    s["mask_decoder.transformer.layers.0.self_attn.q_proj.weight"] = r(embed, embed)
+    s["mask_decoder.transformer.layers.0.norm1.weight"] = 1 + r(embed)
+    s["mask_decoder.transformer.layers.0.norm1.bias"] = r(embed)
+    return _save({"model_state_dict": s, "epoch": 200}, path)

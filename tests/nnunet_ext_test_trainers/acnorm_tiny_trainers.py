@@ -10,8 +10,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.network_architecture.nnUNetTrainerBN import nnUNetTrainerBN
 
 from nnunet_acnorm.nnunet.seeding import resolve_seed, seed_everything
-from nnunet_acnorm.nnunet.trainers import (nnUNetTrainerACNorm, nnUNetTrainerACNormBN,
-                                                    nnUNetTrainerFinetune)
+from nnunet_acnorm.nnunet.trainers import (nnUNetTrainerACNorm, nnUNetTrainerACNorm_encoderOnly,
+                                                    nnUNetTrainerACNormBN, nnUNetTrainerFinetune)
 
 
 def _epochs():
@@ -69,3 +69,8 @@ class nnUNetTrainerACNormBN_tinyTest(_Tiny, nnUNetTrainerACNormBN):
 
 class nnUNetTrainerFinetune_tinyTest(_Tiny, nnUNetTrainerFinetune):
     pass
+
+
+class nnUNetTrainerACNorm_encoderOnly_tinyTest(_Tiny, nnUNetTrainerACNorm_encoderOnly):
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.print_to_log_file("validation skipped (test trainer)")

@@ -10,6 +10,7 @@ from nnunet_acnorm.checkpoints.recognise import state_under
 from nnunet_acnorm.checkpoints.family import (Intensity, PretrainedFamily, PretrainedLoadError, StateDict,
                                              plan_file_architecture)
 from nnunet_acnorm.checkpoints.keys import drop_aliases
+from nnunet_acnorm.norms.conversion import ACNORM_NEEDS
 
 DNA = "dynamic_network_architectures.architectures.unet."
 _IMPORT_KW = ["conv_op", "norm_op", "dropout_op", "nonlin"]
@@ -44,10 +45,15 @@ def architecture_from_plan(plan: dict) -> dict:
     if name in PRESETS and not kwargs:
         name, make = PRESETS[name]
         kwargs = make()
+    if isinstance(name, str) and name.lower().startswith("primus"):
+        raise PretrainedLoadError(
+            f"nnssl checkpoint: architecture {name!r} is a transformer whose norms are all LayerNorm, so AC-Norm cannot "
+            f"apply to it: {ACNORM_NEEDS}; fine-tune it without AC-Norm (nnU-Net's PretrainedTrainer_Primus, on "
+            "nnU-Net master, loads nnssl Primus checkpoints)")
     if name not in _CLASSES or not isinstance(kwargs, dict):
         raise PretrainedLoadError(
             f"nnssl checkpoint: architecture {name!r} is not supported here (supported: "
-            f"{sorted(_CLASSES | set(PRESETS))}); Primus (transformer, LayerNorm) has nothing for AC-Norm")
+            f"{sorted(_CLASSES | set(PRESETS))})")
     kwargs = deepcopy(kwargs)
     for key in ("nonlin", "norm_op", "conv_op", "dropout_op"):  # class objects serialised by name
         if key in kwargs and kwargs[key] is not None and not isinstance(kwargs[key], str):
