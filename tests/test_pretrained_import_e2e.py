@@ -230,6 +230,8 @@ def test_import_onto_a_dataset_prepared_by_the_pretraining_workflow(workspace, t
     ws = workspace
     raw = make_tiny_dataset(Path(ws["env_plan"]["nnUNet_raw"]), 563, n_cases=2, shape=(24, 24, 24),
                             name="TinyPretrainSource", seed=5)
+    meta = json.loads((raw / "dataset.json").read_text())
+    (raw / "dataset.json").write_text(json.dumps({**meta, "channel_names": {"0": "CT"}}))  # Genesis: raw HU
     run_console("nnUNetv2_extract_fingerprint", "-d", 563, "-np", 1, env=ws["env_plan"])
     run_console("nnUNetv2_move_plans_between_datasets", "-s", DATASET, "-t", 563, "-sp", "nnUNetPlans", "-tp",
                 "TinyCTPlans", env=ws["env_plan"])
@@ -238,6 +240,6 @@ def test_import_onto_a_dataset_prepared_by_the_pretraining_workflow(workspace, t
     file = cf.save_genesis_checkpoint(tmp_path / "Genesis_Chest_CT.pt", base_features=4)
     out = run_console("nnUNetv2_acnorm_import", "-d", 563, "-c", "3d_fullres", "-p", "TinyCTPlans", "-i", file,
                       env=ws["env_plan"]).stdout
-    assert "Copied the raw dataset.json" in out
+    assert "Copied the raw dataset.json" in out and "Preprocessing Dataset563_TinyPretrainSource" in out
     assert json.loads((pre / "dataset.json").read_text()) == json.loads((raw / "dataset.json").read_text())
     assert len(list((pre / "TinyCTPlans__genesis_3d_fullres").glob("case_*"))) >= 2  # preprocessed by the import
