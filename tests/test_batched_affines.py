@@ -216,3 +216,27 @@ def test_the_network_layout_cache_follows_the_sources():
     batched.unbatch_affines(per_layer)
     per_layer.gn.weight.grad = None
     torch.testing.assert_close(y, _step(per_layer, x)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("taus", [[1e-5] * 4, [1e-4] * 4, [1e-3] * 4, [1e-2] * 4, [0.1] * 4, [1e-5, 0.1, 1e-3, 1e-4]],
+                         ids=["1e-5", "1e-4", "1e-3", "1e-2", "0.1", "mixed"])
+def test_calibrated_temperatures_are_exact_across_layers_without_overflow(taus):
+    """The calibrated temperatures that occur in real networks (1e-5 .. 0.1, one per layer) on
+    layers batched into one call: the decay across a layer boundary is exactly 0 (the sorted
+    indicators jump down there, so exp(jump / tau) would overflow) and every output and gradient
+    equals the float64 oracle; a RuntimeWarning (overflow in exp) fails the test."""
+    gen = torch.Generator().manual_seed(3)
+    sizes = [17, 300, 64, 5]
+    layers = [_layer_affines(c, gen, ties=k == 1) for k, c in enumerate(sizes)]
+    n = len(layers)
+    out = _SortedRecalibratedAffines.apply(tuple(taus), None, *[layer[i] for i in range(4) for layer in layers])
+    incoming = [torch.randn(2, c, generator=gen, dtype=torch.float64) for c in sizes]
+    sum((out[k] * g[0]).sum() + (out[n + k] * g[1]).sum() for k, g in enumerate(incoming)).backward()
+    for k, (sw, sb, tw, tb) in enumerate(layers):
+        eye_s = torch.eye(sizes[k], dtype=torch.float64) + _oracle_s(sw, sb, tw, tb, taus[k])
+        tol = {"rtol": 1e-10, "atol": 1e-12}
+        torch.testing.assert_close(out[k], tw.detach() @ eye_s.T, **tol)
+        torch.testing.assert_close(out[n + k], tb.detach() @ eye_s.T, **tol)
+        torch.testing.assert_close(tw.grad, incoming[k][0] @ eye_s, **tol)
+        torch.testing.assert_close(tb.grad, incoming[k][1] @ eye_s, **tol)

@@ -53,8 +53,9 @@ def test_epochs_pick_the_schedule_variant_and_scripts_may_name_methods():
         ("acnorm_100epochs", "nnUNetTrainerACNorm_100epochs", True),
         ("scratch_100epochs", "nnUNetTrainerFinetune_100epochs", False),
         ("nnUNetTrainer_100epochs", "nnUNetTrainer_100epochs", True)]  # nnU-Net's own schedule variant
-    with pytest.raises(UnknownMethodError, match="-tr l2sp with --epochs 100: no alias or trainer l2sp_100epochs"):
-        resolve_methods(["l2sp"], epochs=100)
+    assert resolve_methods(["l2sp"], epochs=5)[0].trainer == "nnUNetTrainerL2SP_5epochs"
+    with pytest.raises(UnknownMethodError, match="-tr l2sp with --epochs 7: no alias or trainer l2sp_7epochs"):
+        resolve_methods(["l2sp"], epochs=7)
     mine = resolve_methods([Method("from_scratch", "nnUNetTrainerACNorm", False), "acnorm"])
     assert [m.name for m in mine] == ["from_scratch", "acnorm"]
     with pytest.raises(UnknownMethodError, match="nnU-Net finds no trainer class nnUNetTrainerNope"):

@@ -358,3 +358,26 @@ def test_import_refusals(workspace, tmp_path):
     assert "nnUNetTrainerFinetune (vanilla" in message
     # nothing was written by the refused imports
     assert not list(ws["pre"].glob("nnUNetPlans__moco*.json"))
+
+
+def test_import_onto_a_dataset_prepared_by_the_pretraining_workflow(workspace, tmp_path):
+    """nnU-Net's pretraining workflow prepares a dataset with nnUNetv2_extract_fingerprint and
+    nnUNetv2_move_plans_between_datasets, which leave dataset.json out of its preprocessed folder
+    (nnU-Net 2.8.1's preprocessing needs it there). The import copies it from nnUNet_raw, then plans
+    and preprocesses (Genesis changes the normalisation) as on a planned dataset."""
+    ws = workspace
+    raw = make_tiny_dataset(Path(ws["env_plan"]["nnUNet_raw"]), 563, n_cases=2, shape=(24, 24, 24),
+                            name="TinyPretrainSource", seed=5)
+    meta = json.loads((raw / "dataset.json").read_text())
+    (raw / "dataset.json").write_text(json.dumps({**meta, "channel_names": {"0": "CT"}}))  # Genesis: raw HU
+    run_console("nnUNetv2_extract_fingerprint", "-d", 563, "-np", 1, env=ws["env_plan"])
+    run_console("nnUNetv2_move_plans_between_datasets", "-s", DATASET, "-t", 563, "-sp", "nnUNetPlans", "-tp",
+                "TinyCTPlans", env=ws["env_plan"])
+    pre = Path(ws["env_plan"]["nnUNet_preprocessed"]) / "Dataset563_TinyPretrainSource"
+    assert (pre / "TinyCTPlans.json").is_file() and not (pre / "dataset.json").exists()
+    file = cf.save_genesis_checkpoint(tmp_path / "Genesis_Chest_CT.pt", base_features=4)
+    out = run_console("nnUNetv2_acnorm_import", "-d", 563, "-c", "3d_fullres", "-p", "TinyCTPlans", "-i", file,
+                      env=ws["env_plan"]).stdout
+    assert "Copied the raw dataset.json" in out and "Preprocessing Dataset563_TinyPretrainSource" in out
+    assert json.loads((pre / "dataset.json").read_text()) == json.loads((raw / "dataset.json").read_text())
+    assert len(list((pre / "TinyCTPlans__genesis_3d_fullres").glob("case_*"))) >= 2  # preprocessed by the import

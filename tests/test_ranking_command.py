@@ -147,22 +147,23 @@ def test_seeded_ranking_is_deterministic_and_equals_a_direct_computation(workspa
 
     target = load_target(str(DATASET), "3d_fullres")
     files = [ws["files"]["nnunet_v2"], ws["files"]["unknown"]]
-    first = rank_candidates(files, target, steps=1, seed=5, progress=False)
-    second = rank_candidates(files, target, steps=1, seed=5, progress=False)
+    # the paper's AC-Corr (tau 1) at the direction experiment's lr, so that the direct computation below applies
+    first = rank_candidates(files, target, steps=1, seed=5, progress=False, tau=1.0, lr=1e-3)
+    second = rank_candidates(files, target, steps=1, seed=5, progress=False, tau=1.0, lr=1e-3)
     (a,), (b,) = first.ranked, second.ranked
     assert a.ac_corr == b.ac_corr and a.per_layer == b.per_layer and a.losses == b.losses
     assert [c.status for c in first.candidates] == ["ranked", "skipped"]
-    other_seed = rank_candidates(files[:1], target, steps=1, seed=6, progress=False).ranked[0]
+    other_seed = rank_candidates(files[:1], target, steps=1, seed=6, progress=False, tau=1.0, lr=1e-3).ranked[0]
     assert other_seed.losses != a.losses  # the seed does choose the batches
 
     # the reported AC-Corr equals AC-Corr computed directly from the pretrained and the updated affines
     from nnunet_acnorm.ranking.nnunet_target import (build_loss, finetune_optimizer, fixed_batches,
                                                      nnunet_train_step, prepare_candidate)
-    prepared = prepare_candidate(files[0], target, seed=5)
+    prepared = prepare_candidate(files[0], target, seed=5, tau=1.0)
     pretrained = {k: v.clone() for k, v in torch.load(files[0], weights_only=False)["network_weights"].items()}
     torch.manual_seed(5)
-    step = nnunet_train_step(prepared.network, build_loss(target.plans, target), finetune_optimizer(prepared.network),
-                             torch.device("cpu"))
+    step = nnunet_train_step(prepared.network, build_loss(target.plans, target),
+                             finetune_optimizer(prepared.network, 1e-3), torch.device("cpu"))
     prepared.network.train()
     for batch in fixed_batches(target, target.plans, 1, seed=5):
         step(batch)
@@ -290,3 +291,70 @@ def test_fold_draws_the_batches_from_the_folds_training_cases_only(workspace, tm
             assert not (tmp_path / f"bad{fold}").exists()
     finally:
         (pre / "splits_final.json").unlink()
+
+
+def test_fold_of_a_dataset_with_fewer_cases_than_folds_is_one_line(workspace, tmp_path):
+    """4 cases and no splits_final.json: nnU-Net's default 5-fold split cannot be made (scikit-learn
+    raised inside nnU-Net); one line naming the case count and what to do, nothing written."""
+    ws = workspace
+    assert not (ws["pre"] / "splits_final.json").exists()
+    out = tmp_path / "ranking"
+    proc = run_console("nnUNetv2_acnorm_rank", "-d", DATASET, "-c", "3d_fullres", "-i", ws["files"]["nnunet_v2"],
+                       "--fold", "0", "-o", out, "--no_progress", env=ws["env"], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("nnUNetv2_acnorm_rank: error: --fold 0: the dataset has 4 training case(s), fewer than")
+    assert "--fold all" in line and "splits_final.json" in line
+    assert not out.exists() and not (ws["pre"] / "splits_final.json").exists()
+
+
+def _nnssl_at_spacing(path, spacing, seed):
+    """An nnssl checkpoint pretrained at ``spacing``: its import resamples, so it is preprocessed."""
+    file = cf.save_nnssl_checkpoint(path, seed=seed)
+    checkpoint = torch.load(file, weights_only=False)
+    checkpoint["nnssl_adaptation_plan"]["pretrain_plan"]["configurations"]["onemmiso"]["spacing"] = spacing
+    torch.save(checkpoint, file)
+    return file
+
+
+def test_defaults_reuse_of_imports_and_names(workspace, tmp_path):
+    """Issue 30: the steps take nnUNetTrainerACNorm's lr and temperature unless told otherwise, and the
+    command says so; a file imported before with nnUNetv2_acnorm_import is reused, not imported again;
+    two imports with the same preprocessing share one preprocessed copy; two trainings' checkpoints
+    are named by their model folders (not 'fold_0/checkpoint_final.pth'); S is drawn."""
+    ws, pre = workspace, workspace["pre"]
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    runs = [cf.save_nnunet_v2_checkpoint(tmp_path / f"{t}__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth",
+                                         architecture=arch, seed=s) for t, s in (("TrainerA", 11), ("TrainerB", 12))]
+    genesis = cf.save_genesis_checkpoint(tmp_path / "Genesis_user.pt", base_features=4, seed=13)
+    run_console("nnUNetv2_acnorm_import", "-d", DATASET, "-c", "3d_fullres", "-i", genesis, "-pl",
+                "nnUNetPlans_userGenesis", env=ws["env"])
+    nnssl = [_nnssl_at_spacing(tmp_path / f"nnssl_{k}.pth", [2.0, 2.0, 2.0], seed) for k, seed in (("a", 14), ("b", 15))]
+    plans_before = {p.name for p in pre.glob("*.json")}
+    data_before = {p.name for p in pre.iterdir() if p.is_dir()}
+
+    out = tmp_path / "ranking"
+    proc = run_console("nnUNetv2_acnorm_rank", "-d", DATASET, "-c", "3d_fullres", "-i", *runs, genesis, *nnssl,
+                       "-o", out, "--no_progress", env=ws["env"])
+    assert ("Steps: lr 0.01 (nnUNetTrainerACNorm's peak lr; --lr to change), temperature calibrated per layer "
+            "(nnUNetTrainerACNorm's; --tau 1 for the paper's AC-Corr)") in proc.stdout
+    result = json.loads((out / "ranking.json").read_text())
+    assert result["lr"] == 0.01 and result["tau"] == "auto" and result["trainer_defaults"] == ["lr", "tau"]
+    by_name = {c["name"]: c for c in result["candidates"]}
+    assert {c["status"] for c in by_name.values()} == {"ranked"}, by_name
+    assert {"TrainerA__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth",
+            "TrainerB__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth", "Genesis_user.pt"} <= set(by_name)
+
+    user = by_name["Genesis_user.pt"]
+    assert user["plans_identifier"] == "nnUNetPlans_userGenesis"
+    assert any("reused the earlier import" in note for note in user["notes"])
+    assert user["pretrained_weights"].endswith("nnUNetPlans_userGenesis__3d_fullres.pth")
+    new_plans = {p.name for p in pre.glob("*.json")} - plans_before
+    assert len(new_plans) == 2 and all("__rank_nnssl_" in p for p in new_plans)   # only the two nnssl files
+    identifiers = {json.loads((pre / p).read_text())["configurations"]["3d_fullres"]["data_identifier"]
+                   for p in new_plans}
+    assert len(identifiers) == 1 and {p.name for p in pre.iterdir() if p.is_dir()} - data_before == identifiers
+    notes = [" ".join(by_name[f"nnssl_{k}.pth"]["notes"]) for k in "ab"]
+    assert sum("preprocessed now" in n for n in notes) == 1 and sum("not copied" in n for n in notes) == 1
+    assert (out / "sparse_correlations.png").stat().st_size > 1000

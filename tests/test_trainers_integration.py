@@ -89,6 +89,24 @@ def test_loud_warning_absent_with_pretrained_weights_and_schedule_is_finetuning(
     assert "have no source affines" not in log
     assert "AC-Norm: source affines of all" in log
     assert "Fine-tuning schedule: linear warm-up" in log
+    # the calibrated temperatures of the sorted path (layers batched): no overflow in exp (issue 30)
+    assert "RuntimeWarning" not in pipeline["first"].stderr
+
+
+def test_schedule_variant_by_name_through_nnunetv2_train(pipeline):
+    """``-tr nnUNetTrainerACNorm_1epoch``, nnU-Net's naming, with no trainer file written: nnU-Net
+    finds it, and it has one epoch. A full epoch is 250 iterations (minutes on CPU), so the run
+    continues (--c) from a checkpoint after epoch 1 (the pipeline's first AC-Norm run): with one
+    epoch it only saves and validates; with the base schedule it would train 249 more epochs."""
+    variant = "nnUNetTrainerACNorm_1epoch"
+    folder = pipeline["results"] / "Dataset912_TinyTarget" / f"{variant}__nnUNetPlans__{CONFIG}" / "fold_0"
+    folder.mkdir(parents=True)
+    shutil.copy(pipeline["epoch1"], folder / "checkpoint_latest.pth")
+    proc = run_console("nnUNetv2_train", TARGET_ID, CONFIG, 0, "-tr", variant, "-device", "cpu", "--c",
+                       env=pipeline["env"], timeout=300)
+    assert "poly decay over 1 epochs" in proc.stdout and "Mean Validation Dice" in proc.stdout
+    assert json.loads((folder / "debug.json").read_text())["num_epochs"] == "1"
+    assert _load(folder / "checkpoint_final.pth")["current_epoch"] == 1
 
 
 def test_continue_training_restores_acnorm_state(pipeline):
@@ -255,3 +273,19 @@ def test_training_without_pretrained_weights_warns_loudly(pipeline, monkeypatch)
     assert all(m.source_is_set for m in layers.values())
     for m in layers.values():
         assert torch.equal(m.source_weight, m.weight.detach())
+
+
+def test_demo_progress_reads_nnunet_training_output(pipeline):
+    """The demo's one line per epoch (demo/pipeline.py: EpochProgress), on the output of a real
+    nnUNetv2_train run: epoch, train loss and pseudo Dice as nnU-Net's own logger holds them."""
+    from nnunet_acnorm.demo.pipeline import EpochProgress
+
+    progress = EpochProgress("AC-Norm", epochs=2)
+    lines = [s for s in map(progress.feed, pipeline["cont"].stdout.splitlines()) if s is not None]
+    logging = _load(pipeline["model_folder"] / "fold_0" / "checkpoint_final.pth")["logging"]
+    assert len(lines) == 1 and lines[0].startswith("AC-Norm: epoch 2/2, train loss "), lines
+    loss, dice = lines[0].split("train loss ")[1].split(", pseudo Dice ")
+    dice = dice.rsplit(" (", 1)[0].split()
+    # nnU-Net prints 4 decimals, the line 3: equal to within their rounding
+    assert float(loss) == pytest.approx(logging["train_losses"][1], abs=6e-4)
+    assert [float(d) for d in dice] == pytest.approx(logging["dice_per_class_or_region"][1], abs=6e-4)

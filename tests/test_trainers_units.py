@@ -33,8 +33,8 @@ def test_warmup_then_poly_schedule():
 
 
 def test_schedule_attributes_are_overridable():
-    from nnunet_acnorm.nnunet.trainers import (TRAINERS, nnUNetTrainerACNorm, nnUNetTrainerACNorm_50epochs,
-                                                        nnUNetTrainerFinetune)
+    from nnunet_acnorm.nnunet.schedule_trainers import nnUNetTrainerACNorm_50epochs
+    from nnunet_acnorm.nnunet.trainers import TRAINERS, nnUNetTrainerACNorm, nnUNetTrainerFinetune
 
     assert nnUNetTrainerACNorm_50epochs.finetune_num_epochs == 50
     # the recipe (docs/experiments.md): nnU-Net's peak lr with a warm-up, every patch on foreground
@@ -104,15 +104,45 @@ def test_trainer_path_command_prints_the_shim_folder():
 
 
 def test_nnunet_finds_the_real_classes_through_the_shim_folder():
-    code = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"
-            "from nnunet_acnorm.nnunet import trainers as m\n"
+    """nnU-Net's own lookup (what nnUNetv2_train -tr does) returns the package's classes, schedule
+    variants included: those of a baseline trainer too, although nnU-Net imports the baseline shim
+    (and with it the registry) before the schedule shim."""
+    code = ("import pickle\n"
+            "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"
             "for n in ('nnUNetTrainerACNorm', 'nnUNetTrainerACNormBN', 'nnUNetTrainerFinetune', "
-            "'nnUNetTrainerACNorm_100epochs'):\n"
-            "    assert f(n) is getattr(m, n), n\n"
+            "'nnUNetTrainerACNorm_1epoch', 'nnUNetTrainerFinetune_20epochs', 'nnUNetTrainerL2SP_5epochs', "
+            "'nnUNetTrainerACNormBN_tau1_10epochs', 'nnUNetTrainerACNorm_100epochs'):\n"
+            "    c = f(n)\n"
+            "    from nnunet_acnorm.nnunet.trainers import TRAINERS\n"
+            "    assert c is TRAINERS[n] and pickle.loads(pickle.dumps(c)) is c, n\n"
+            "assert f('nnUNetTrainerL2SP_5epochs').finetune_num_epochs == 5\n"
             "print('ok')\n")
     env = dict(os.environ, nnUNet_extTrainer=trainer_shim_folder())
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_every_finetuning_trainer_has_its_schedule_variants():
+    """nnU-Net's _Xepochs naming for every fine-tuning trainer of the registry, each variant one idea:
+    the base class with finetune_num_epochs set, nothing else. A trainer module registered after the
+    schedule module was imported would miss its variants: this fails then."""
+    import pickle
+
+    from nnunet_acnorm.nnunet.schedule_trainers import (SCHEDULE_EPOCHS, SCHEDULE_TRAINERS, has_schedule_variants,
+                                                        schedule_name)
+    from nnunet_acnorm.nnunet.trainers import TRAINERS
+
+    bases = {n: c for n, c in TRAINERS.items() if has_schedule_variants(c)}
+    assert {"nnUNetTrainerACNorm", "nnUNetTrainerFinetune", "nnUNetTrainerACNormBN", "nnUNetTrainerL2SP",
+            "nnUNetTrainerStochNormBN"} <= set(bases)
+    assert SCHEDULE_EPOCHS[:4] == (1, 5, 10, 20) and schedule_name("X", 1) == "X_1epoch"
+    for name, base in bases.items():
+        for epochs in SCHEDULE_EPOCHS:
+            variant = TRAINERS[schedule_name(name, epochs)]
+            assert SCHEDULE_TRAINERS[variant.__name__] is variant and variant.__bases__ == (base,)
+            assert variant.finetune_num_epochs == epochs and pickle.loads(pickle.dumps(variant)) is variant
+            assert {k for k in vars(variant) if not k.startswith("__")} == {"finetune_num_epochs"}
+    assert len(SCHEDULE_TRAINERS) == len(bases) * len(SCHEDULE_EPOCHS)
 
 
 # -- networks built from plans, in process -----------------------------------------------------

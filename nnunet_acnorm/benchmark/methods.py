@@ -71,9 +71,17 @@ def alias_of(trainer: str) -> str | None:
     return "_".join(words)
 
 
+def _registry() -> dict:
+    """Every trainer of this package by name, the schedule variants (``_1epoch``, ``_5epochs``, ...) included."""
+    from nnunet_acnorm.nnunet import schedule_trainers  # noqa: F401 - registers the schedule variants
+    from nnunet_acnorm.nnunet.trainers import TRAINERS
+
+    return TRAINERS
+
+
 def alias_table() -> dict[str, Method]:
     """Every alias -> its method, derived from the trainer registry (sorted by alias)."""
-    from nnunet_acnorm.nnunet.trainers import TRAINERS
+    TRAINERS = _registry()
 
     table = {}
     for trainer in TRAINERS:
@@ -107,7 +115,7 @@ def find_trainer_class(name: str, ext_trainer_path: str | None = None):
 
 def trainer_exists(trainer: str, ext_trainer_path: str | None = None) -> bool:
     """Whether ``nnUNetv2_train -tr trainer`` finds an nnU-Net trainer class of that name."""
-    from nnunet_acnorm.nnunet.trainers import TRAINERS
+    TRAINERS = _registry()
 
     if trainer in TRAINERS:
         return True

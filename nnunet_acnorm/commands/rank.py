@@ -13,7 +13,8 @@ import os
 from nnunet_acnorm.checkpoints import FAMILIES
 from nnunet_acnorm.commands._cli import run_command
 from nnunet_acnorm.errors import InputError
-from nnunet_acnorm.ranking.direction import DIRECTION, ESTIMATORS, UnknownEstimator, parse_estimators
+from nnunet_acnorm.ranking.direction import (DIRECTION, DIRECTION_STEP_SETTINGS, ESTIMATORS, UnknownEstimator,
+                                             parse_estimators)
 
 PROG = "nnUNetv2_acnorm_rank"
 
@@ -47,8 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-device", dest="device", default="cpu", choices=("cpu", "cuda"), help="device (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the batches and the fresh heads (default 0)")
     p.add_argument("--lr", type=float, default=None,
-                   help="learning rate of the steps (default 1e-3, the rate the direction experiment used)")
-    p.add_argument("--tau", type=float, default=1.0, help="temperature of the correlation (default 1.0)")
+                   help="learning rate of the steps (default: nnUNetTrainerACNorm's peak lr, 1e-2; the direction "
+                        f"experiment's record was measured with {DIRECTION_STEP_SETTINGS['lr']:g})")
+    p.add_argument("--tau", type=float, default=None,
+                   help="temperature of the steps and of S (default: nnUNetTrainerACNorm's, calibrated per layer; "
+                        f"1 is the paper's AC-Corr; the direction experiment's record: {DIRECTION_STEP_SETTINGS['tau']:g})")
     p.add_argument("--estimators", default="ac_corr",
                    help="comma-separated estimators, computed in one run on the same batches: "
                         f"{', '.join(ESTIMATORS)} (default ac_corr)")
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.steps < 1:
         raise InputError(f"--steps must be >= 1, got {args.steps}")
-    if not args.tau > 0:
+    if args.tau is not None and not args.tau > 0:
         raise InputError(f"--tau must be > 0, got {args.tau}")
     if args.lr is not None and not args.lr > 0:
         raise InputError(f"--lr must be > 0, got {args.lr}")
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nTransferability estimates on {target.dataset_name} {target.configuration} (plans "
           f"{target.plans_identifier}): {', '.join(ranking.estimators)}; {steps_text}seed {ranking.seed}; "
           f"{cases_text}ordered by {way} {ranking.rank_by}")
+    if ranking.steps:
+        print(step_settings(ranking))
     print(format_table(ranking))
     print(f"\n{ranking.direction_note}.")
     epoch = ranking.epoch_seconds()
@@ -169,6 +175,18 @@ def main(argv: list[str] | None = None) -> None:
     if not ranking.ranked:
         raise InputError("no candidate could be ranked (see the reasons above)" if not ranking.excluded else
                          "no candidate could be ranked: every measured candidate was excluded (see the reasons above)")
+
+
+def step_settings(ranking) -> str:
+    """The learning rate and temperature of the steps, and whose defaults they are."""
+    lr = f"lr {ranking.lr:g}" + (" (nnUNetTrainerACNorm's peak lr; --lr to change)" if "lr" in ranking.trainer_defaults
+                                 else " (--lr)")
+    tau = "calibrated per layer" if ranking.tau == "auto" else f"{ranking.tau:g}"
+    tau = f"temperature {tau}" + (" (nnUNetTrainerACNorm's; --tau 1 for the paper's AC-Corr)"
+                                  if "tau" in ranking.trainer_defaults else " (--tau)")
+    record = DIRECTION_STEP_SETTINGS
+    return (f"Steps: {lr}, {tau}. The direction experiment's record was measured with --lr {record['lr']:g} "
+            f"--tau {record['tau']:g}.")
 
 
 def rank_entry(argv: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,29 +54,79 @@ def _dice_per_label(pred_file: Path, ref_file: Path) -> dict[str, float]:
     return {name: float(metrics[label]["Dice"]) for name, label in organs.items()}
 
 
+class EpochProgress:
+    """One line per finished epoch of an ``nnUNetv2_train`` run, read from its output: epoch,
+    train loss and nnU-Net's pseudo Dice per class (the lines nnU-Net logs: ``Epoch N``,
+    ``train_loss``, ``Pseudo dice [...]``, ``Epoch time``).
+
+    Example::
+
+        progress = EpochProgress("AC-Norm", epochs=20)
+        for line in process.stdout:
+            if (summary := progress.feed(line)) is not None:
+                print(summary)   # AC-Norm: epoch 3/20, train loss -0.412, pseudo Dice 0.712 0.000 0.301 0.455
+    """
+
+    _EPOCH = re.compile(r"(?:^|: )Epoch (\d+)\s*$")
+    _LOSS = re.compile(r"train_loss (\S+)")
+    _DICE = re.compile(r"Pseudo dice \[(.*)\]")
+    _DONE = re.compile(r"Epoch time: ([\d.]+) s")
+
+    def __init__(self, label: str = "", epochs: int | None = None):
+        self.label, self.epochs = label, epochs
+        self.epoch: int | None = None
+        self.loss: float | None = None
+        self.dice: list[float] = []
+
+    def feed(self, line: str) -> str | None:
+        """Take one output line; returns the epoch's summary when the line ends an epoch."""
+        if match := self._EPOCH.search(line):
+            self.epoch, self.loss, self.dice = int(match.group(1)), None, []
+        elif match := self._LOSS.search(line):
+            self.loss = float(match.group(1))
+        elif match := self._DICE.search(line):
+            values = re.sub(r"np\.float\d+\(([^)]*)\)", r"\1", match.group(1))
+            self.dice = [float(v) for v in values.split(",") if v.strip()]
+        elif (match := self._DONE.search(line)) and self.epoch is not None:
+            return self._summary(float(match.group(1)))
+        return None
+
+    def _summary(self, seconds: float) -> str:
+        total = f"/{self.epochs}" if self.epochs else ""
+        loss = "n/a" if self.loss is None else f"{self.loss:.3f}"
+        dice = " ".join(f"{d:.3f}" for d in self.dice) or "n/a"
+        label = f"{self.label}: " if self.label else ""
+        return f"{label}epoch {self.epoch + 1}{total}, train loss {loss}, pseudo Dice {dice} ({seconds:.0f} s)"
+
+
 class Runner:
-    """Runs nnU-Net console scripts as numbered steps, each with its log under ``logs/``."""
+    """Runs nnU-Net console scripts as numbered steps, each with its log under ``logs/``; an
+    ``nnUNetv2_train`` step prints one line per epoch (:class:`EpochProgress`), labelled by run when
+    several run side by side."""
 
     def __init__(self, out: Path, env: dict, total_steps: int):
         self.out, self.env, self.total, self.step = out, env, total_steps, 0
         (out / "logs").mkdir(parents=True, exist_ok=True)
 
-    def __call__(self, title: str, script: str, *args, env: dict | None = None) -> None:
+    def __call__(self, title: str, script: str, *args, env: dict | None = None, epochs: int | None = None) -> None:
         self.step += 1
         print(f"[{self.step}/{self.total}] {title}", flush=True)
-        self._run(f"{self.step:02d}_{script}", script, args, env, echo=True)
+        self._run(f"{self.step:02d}_{script}", script, args, env, EpochProgress("", epochs))
 
-    def parallel(self, title: str, jobs: dict[str, tuple[str, tuple, dict]], max_workers: int) -> None:
-        """Run several commands, ``max_workers`` side by side, as one step."""
+    def parallel(self, title: str, jobs: dict[str, tuple[str, tuple, dict]], max_workers: int,
+                 epochs: int | None = None) -> None:
+        """Run several commands, ``max_workers`` side by side, as one step; each one's epochs are
+        printed as they finish, labelled by the job's name."""
         self.step += 1
         print(f"[{self.step}/{self.total}] {title}", flush=True)
         with ThreadPoolExecutor(max_workers) as pool:
-            futures = {label: pool.submit(self._run, f"{self.step:02d}_{label}", script, args, env, False)
+            futures = {label: pool.submit(self._run, f"{self.step:02d}_{label}", script, args, env,
+                                          EpochProgress(label, epochs))
                        for label, (script, args, env) in jobs.items()}
             for future in futures.values():
                 future.result()
 
-    def _run(self, log_name: str, script: str, args: tuple, env: dict | None, echo: bool) -> None:
+    def _run(self, log_name: str, script: str, args: tuple, env: dict | None, progress: EpochProgress) -> None:
         exe = Path(sys.executable).parent / script
         cmd = [str(exe) if exe.exists() else script, *[str(a) for a in args]]
         log = self.out / "logs" / f"{log_name}.log"
@@ -87,8 +138,9 @@ class Runner:
             for line in proc.stdout:
                 fh.write(line)
                 fh.flush()
-                if echo and ("Epoch " in line and "time" not in line or "Pseudo dice" in line):
-                    print("      " + line.split(": ", 1)[-1].rstrip(), flush=True)
+                summary = progress.feed(line)
+                if summary is not None:
+                    print("      " + summary, flush=True)
             proc.wait()
         if proc.returncode != 0:
             tail = log.read_text().splitlines()[-15:]
@@ -148,17 +200,17 @@ def run_demo(out: Path, pretrain_epochs: int, finetune_epochs: int, iterations: 
         SOURCE_PLANS, "-c", CONFIG, "-np", 1)
     run(f"Pretrain on CT from scratch, nnU-Net's network and loss ({pretrain_epochs} epochs x {iterations} "
         f"iterations, seed {seed})", "nnUNetv2_train", SOURCE_ID, CONFIG, "all", "-tr", PRETRAIN_TRAINER, "-p",
-        SOURCE_PLANS, "-device", "cpu",
+        SOURCE_PLANS, "-device", "cpu", epochs=pretrain_epochs,
         env=dict(train_env, ACNORM_DEMO_EPOCHS=str(pretrain_epochs), ACNORM_DEMO_ITERATIONS=str(iterations)))
     checkpoint = res / SOURCE_NAME / f"{PRETRAIN_TRAINER}__{SOURCE_PLANS}__{CONFIG}" / "fold_all" / "checkpoint_final.pth"
     finetune_env = dict(train_env, ACNORM_DEMO_EPOCHS=str(finetune_epochs), ACNORM_DEMO_ITERATIONS=str(iterations),
                         OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    jobs = {trainer: ("nnUNetv2_train", (TARGET_ID, CONFIG, "all", "-tr", trainer, "-device", "cpu",
-                                         "-pretrained_weights", checkpoint), finetune_env)
-            for trainer in FINETUNE_TRAINERS.values()}
+    jobs = {label: ("nnUNetv2_train", (TARGET_ID, CONFIG, "all", "-tr", trainer, "-device", "cpu",
+                                       "-pretrained_weights", checkpoint), finetune_env)
+            for label, trainer in FINETUNE_TRAINERS.items()}
     run.parallel(f"Fine-tune on MR from the CT checkpoint: {' and '.join(FINETUNE_TRAINERS)}, {parallel} at a time "
                  f"({finetune_epochs} epochs x {iterations} iterations, seed {seed}, {threads} CPU thread(s) each)",
-                 jobs, max_workers=parallel)
+                 jobs, max_workers=parallel, epochs=finetune_epochs)
     dice = {}
     ref = next((out / "labelsTs").glob("*.nii.gz"))
     predict_env = dict(env, OMP_NUM_THREADS=str(parallel * threads))

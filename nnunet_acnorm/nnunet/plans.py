@@ -191,6 +191,31 @@ def _build_network(weights: PretrainedWeights, arch: dict, num_inputs: int, num_
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+def copy_missing_dataset_json(dataset: str) -> str | None:
+    """Copy ``nnUNet_raw/<dataset>/dataset.json`` into ``nnUNet_preprocessed/<dataset>/`` where that
+    folder exists without one; returns the file written, or None.
+
+    nnU-Net 2.8.1 preprocessing (and this import) read dataset.json from the preprocessed folder, and
+    only planning (``nnUNetv2_plan_experiment``) puts it there: a dataset prepared as nnU-Net's
+    pretraining workflow prepares the source (``nnUNetv2_extract_fingerprint``, then
+    ``nnUNetv2_move_plans_between_datasets``) has plans but no dataset.json."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    raw, preprocessed = os.environ.get("nnUNet_raw"), os.environ.get("nnUNet_preprocessed")
+    try:
+        name = maybe_convert_to_dataset_name(dataset)
+    except (RuntimeError, ValueError):
+        return None  # read_preprocessed_dataset names the problem
+    if not raw or not preprocessed:
+        return None
+    source, target = os.path.join(raw, name, "dataset.json"), os.path.join(preprocessed, name, "dataset.json")
+    if os.path.isfile(target) or not os.path.isfile(source) or not os.path.isdir(os.path.dirname(target)):
+        return None
+    with open(source) as f:
+        atomic_write_text(target, f.read())
+    return target
+
+
 def import_pretrained(dataset: str, configuration: str, file: str | PretrainedWeights, family: str | None = None,
                       trust_pickle: bool = False, source_plans: str = "nnUNetPlans", plans_name: str | None = None,
                       output: str | None = None, num_processes: int = 2, preprocess: bool = True,
@@ -202,6 +227,9 @@ def import_pretrained(dataset: str, configuration: str, file: str | PretrainedWe
 
     if plans_name is not None:  # before anything is read or written: the name becomes a file name
         check_identifier(plans_name, "-pl (new plans identifier)")
+    copied = copy_missing_dataset_json(dataset)
+    if copied:
+        echo(f"Copied the raw dataset.json to {copied} (nnU-Net's pretraining workflow does not; preprocessing needs it)")
     source = read_preprocessed_dataset(dataset, configuration, source_plans)
     plans_manager = PlansManager(source.plans)
     weights = file if isinstance(file, PretrainedWeights) else \

@@ -6,7 +6,8 @@
   (InstanceNorm in default plans, BatchNorm/GroupNorm where the plans say so).
 - :class:`nnUNetTrainerFinetuneBN` / :class:`nnUNetTrainerACNormBN`: the same on a BatchNorm network
   (nnU-Net's ``nnUNetTrainerBN``), the paper's setting.
-- ``..._Xepochs``: shorter or longer schedules.
+- ``..._1epoch``, ``..._5epochs``, ...: shorter or longer schedules of every fine-tuning trainer,
+  derived in :mod:`~nnunet_acnorm.nnunet.schedule_trainers`.
 
 Use with nnU-Net's pretraining workflow: ``nnUNetv2_train D C F -tr nnUNetTrainerACNorm
 -pretrained_weights checkpoint_final.pth``. The AC-Norm network is built with its source affines
@@ -398,47 +399,6 @@ class nnUNetTrainerACNormBN_encoderOnly(nnUNetTrainerACNormBN):
     pretrained_parts = "encoder"
 
 
-# -- schedule lengths (nnU-Net's _Xepochs naming) ------------------------------------------------
-class nnUNetTrainerFinetune_50epochs(nnUNetTrainerFinetune):
-    finetune_num_epochs = 50
-
-
-class nnUNetTrainerFinetune_100epochs(nnUNetTrainerFinetune):
-    finetune_num_epochs = 100
-
-
-class nnUNetTrainerFinetune_500epochs(nnUNetTrainerFinetune):
-    finetune_num_epochs = 500
-
-
-class nnUNetTrainerACNorm_50epochs(nnUNetTrainerACNorm):
-    finetune_num_epochs = 50
-
-
-class nnUNetTrainerACNorm_100epochs(nnUNetTrainerACNorm):
-    finetune_num_epochs = 100
-
-
-class nnUNetTrainerACNorm_500epochs(nnUNetTrainerACNorm):
-    finetune_num_epochs = 500
-
-
-class nnUNetTrainerFinetuneBN_50epochs(nnUNetTrainerFinetuneBN):
-    finetune_num_epochs = 50
-
-
-class nnUNetTrainerFinetuneBN_100epochs(nnUNetTrainerFinetuneBN):
-    finetune_num_epochs = 100
-
-
-class nnUNetTrainerACNormBN_50epochs(nnUNetTrainerACNormBN):
-    finetune_num_epochs = 50
-
-
-class nnUNetTrainerACNormBN_100epochs(nnUNetTrainerACNormBN):
-    finetune_num_epochs = 100
-
-
 #: every trainer of this module, by name (the shim folder exposes these to nnU-Net)
 TRAINERS = {name: obj for name, obj in dict(globals()).items()
             if isinstance(obj, type) and issubclass(obj, nnUNetTrainer) and name.startswith("nnUNetTrainer")
@@ -450,3 +410,6 @@ __all__ = list(TRAINERS)
 # the fine-tuning baselines (baseline_trainers.py) subclass the trainers above and add themselves to
 # TRAINERS when imported; importing them here makes TRAINERS complete whichever module comes first
 from nnunet_acnorm.nnunet import baseline_trainers as _baseline_trainers  # noqa: E402,F401
+# Schedule lengths (_1epoch, _5epochs, ...) of every trainer registered in TRAINERS are derived by
+# schedule_trainers.py, which imports this module (never the reverse): a trainer module imported
+# above gets its variants with no further code.

@@ -199,11 +199,13 @@ def _decay_table(y2: np.ndarray, tau, offsets) -> np.ndarray:
     if steps:
         if np.ndim(tau):   # one value per channel: position j of the flipped array is channel n - 1 - j
             tau = np.stack((tau, tau[::-1]))[:, 1:]
-        table[:, 0, 1:] = np.exp((y2[:, :-1] - y2[:, 1:]) / tau)
+        gaps = y2[:, :-1] - y2[:, 1:]   # <= 0 within a segment (sorted there), so each decay is in [0, 1]
         inner = list(offsets[1:-1])
-        if inner:
-            table[0, 0, inner] = 0.0                       # segment starts, ascending
-            table[1, 0, [n - o for o in inner]] = 0.0      # segment starts of the flipped array
+        if inner:   # a segment start has decay 0: its gap is the jump from the previous segment's
+            #         largest indicator, often > 0, whose exp overflows; exp(-inf) is exactly 0
+            gaps[0, [o - 1 for o in inner]] = -np.inf      # segment starts, ascending
+            gaps[1, [n - o - 1 for o in inner]] = -np.inf  # segment starts of the flipped array
+        table[:, 0, 1:] = np.exp(gaps / tau)
         for step in range(1, steps):
             s = 1 << (step - 1)
             table[:, step, 2 * s:] = table[:, step - 1, 2 * s:] * table[:, step - 1, s:-s]

@@ -50,6 +50,10 @@ DIRECTION = {
     "experiment": "experiments/direction_experiment.py",
 }
 
+#: the step settings DIRECTION's evidence was measured with: the ranking's defaults when the experiment
+#: ran (it now takes nnUNetTrainerACNorm's lr and temperature unless told otherwise)
+DIRECTION_STEP_SETTINGS = {"lr": 1e-3, "tau": 1.0}
+
 
 class UnknownEstimator(InputError):
     pass

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_acnorm.norms.ac_corr import ACCorr, LayerSelection, ac_corr_from_affines, select_layers
+from nnunet_acnorm.norms.ac_corr import ACCorr, LayerSelection, select_layers
 from nnunet_acnorm.norms import acnorm_modules
+from nnunet_acnorm.norms.functional import domain_indicator
 from nnunet_acnorm.ranking.logme import logme
 
 
@@ -35,13 +36,17 @@ class ACCorrMeasurement:
     #: norms.functional.indicators_near_constant): every entry of a row ties with the diagonal, so S is
     #: full and the sum is C by construction
     degenerate_layers: list[str] = field(default_factory=list)
+    #: per chosen layer, its channels in the order of their source domain indicators (for plots of S)
+    source_orders: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def ac_corr_after_steps(model: nn.Module, train_step: Callable[[dict], float], batches: Sequence[dict],
-                        steps: int = 1, layers: LayerSelection = "deepest", tau: float = 1.0) -> ACCorrMeasurement:
+                        steps: int = 1, layers: LayerSelection = "deepest",
+                        tau: float | None = 1.0) -> ACCorrMeasurement:
     """Fine-tune ``model`` (an AC-Norm network whose source affines are the pretrained ones) for
     ``steps`` calls of ``train_step`` on ``batches`` (cycled, in order), then compute AC-Corr over
-    the chosen layers. The model is changed in place."""
+    the chosen layers at temperature ``tau`` (None: each layer's own, e.g. its calibrated one).
+    The model is changed in place."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not batches:
@@ -60,8 +65,10 @@ def ac_corr_after_steps(model: nn.Module, train_step: Callable[[dict], float], b
     after = ac_corr_in_float64(modules, chosen, tau)
     with torch.no_grad():
         matrices = {name: _sparse_correlation(modules[name], tau) for name in chosen}
+        orders = {name: np.argsort(domain_indicator(*(t.double() for t in modules[name]._source())).cpu().numpy(),
+                                   kind="stable") for name in chosen}
     return ACCorrMeasurement(after.score, after.per_layer, start.score, start.per_layer, steps, losses, matrices,
-                             degenerate)
+                             degenerate, orders)
 
 
 @torch.no_grad()
@@ -72,20 +79,22 @@ def _near_constant_source(module) -> bool:
 
 
 @torch.no_grad()
-def ac_corr_in_float64(modules: dict, chosen: Sequence[str], tau: float = 1.0) -> ACCorr:
+def ac_corr_in_float64(modules: dict, chosen: Sequence[str], tau: float | None = 1.0) -> ACCorr:
     """AC-Corr of AC-Norm ``modules`` (name -> module) over ``chosen``, computed in float64 so
-    that the small change after one step is not lost in float32 rounding."""
-    source = {n: tuple(t.double() for t in modules[n]._source()) for n in chosen}
-    target = {n: (modules[n].weight.double(), modules[n].bias.double()) for n in chosen}
-    return ac_corr_from_affines(source, target, list(chosen), tau)
+    that the small change after one step is not lost in float32 rounding; ``tau`` None: each
+    layer's own temperature."""
+    per_layer = {n: float(_sparse_correlation(modules[n], tau).sum()) for n in chosen}
+    return ACCorr(score=sum(per_layer.values()) / len(per_layer), per_layer=per_layer)
 
 
-def _sparse_correlation(module, tau: float) -> np.ndarray:
+@torch.no_grad()
+def _sparse_correlation(module, tau: float | None) -> np.ndarray:
+    """S of one AC-Norm layer in float64 at ``tau`` (None: the layer's own temperature)."""
     from nnunet_acnorm.norms.functional import sparse_correlation
 
     source_weight, source_bias = (t.double() for t in module._source())
     return sparse_correlation(source_weight, source_bias, module.weight.double(), module.bias.double(),
-                              tau).cpu().numpy()
+                              module.tau if tau is None else tau).cpu().numpy()
 
 
 def _segmentation(batch: dict) -> torch.Tensor:

@@ -4,15 +4,19 @@ fine-tune.
 
 Everything here mirrors what ``nnUNetv2_train -tr nnUNetTrainerACNorm -pretrained_weights`` does,
 without a training run: the trainer is only constructed, in a throw-away results folder
-(:mod:`nnunet_acnorm.nnunet.training_step`), for nnU-Net's own loss, optimiser and step:
+(:mod:`nnunet_acnorm.nnunet.training_step`), for nnU-Net's own loss, optimiser and step. The
+trainer's defaults hold unless the caller gives others: its temperature (``ACNORM_TAU``) and its
+peak learning rate (``finetune_initial_lr``):
 
 - network: ``nnUNetTrainerACNorm.build_network_architecture`` from the plans (AC-Norm with the
-  source "not set"; loading the plain pretrained affines sets source = target);
+  source "not set"; loading the plain pretrained affines sets source = target), or the same network
+  with a fixed temperature;
 - weights: every key except the segmentation head (``.seg_layers.``), as nnU-Net's loader;
 - loss: the trainer's ``_build_loss`` (``DC_and_CE_loss``, ``DC_and_BCE_loss`` for regions, with
   the deep-supervision weights);
 - optimiser: ``nnUNetTrainer.configure_optimizers`` (SGD, Nesterov, momentum 0.99, the trainer's
-  weight decay) at :data:`RANKING_LR`; the step: ``nnUNetTrainer.train_step`` in float32;
+  weight decay) at the trainer's peak learning rate; the step: ``nnUNetTrainer.train_step`` in
+  float32;
 - batches: nnU-Net's ``nnUNetDataLoader`` with the validation transforms (no augmentation), the
   cases in a seeded order and the crops from a seeded RNG, so every candidate sees the same cases
   and crops (same positions where the candidates' plans share spacing and patch size).
@@ -25,7 +29,6 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +39,7 @@ from nnunet_acnorm.checkpoints.family import apply_family
 from nnunet_acnorm.checkpoints.keys import canonical_keys, first_misfit, transferable_keys
 from nnunet_acnorm.errors import InputError
 from nnunet_acnorm.nnunet.dataset import PreprocessedDatasetError, read_preprocessed_dataset
+from nnunet_acnorm.ranking.imports import default_checkpoint, earlier_import, provide_preprocessed_data
 
 
 
@@ -98,11 +102,33 @@ def training_cases(target: TargetTask, fold: int | str) -> tuple[str, ...]:
             n_folds = len(json.load(f))
         if fold >= n_folds:  # nnU-Net would draw a random 80:20 split instead: say so rather than guess
             raise RankingError(f"--fold {fold}: {splits} defines folds 0-{n_folds - 1}; pass one of them or 'all'")
+    elif isinstance(fold, int):
+        _check_default_split(trainer, fold, splits)
     trainer.fold = fold
     train, _ = trainer.do_split()
     if not train:
         raise RankingError(f"--fold {fold}: the split has no training cases")
     return tuple(sorted(train))
+
+
+#: folds of the split nnU-Net writes where splits_final.json is missing (nnUNetTrainer.do_split)
+NNUNET_FOLDS = 5
+
+
+def _check_default_split(trainer, fold: int, splits: str) -> None:
+    """Refuse a fold that nnU-Net's default 5-fold split cannot give, before ``do_split`` writes
+    ``splits`` or fails inside scikit-learn (fewer cases than folds)."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    folder = trainer.preprocessed_dataset_folder
+    n_cases = len(infer_dataset_class(folder).get_identifiers(folder))
+    if n_cases < NNUNET_FOLDS:
+        raise RankingError(f"--fold {fold}: the dataset has {n_cases} training case(s), fewer than the {NNUNET_FOLDS} "
+                           f"folds of nnU-Net's default split, so there is no fold {fold}; pass --fold all (every "
+                           f"case) or write your own split to {splits}")
+    if fold >= NNUNET_FOLDS:
+        raise RankingError(f"--fold {fold}: nnU-Net's default split has folds 0-{NNUNET_FOLDS - 1}; pass one of them, "
+                           f"'all', or write your own split to {splits}")
 
 
 def _managers(plans: dict, configuration: str, dataset_json: dict):
@@ -181,10 +207,10 @@ def fixed_batches(target: TargetTask, plans: dict, n_batches: int, seed: int) ->
 def _ranking_trainer(plans: dict, target: TargetTask):
     """The fine-tuning trainer whose network the ranking builds (:func:`build_acnorm_network`), for
     ``plans``: nnU-Net's loss and hyperparameters (:mod:`nnunet_acnorm.nnunet.training_step`)."""
-    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm_tau1
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm
     from nnunet_acnorm.nnunet.training_step import construct_trainer
 
-    return construct_trainer(nnUNetTrainerACNorm_tau1, plans, target.configuration, target.dataset_json)
+    return construct_trainer(nnUNetTrainerACNorm, plans, target.configuration, target.dataset_json)
 
 
 def build_loss(plans: dict, target: TargetTask) -> nn.Module:
@@ -195,19 +221,27 @@ def build_loss(plans: dict, target: TargetTask) -> nn.Module:
     return trainer_loss(_ranking_trainer(plans, target))
 
 
-#: learning rate of the ranking's fine-tuning steps: the one its direction experiment was measured
-#: with (the fine-tuning trainers' peak lr then; they now use 1e-2, see docs/experiments.md). Kept so
-#: that the published direction evidence still describes what the command computes.
-RANKING_LR = 1e-3
+def trainer_lr() -> float:
+    """The learning rate the ranking's steps use by default: ``nnUNetTrainerACNorm``'s peak lr."""
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm
+
+    return float(nnUNetTrainerACNorm.finetune_initial_lr)
+
+
+def trainer_tau() -> float | str:
+    """The temperature the ranking uses by default: ``nnUNetTrainerACNorm``'s (``ACNORM_TAU``)."""
+    from nnunet_acnorm.nnunet.trainers import ACNORM_TAU
+
+    return ACNORM_TAU
 
 
 def finetune_optimizer(network: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
     """The fine-tuning trainer's optimiser (``nnUNetTrainer.configure_optimizers``: SGD, Nesterov,
-    momentum 0.99, the trainer's weight decay) at :data:`RANKING_LR` unless ``lr`` is given."""
-    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm_tau1
+    momentum 0.99, the trainer's weight decay) at ``lr`` (default: the trainer's peak lr)."""
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm
     from nnunet_acnorm.nnunet.training_step import build_optimizer, reference_trainer
 
-    return build_optimizer(reference_trainer(nnUNetTrainerACNorm_tau1), network, RANKING_LR if lr is None else lr)
+    return build_optimizer(reference_trainer(nnUNetTrainerACNorm), network, trainer_lr() if lr is None else lr)
 
 
 def nnunet_train_step(network: nn.Module, loss: nn.Module, optimizer: torch.optim.Optimizer,
@@ -243,16 +277,24 @@ class PreparedCandidate:
     pretrained_weights: str = ""
 
 
-def build_acnorm_network(plans: dict, target: TargetTask, seed: int) -> nn.Module:
-    """The network ``nnUNetTrainerACNorm_tau1`` builds for these plans (deep supervision on): AC-Corr
-    is defined at the paper's tau = 1 (docs/method.md section 2), also for the step it measures."""
-    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm_tau1 as nnUNetTrainerACNorm
+def build_acnorm_network(plans: dict, target: TargetTask, seed: int, tau: float | str | None = None) -> nn.Module:
+    """The network ``nnUNetTrainerACNorm`` builds for these plans (deep supervision on), with its
+    temperature (``tau`` None) or a fixed one (the paper defines AC-Corr at tau = 1, docs/method.md
+    section 2)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_acnorm.norms import convert_to_acnorm
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm
     from nnunet_acnorm.nnunet.pretrained import set_strict_source
 
     plans_manager, cm, lm = _managers(plans, target.configuration, target.dataset_json)
     torch.manual_seed(seed)  # the fresh segmentation head is the same for every candidate of an architecture
-    network = nnUNetTrainerACNorm.build_network_architecture(plans_manager, cm, target.num_input_channels,
-                                                             lm.num_segmentation_heads, True)
+    args = (plans_manager, cm, target.num_input_channels, lm.num_segmentation_heads, True)
+    if tau is None:
+        network = nnUNetTrainerACNorm.build_network_architecture(*args)
+    else:  # the trainer's construction (trainers._acnorm_builder) with another temperature
+        network = nnUNetTrainer.build_network_architecture(*args)
+        convert_to_acnorm(network, tau=tau, set_source=False)
     set_strict_source(network, False)  # what -pretrained_weights does: plain pretrained weights set the source
     return network
 
@@ -302,7 +344,7 @@ def _file_tag(path: str) -> str:
 
 def prepare_candidate(path: str, target: TargetTask, seed: int, family: str | None = None,
                       trust_pickle: bool = False, adapt_input_channels: bool = False,
-                      log: io.StringIO | None = None) -> PreparedCandidate:
+                      log: io.StringIO | None = None, tau: float | None = None) -> PreparedCandidate:
     """The AC-Norm network of ``path`` on the target, source affines = the file's affines.
 
     nnU-Net v2 checkpoints that fit the target plans are used as they are. Any other 3D file goes
@@ -335,7 +377,7 @@ def prepare_candidate(path: str, target: TargetTask, seed: int, family: str | No
         # through the import, which writes a checkpoint without the prefix for nnUNetv2_train -pretrained_weights
         notes.append(f"every key was under '{weights.info['stripped_prefix']}' (a DDP/DataParallel save): stripped")
     if fam.name == "nnunet_v2" and not weights.info.get("stripped_prefix"):
-        network = build_acnorm_network(target.plans, target, seed)
+        network = build_acnorm_network(target.plans, target, seed, tau)
         try:
             raw = checkpoint["network_weights"]
             loaded = load_into(network, raw, path)
@@ -343,33 +385,48 @@ def prepare_candidate(path: str, target: TargetTask, seed: int, family: str | No
                                      ["fits the target plans as it is"], os.path.abspath(path))
         except CandidateSkipped as e:
             notes.append(f"target plans: {e}; imported with its own architecture")
-    return _prepare_by_import(weights, target, seed, notes, log)
+    return _prepare_by_import(weights, target, seed, notes, log, tau)
 
 
-def _prepare_by_import(weights, target: TargetTask, seed: int, notes: list[str], log) -> PreparedCandidate:
-    from nnunet_acnorm.nnunet.plans import import_pretrained
-
+def _prepare_by_import(weights, target: TargetTask, seed: int, notes: list[str], log,
+                       tau: float | None = None) -> PreparedCandidate:
+    """The candidate through ``nnUNetv2_acnorm_import``, or through an earlier import of the same
+    weights onto the same plans (:mod:`nnunet_acnorm.ranking.imports`)."""
     path, family = weights.path, weights.family.name
     plans_name = f"{target.plans_identifier}__rank_{family}_{_file_tag(path)}"
-    plans_file = os.path.join(target.preprocessed_folder, plans_name + ".json")
-    checkpoint_file = os.path.join(target.preprocessed_folder, "acnorm_pretrained",
-                                   f"{plans_name}__{target.configuration}.pth")
-    reused = os.path.isfile(plans_file) and os.path.isfile(checkpoint_file)
-    if not reused:
-        echo = (lambda line: print(line, file=log)) if log is not None else (lambda line: None)
-        try:  # the weights read above: the file is read and its family detected once
-            import_pretrained(target.dataset_name, target.configuration, weights,
-                              source_plans=target.plans_identifier, plans_name=plans_name, output=checkpoint_file,
-                              num_processes=1, preprocess=True, overwrite=True, echo=echo)
-        except InputError as e:
-            raise CandidateSkipped(str(e).replace(f"{path}: ", "", 1)) from None
+    earlier = earlier_import(weights, target.preprocessed_folder, target.plans_identifier, target.configuration,
+                             first=plans_name)
+    if earlier is None:
+        plans_file, checkpoint_file, data_note = _import_for_ranking(weights, target, plans_name, log)
+        notes += [f"imported as plans {plans_name}", data_note]
+    else:
+        plans_name, plans_file, checkpoint_file = earlier.plans_name, earlier.plans_file, earlier.checkpoint_file
+        notes.append(f"reused the earlier import of these weights: plans {plans_name}")
     with open(plans_file) as f:
         plans = json.load(f)
     imported = read_checkpoint(checkpoint_file)
-    network = build_acnorm_network(plans, target, seed)
+    network = build_acnorm_network(plans, target, seed, tau)
     loaded = load_into(network, imported["network_weights"], checkpoint_file)
-    info: dict[str, Any] = imported.get("acnorm_import", {})
-    fresh = transferable_keys(info.get("fresh_keys", []))
-    notes.append(("reused" if reused else "imported") + f" as plans {plans_name}"
-                 + (f"; {len(fresh)} non-head tensors start fresh (not in the file)" if fresh else ""))
+    fresh = transferable_keys(imported.get("acnorm_import", {}).get("fresh_keys", []))
+    if fresh:
+        notes.append(f"{len(fresh)} non-head tensors start fresh (not in the file)")
     return PreparedCandidate(path, family, plans, plans_name, network, loaded, notes, checkpoint_file)
+
+
+def _import_for_ranking(weights, target: TargetTask, plans_name: str, log) -> tuple[str, str, str]:
+    """``nnUNetv2_acnorm_import`` of ``weights`` as ``plans_name``, with preprocessed data shared where
+    the preprocessing is the same; returns (plans file, checkpoint file, a note on the data)."""
+    from nnunet_acnorm.nnunet.plans import import_pretrained
+
+    echo = (lambda line: print(line, file=log)) if log is not None else (lambda line: None)
+    checkpoint_file = default_checkpoint(target.preprocessed_folder, plans_name, target.configuration)
+    try:  # the weights read above: the file is read and its family detected once
+        result = import_pretrained(target.dataset_name, target.configuration, weights,
+                                   source_plans=target.plans_identifier, plans_name=plans_name,
+                                   output=checkpoint_file, num_processes=1, preprocess=False, overwrite=True,
+                                   echo=echo)
+    except InputError as e:
+        raise CandidateSkipped(str(e).replace(f"{weights.path}: ", "", 1)) from None
+    note = provide_preprocessed_data(target.dataset_name, result.plans_file, target.configuration)
+    echo(note)
+    return result.plans_file, checkpoint_file, note

@@ -1,6 +1,8 @@
 """Plots of a ranking: a bar chart of the scores and heatmaps of the sparse correlation matrices."""
 from __future__ import annotations
 
+import re
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -9,6 +11,17 @@ import numpy as np  # noqa: E402
 
 #: at most this many layers per candidate get a heatmap (all are in sparse_correlations.npz)
 MAX_HEATMAP_LAYERS = 4
+
+
+def _wrap(text: str, width: int) -> str:
+    """``text`` in lines of at most ``width`` characters, broken after '.', '/' or '_' where possible."""
+    lines, line = [], ""
+    for piece in re.findall(r"[^./_]*[./_]?", text):
+        if line and len(line) + len(piece) > width:
+            lines.append(line)
+            line = ""
+        line += piece
+    return "\n".join(lines + [line] if line else lines)
 
 
 def _short(name: str, size: int = 34) -> str:
@@ -59,32 +72,44 @@ def plot_scores(ranking, path: str) -> str:
 
 
 def plot_sparse_correlations(ranking, path: str) -> str:
-    """Heatmaps of S (rows: target channels, columns: source channels) of the chosen layers,
-    one row per measured candidate (at most :data:`MAX_HEATMAP_LAYERS` layers each)."""
-    ranked = ranking.measured
-    layers = []
-    for c in ranked:
-        for name in c.sparse_correlations:
-            if name not in layers:
-                layers.append(name)
-    layers = layers[:MAX_HEATMAP_LAYERS]
-    rows, cols = max(1, len(ranked)), max(1, len(layers))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols + 0.8, 2.6 * rows), squeeze=False)
+    """Heatmaps of S, one row per measured candidate, one panel per chosen layer of its network (at
+    most :data:`MAX_HEATMAP_LAYERS`; every S is in sparse_correlations.npz).
+
+    S is sparse and most kept entries are small (a softmax over C channels), so the colour scale is
+    logarithmic from the smallest kept entry shown to 1, and the entries S drops (0) are white.
+    Rows and columns are in the order of the source domain indicators (the same channel order on
+    both axes): S then lies in a band along the diagonal, whose width shows how far each target
+    channel's kept correlations reach."""
+    from matplotlib.colors import LogNorm
+
+    measured = [c for c in ranking.measured if c.sparse_correlations]
+    layers = {c.name: list(c.sparse_correlations)[:MAX_HEATMAP_LAYERS] for c in measured}  # each network its own
+    rows, cols = max(1, len(measured)), max([1, *map(len, layers.values())])
+    kept = [s[s > 0] for c in measured for s in c.sparse_correlations.values() if (s > 0).any()]
+    low = max(min((float(k.min()) for k in kept), default=1e-4), 1e-6)
+    norm = LogNorm(vmin=min(low, 0.5), vmax=1.0)
+    cmap = plt.get_cmap("magma_r").copy()
+    cmap.set_bad("white")
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 1.6, 3.2 * rows + 0.6), squeeze=False,
+                             layout="constrained")
     image = None
-    for i, c in enumerate(ranked):
-        for j, name in enumerate(layers):
-            ax = axes[i][j]
-            s = c.sparse_correlations.get(name)
-            if s is None:
-                ax.axis("off")
-                continue
-            image = ax.imshow(s, vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
-            ax.set_title(f"{c.name[:24]}\n{name[-28:]}: sum {s.sum():.2f}", fontsize=7)
-            ax.set_xlabel("source channel", fontsize=6)
-            ax.set_ylabel("target channel", fontsize=6)
-            ax.tick_params(labelsize=5)
+    for i, c in enumerate(measured):
+        for ax in axes[i][len(layers[c.name]):]:
+            ax.axis("off")
+        for j, name in enumerate(layers[c.name]):
+            ax, s = axes[i][j], c.sparse_correlations[name]
+            order = c.source_orders.get(name, np.arange(s.shape[0]))
+            shown = np.ma.masked_less_equal(s[np.ix_(order, order)], 0.0)
+            image = ax.imshow(shown, norm=norm, cmap=cmap, interpolation="nearest")
+            ax.set_title(f"{_wrap(name, 36)}\nsum {s.sum():.2f} of C = {s.shape[0]}", fontsize=7)
+            ax.tick_params(labelsize=6)
+            ax.set_xlabel("source channel (by indicator)", fontsize=7)
+            who = f"{c.rank}. {c.name}" if c.rank else f"(not ranked) {c.name}"
+            ax.set_ylabel(f"{_wrap(who, 30)}\ntarget channel" if j == 0 else "target channel", fontsize=7)
     if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.8, label="S")
+        fig.colorbar(image, ax=axes, shrink=0.7, label="S (log scale; white: dropped, 0)")
+    fig.suptitle(f"{ranking.dataset} {ranking.configuration}: sparse correlation S after {ranking.steps} step(s)",
+                 fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -32,7 +33,7 @@ from nnunet_acnorm.ranking.hscore import hscore
 from nnunet_acnorm.ranking.logme import logme
 from nnunet_acnorm.ranking.nnunet_target import (CandidateSkipped, TargetTask, build_loss, epoch_steps,
                                                  finetune_optimizer, fixed_batches, nnunet_train_step,
-                                                 prepare_candidate)
+                                                 prepare_candidate, trainer_lr, trainer_tau)
 
 #: estimators that need the pretrained features at labelled voxels / the fine-tuning steps
 FEATURE_ESTIMATORS = {"logme": logme, "hscore": hscore}
@@ -69,10 +70,13 @@ class CandidateResult:
     pretrained_weights: str | None = None
     notes: list[str] = field(default_factory=list)
     sparse_correlations: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    #: per layer of sparse_correlations, its channels in the order of the source indicators (plots)
+    source_orders: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict:
         out = asdict(self)
         out.pop("sparse_correlations")
+        out.pop("source_orders")
         return out
 
 
@@ -93,6 +97,10 @@ class Ranking:
     #: the nnU-Net fold whose training cases the batches came from, and those cases (None: every case)
     fold: int | str | None = None
     cases: list[str] | None = None
+    #: the temperature of the steps and of S: a number, or "auto" (calibrated per layer)
+    tau: float | str = 1.0
+    #: which of lr / tau are nnUNetTrainerACNorm's defaults (not given by the caller)
+    trainer_defaults: tuple[str, ...] = ()
 
     @property
     def order_word(self) -> str:
@@ -128,7 +136,8 @@ class Ranking:
 
     def to_json(self) -> dict:
         return {"dataset": self.dataset, "configuration": self.configuration, "plans": self.plans_identifier,
-                "steps": self.steps, "layers": self.layers, "seed": self.seed, "lr": self.lr,
+                "steps": self.steps, "layers": self.layers, "seed": self.seed, "lr": self.lr, "tau": self.tau,
+                "trainer_defaults": list(self.trainer_defaults),
                 "fold": self.fold, "cases": self.cases,
                 "estimators": self.estimators, "rank_by": self.rank_by, "reliable": self.reliable,
                 "higher_is_better": self.higher_is_better, "direction": dict(DIRECTION),
@@ -142,10 +151,23 @@ class Ranking:
         return float(np.median(per_step) * NNUNET_ITERATIONS_PER_EPOCH) if per_step else None
 
 
+#: path parts that name no run: nnU-Net's fold folders and checkpoint files
+GENERIC_PATH_PARTS = re.compile(r"fold_(\d+|all)|checkpoint_(final|best|latest)\.pth")
+
+
 def candidate_names(paths: Sequence[str]) -> list[str]:
-    """Short unique names: the file name, with parent folders added where names collide."""
+    """Short unique names: the shortest suffix of each path (file name, then parent folders) that
+    tells the candidates apart and holds a part other than nnU-Net's fold folders and checkpoint
+    names ("fold_0/checkpoint_final.pth" names no run; its model folder does)."""
     parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
-    depth = {i: 1 for i in range(len(paths))}
+
+    def informative_depth(p: list[str]) -> int:
+        depth = 1
+        while depth < len(p) and all(GENERIC_PATH_PARTS.fullmatch(x) for x in p[-depth:]):
+            depth += 1
+        return depth
+
+    depth = {i: informative_depth(parts[i]) for i in range(len(paths))}
     while True:
         names = ["/".join(parts[i][-depth[i]:]) for i in range(len(paths))]
         clashes = {n for n in names if names.count(n) > 1}
@@ -161,14 +183,17 @@ def candidate_names(paths: Sequence[str]) -> list[str]:
 
 
 def rank_candidates(paths: Sequence[str], target: TargetTask, steps: int | str = 1, layers: LayerSelection = "deepest",
-                    seed: int = 0, device: str | torch.device = "cpu", lr: float | None = None, tau: float = 1.0,
+                    seed: int = 0, device: str | torch.device = "cpu", lr: float | None = None,
+                    tau: float | None = None,
                     with_logme: bool = False, family: str | None = None, trust_pickle: bool = False,
                     adapt_input_channels: bool = False, progress: bool = True, logs: dict | None = None,
                     estimators: Sequence[str] | None = None, rank_by: str = "ac_corr") -> Ranking:
     """Rank ``paths`` on ``target``. ``steps``: a number of steps, or ``"epoch"`` (one pass over the
-    target's cases: ceil(cases / batch size) steps of each candidate's plans). ``estimators``
-    (default ["ac_corr"]; ``with_logme`` adds "logme") are computed for every candidate; the order
-    is by ``rank_by`` (added to the estimators if missing), higher first."""
+    target's cases: ceil(cases / batch size) steps of each candidate's plans). ``lr``, ``tau``
+    (None: ``nnUNetTrainerACNorm``'s peak lr and temperature) are those of the steps; S is computed
+    at the same temperature. ``estimators`` (default ["ac_corr"]; ``with_logme`` adds "logme") are
+    computed for every candidate; the order is by ``rank_by`` (added to the estimators if missing),
+    higher first."""
     from tqdm import tqdm
 
     estimators = parse_estimators(list(estimators or ["ac_corr"]) + (["logme"] if with_logme else []))
@@ -186,7 +211,7 @@ def rank_candidates(paths: Sequence[str], target: TargetTask, steps: int | str =
         log = io.StringIO()
         started = time.perf_counter()
         try:
-            prepared = prepare_candidate(path, target, seed, family, trust_pickle, adapt_input_channels, log)
+            prepared = prepare_candidate(path, target, seed, family, trust_pickle, adapt_input_channels, log, tau)
             result.family, result.plans_identifier = prepared.family, prepared.plans_identifier
             result.pretrained_weights, result.notes = prepared.pretrained_weights, prepared.notes
             network = prepared.network.to(device)
@@ -226,6 +251,7 @@ def rank_candidates(paths: Sequence[str], target: TargetTask, steps: int | str =
                 result.per_layer, result.per_layer_at_start = measured.per_layer, measured.per_layer_at_start
                 result.steps, result.losses = measured.steps, measured.losses
                 result.sparse_correlations = measured.sparse_correlations
+                result.source_orders = measured.source_orders
                 if "ac_corr" in estimators:
                     result.scores["ac_corr"] = measured.score
                 if "ac_corr_all" in estimators:
@@ -254,10 +280,12 @@ def rank_candidates(paths: Sequence[str], target: TargetTask, steps: int | str =
     numeric_steps = ranked[0].steps if ranked else (0 if steps == "epoch" else int(steps))
     if not any(e in STEP_ESTIMATORS for e in estimators):
         numeric_steps = 0
+    defaults = tuple(name for name, value in (("lr", lr), ("tau", tau)) if value is None)
     return Ranking(target.dataset_name, target.configuration, target.plans_identifier, numeric_steps,
-                   layers if isinstance(layers, str) else list(layers), seed, lr, higher,
-                   direction_statement(rank_by), results, list(estimators), rank_by, target.fold,
-                   None if target.cases is None else list(target.cases))
+                   layers if isinstance(layers, str) else list(layers), seed, trainer_lr() if lr is None else lr,
+                   higher, direction_statement(rank_by), results, list(estimators), rank_by, target.fold,
+                   None if target.cases is None else list(target.cases), trainer_tau() if tau is None else tau,
+                   defaults)
 
 
 def degenerate_reason(layers: Sequence[str]) -> str:
