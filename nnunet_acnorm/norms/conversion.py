@@ -14,6 +14,7 @@ from torch import nn
 from nnunet_acnorm.norms.batched import batch_affines, unbatch_affines
 from nnunet_acnorm.norms.functional import DEFAULT_DIAGONAL
 from nnunet_acnorm.norms.modules import ACNORM_FOR_PLAIN, _ACBatchNorm, _ACNorm
+from nnunet_acnorm.norms.torch_compat import RMS_NORM
 
 
 @dataclass
@@ -62,7 +63,7 @@ def _why_not_convertible(module: nn.Module) -> str | None:
     if isinstance(module, nn.SyncBatchNorm):
         return ("SyncBatchNorm: convert the model before the DDP set-up, then call "
                 "acnorm_sync_batchnorm")
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+    if isinstance(module, (nn.LayerNorm,) + ((RMS_NORM,) if RMS_NORM is not None else ())):
         return f"{type(module).__name__} normalises over features, not channels: not supported"
     if "norm" in type(module).__name__.lower() and next(module.children(), None) is None:
         return (f"unknown norm type {type(module).__module__}.{type(module).__name__}: replace it by "

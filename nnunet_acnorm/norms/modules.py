@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from nnunet_acnorm.norms.functional import (DEFAULT_DIAGONAL, calibrated_tau, recalibrated_affine,
                                             sparse_correlation)
+from nnunet_acnorm.norms.torch_compat import is_compiling
 
 SOURCE_KEYS = ("source_weight", "source_bias")
 #: the ``__dict__`` key of (weight, bias, grad mode) that the running network forward prepared for
@@ -141,7 +142,7 @@ class _ACNorm(nn.Module):
         """Whether this forward computes the affine in the autograd graph (training, or gradients
         wanted for the affines, or under torch.compile) rather than from the eval-mode cache."""
         return self.training or (torch.is_grad_enabled() and (self.weight.requires_grad or self.bias.requires_grad)) \
-            or torch.compiler.is_compiling()
+            or is_compiling()
 
     # -- free inference --------------------------------------------------------------------------
     def _affine_key(self) -> tuple:
