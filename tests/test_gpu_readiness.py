@@ -130,3 +130,71 @@ def test_ranking_steps_run_without_tf32_and_with_fixed_kernels_and_restore_the_s
         torch.set_float32_matmul_precision(saved[4])
         cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic = saved[:3]
         matmul.allow_tf32 = saved[3]
+
+
+# -- G10: the benchmarks run what nnUNetv2_train runs on the device, unless told otherwise ----------
+def test_benchmarks_default_to_nnunets_precision_and_compilation(monkeypatch, capsys):
+    from nnunet_acnorm.nnunet.training_step import nnunet_precision
+
+    monkeypatch.delenv("nnUNet_compile", raising=False)
+    assert nnunet_precision(torch.device("cuda")) == (True, True)
+    assert nnunet_precision(torch.device("cpu")) == (False, False)
+    assert nnunet_precision(torch.device("mps")) == (False, False)
+    monkeypatch.setenv("nnUNet_compile", "false")
+    assert nnunet_precision(torch.device("cuda")) == (True, False)
+    layers = _benchmark_module("benchmark_norm_layers")
+    for module in (_benchmark_module("benchmark_trainer"), layers):
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(["--device", "cpu", "--amp"])
+        assert exit_info.value.code == 2
+        assert "--amp: nnU-Net's mixed precision (autocast + GradScaler) is CUDA's" in capsys.readouterr().err
+    layers.main(["--device", "cpu", "--quick", "--repeats", "1", "--shapes", "2d", "--measured", "norm"])
+    out = capsys.readouterr().out
+    assert "device: cpu, float32, eager" in out
+    assert len([line for line in out.splitlines() if line.startswith("| 2D")]) == 2
+
+
+# -- scripts/gpu_check.sh ------------------------------------------------------------------------------
+def _gpu_visible() -> bool:
+    import shutil
+    if shutil.which("nvidia-smi") is None:
+        return False
+    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return any(line.startswith("GPU ") for line in listed.stdout.splitlines())
+
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line_and_touches_nothing(tmp_path):
+    if _gpu_visible() or torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal cannot be seen here")
+    work, venv = tmp_path / "work", tmp_path / "venv"
+    work.mkdir()
+    env = {**os.environ, "NNUNET_ACNORM_VENV": str(venv)}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("gpu_check: error: no NVIDIA GPU on this machine") and proc.stderr.count("\n") == 1
+    assert not venv.exists() and list(work.iterdir()) == [], "the refused check installed or wrote something"
+    # the Python part refuses too (a machine with nvidia-smi but a CPU-only torch), before writing
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--output", str(work / "report")],
+                          cwd=work, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "finds no CUDA device" in proc.stderr
+    assert list(work.iterdir()) == []
+
+
+def test_gpu_check_report_format_on_the_cpu_with_the_cuda_parts_skipped(tmp_path):
+    """--allow-cpu: the real command writes its two reports, every CUDA part skipped by the script."""
+    env = {**os.environ, "NNUNET_ACNORM_VENV": str(Path(sys.executable).parent.parent)}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--allow-cpu", "--output",
+                           str(tmp_path / "report")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "report" / "gpu_check.json").read_text())
+    names = ["cuda_tests", "dataset", "train", "layers", "inference", "ddp"]
+    assert [p["name"] for p in data["parts"]] == names
+    assert all(p["status"] == "skipped" and p["reason"] for p in data["parts"])
+    assert data["ok"] is True and data["environment"]["torch"] == torch.__version__ and data["seconds"] >= 0
+    assert data["environment"]["gpus"] == [] and data["environment"]["nnunetv2"]
+    markdown = (tmp_path / "report" / "gpu_check.md").read_text()
+    assert markdown.startswith("# GPU check (")
+    for name in names:
+        assert f"| {name} | skipped |" in markdown

@@ -15,6 +15,8 @@ a copy of each piece, this module calls ``nnUNetTrainer``'s methods:
   the trainer's weight decay) for a given network and learning rate;
 - :func:`make_train_step`: ``nnUNetTrainer.train_step`` (forward, loss, backward, gradient clipping
   at 12, optimiser step) on a given network, loss and optimiser;
+- :func:`nnunet_precision`: whether ``nnUNetv2_train`` uses mixed precision and torch.compile on a
+  device (the benchmarks' defaults);
 - :func:`deterministic_float32`: a block in which CUDA computes float32 without TF32 and with fixed
   cuDNN algorithms (the ranking's steps run in it), the previous settings restored after it.
 """
@@ -167,6 +169,18 @@ def make_train_step(network: nn.Module, loss: nn.Module, optimizer: torch.optim.
             return float(nnUNetTrainer.train_step(stand_in, batch)["loss"])
 
     return step
+
+
+def nnunet_precision(device: torch.device) -> tuple[bool, bool]:
+    """(mixed precision, torch.compile) as ``nnUNetv2_train`` chooses them for ``device``: autocast
+    + GradScaler on CUDA only (``nnUNetTrainer.train_step``), compile as ``nnUNetTrainer._do_i_compile``
+    says (CUDA unless ``nnUNet_compile`` is false; never on CPU, mps or Windows)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    stand_in = nnUNetTrainer.__new__(nnUNetTrainer)  # only what _do_i_compile reads
+    stand_in.device = torch.device(device)
+    stand_in.print_to_log_file = lambda *args, **kwargs: None
+    return stand_in.device.type == "cuda", bool(nnUNetTrainer._do_i_compile(stand_in))
 
 
 @contextlib.contextmanager
