@@ -121,3 +121,21 @@ def test_acnorm_layers_build_and_convert_without_the_newest_norm_classes():
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv3d(4, 4, 1), nn.InstanceNorm3d(4, affine=True))
     convert_to_acnorm(net)
     assert isinstance(net[1], ACBatchNorm2d) and isinstance(net[3], ACInstanceNorm3d)
+
+
+def test_weights_only_fallback_reads_numpy_scalars_of_either_numpy(tmp_path):
+    """NumPy 2 pickles its scalars as numpy._core.multiarray.scalar, NumPy 1 as numpy.core....: a
+    checkpoint written under either loads under both (the older torch's path runs with NumPy 1)."""
+    from nnunet_acnorm.checkpoints.io import numpy_safe_globals
+
+    path = tmp_path / "legacy.pth"
+    torch.save({"ema": np.float64(0.5)}, path, _use_new_zipfile_serialization=False)   # protocol 2: text GLOBALs
+    data = path.read_bytes()
+    mine, other = (b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+    if mine not in data:
+        mine, other = other, mine
+    assert mine in data
+    path.write_bytes(data.replace(mine, other))
+    module = torch_compat._restricted_pickle_module(tuple(numpy_safe_globals()))
+    loaded = torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
+    assert loaded["ema"] == 0.5

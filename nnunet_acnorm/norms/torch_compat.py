@@ -135,7 +135,12 @@ def _restricted_pickle_module(extra: tuple) -> types.ModuleType:
     """A pickle module whose Unpickler rebuilds only the weights-only globals and ``extra``; anything
     else is refused with the message torch's weights-only loader gives."""
     allowed = _default_weights_only_globals()
-    allowed.update({_global_name(obj): obj for obj in extra})
+    for obj in extra:
+        name = _global_name(obj)
+        allowed[name] = obj
+        for old, new in (("numpy.core.", "numpy._core."), ("numpy._core.", "numpy.core.")):
+            if name.startswith(old):   # NumPy 2 renamed numpy.core: files of either NumPy load on both
+                allowed[new + name[len(old):]] = obj
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str):
