@@ -166,7 +166,9 @@ def prepare_dataset(out: Path) -> Path:
 def train(base: Path, trainer: str, out: Path, results: str, gpus: int = 1, **extra) -> dict:
     """One nnUNetv2_train run; the records of its ranks and whether its final checkpoint reloads."""
     env = nnunet_env(base, nnUNet_results=base / results, **extra)
-    env.pop("nnUNet_n_proc_DA", None)
+    for key in ("nnUNet_n_proc_DA", "nnUNet_compile", "nnUNet_acnorm_seed"):   # nnU-Net's defaults unless given
+        if key not in extra:
+            env.pop(key, None)
     command = [Path(sys.executable).parent / "nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", trainer]
     if gpus > 1:
         command += ["-num_gpus", gpus]

@@ -92,26 +92,31 @@ class _RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_weights_only_fallback_of_older_torch_loads_checkpoints_and_refuses_code(tmp_path):
-    """The restricted unpickler that torch < 2.4 uses (torch has no allow-list there) reads what
+@pytest.mark.parametrize("legacy_format", [False, True])
+def test_weights_only_fallback_of_older_torch_loads_checkpoints_and_refuses_code(tmp_path, monkeypatch,
+                                                                                legacy_format):
+    """The restricted loading that torch < 2.4 uses (torch has no allow-list there) reads what
     ``torch.load(weights_only=True)`` with the numpy allow-list reads, and refuses pickled code
-    with the message of torch's weights-only loader. Run on this torch, whatever its version."""
+    with the message of torch's weights-only loader; also where weights-only loading is forced
+    (the safe predict commands set TORCH_FORCE_WEIGHTS_ONLY_LOAD, and torch.load then refuses any
+    pickle module). Run on this torch, whatever its version."""
     from nnunet_acnorm.checkpoints.io import numpy_safe_globals
 
     path = tmp_path / "checkpoint.pth"
     checkpoint = _nnunet_like_checkpoint()
-    torch.save(checkpoint, path)
-    module = torch_compat._restricted_pickle_module(tuple(numpy_safe_globals()))
-    loaded = torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
+    torch.save(checkpoint, path, _use_new_zipfile_serialization=not legacy_format)
     reference = torch_compat.weights_only_load(path, "cpu", numpy_safe_globals())
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    loaded = torch_compat.restricted_load(path, "cpu", numpy_safe_globals())
     for result in (loaded, reference):
         assert torch.equal(result["network_weights"]["w"], checkpoint["network_weights"]["w"])
         assert result["init_args"]["device"] == torch.device("cpu") and result["_best_ema"] == 0.5
         assert result["dtypes"] == checkpoint["dtypes"] and result["logging"]["shape"].tolist() == [1, 2]
     marker = tmp_path / "pwned"
-    torch.save({"network_weights": {}, "x": _RunsCode(str(marker))}, tmp_path / "evil.pth")
+    torch.save({"network_weights": {}, "x": _RunsCode(str(marker))}, tmp_path / "evil.pth",
+               _use_new_zipfile_serialization=not legacy_format)
     with pytest.raises(pickle.UnpicklingError, match=r"Weights only load failed.*GLOBAL (posix|os)\.system"):
-        torch.load(tmp_path / "evil.pth", map_location="cpu", weights_only=False, pickle_module=module)
+        torch_compat.restricted_load(tmp_path / "evil.pth", "cpu", numpy_safe_globals())
     assert not marker.exists()
 
 
@@ -136,6 +141,4 @@ def test_weights_only_fallback_reads_numpy_scalars_of_either_numpy(tmp_path):
         mine, other = other, mine
     assert mine in data
     path.write_bytes(data.replace(mine, other))
-    module = torch_compat._restricted_pickle_module(tuple(numpy_safe_globals()))
-    loaded = torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
-    assert loaded["ema"] == 0.5
+    assert torch_compat.restricted_load(path, "cpu", numpy_safe_globals())["ema"] == 0.5

@@ -32,7 +32,8 @@ def sparse_correlation(source_weight: Tensor, source_bias: Tensor, target_weight
     kept, no renormalisation). S carries no gradient. Computed in at least float32 (half-precision
     affines are upcast), so that precision cannot change which entries survive.
     """
-    dtype = torch.promote_types(target_weight.dtype, torch.float32)
+    # at least float32 (torch.promote_types, written out: torch 2.1's TorchDynamo cannot trace it)
+    dtype = torch.float64 if target_weight.dtype == torch.float64 else torch.float32
     ys = domain_indicator(source_weight.to(dtype), source_bias.to(dtype))
     yt = domain_indicator(target_weight.to(dtype), target_bias.to(dtype))
     a = torch.softmax(-(yt[:, None] - ys[None, :]).abs() / tau, dim=1)

@@ -114,7 +114,7 @@ class _ACNorm(nn.Module):
 
     def recalibrated_affine(self) -> tuple[Tensor, Tensor]:
         """((I + S) gamma_t, (I + S) beta_t): the affine the fused call applies."""
-        cache = self.__dict__.setdefault("_layout_cache", {}) if self.source_is_set else None
+        cache = self.__dict__.setdefault("_layout_cache", {}) if self.source_is_set and not is_compiling() else None
         return recalibrated_affine(*self._source(), self.weight, self.bias, self.tau, layout_cache=cache)
 
     def _source(self) -> tuple[Tensor, Tensor]:
@@ -129,7 +129,8 @@ class _ACNorm(nn.Module):
                           "loaded; the current affines become the frozen source. Load pretrained "
                           "weights first: AC-Norm needs a pretrained source.", stacklevel=2)
             self.set_source()
-        prepared = self.__dict__.get(PREPARED_AFFINE_KEY)
+        # (never prepared under torch.compile, whose older versions cannot trace a module's __dict__)
+        prepared = None if is_compiling() else self.__dict__.get(PREPARED_AFFINE_KEY)
         if prepared is not None and prepared[2] == torch.is_grad_enabled():
             weight, bias = prepared[0], prepared[1]   # computed with the network's other layers (norms.batched)
         elif self.needs_affine_graph():

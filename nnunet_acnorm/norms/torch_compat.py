@@ -13,9 +13,10 @@ elsewhere calls these helpers instead of the newest torch API:
   ``torch.cuda.amp.GradScaler()``.
 - :data:`RMS_NORM`: ``nn.RMSNorm`` (torch >= 2.4) or None.
 - :func:`weights_only_load`: ``torch.load(weights_only=True)`` with extra allowed globals:
-  ``torch.serialization.safe_globals`` (torch >= 2.5), ``add_safe_globals`` (2.4), else a
-  restricted unpickler that allows exactly torch's own weights-only globals plus the extra ones
-  (the same files load, the same ones are refused).
+  ``torch.serialization.safe_globals`` (torch >= 2.5), ``add_safe_globals`` (2.4), else
+  :func:`restricted_load`, torch's file readers with a restricted unpickler that allows the
+  weights-only globals of newer torch plus the extra ones (the same files load, the same ones are
+  refused, with the message of torch's weights-only loader).
 """
 from __future__ import annotations
 
@@ -101,8 +102,32 @@ def weights_only_load(path, map_location: Any, allowed_globals: Iterable, load: 
     if hasattr(serialization, "add_safe_globals"):  # torch 2.4: no scoped form
         serialization.add_safe_globals(allowed_globals)
         return load(path, map_location=map_location, weights_only=True)
-    return load(path, map_location=map_location, weights_only=False,
-                pickle_module=_restricted_pickle_module(tuple(allowed_globals)))
+    return restricted_load(path, map_location, allowed_globals)
+
+
+def restricted_load(path, map_location: Any, allowed_globals: Iterable) -> Any:
+    """What ``torch.load`` does with a file (zip archive or legacy format), unpickled by
+    :func:`_restricted_pickle_module`: the weights-only loading of torch < 2.4, which has no allow-list.
+    Through torch.load's own file readers, not torch.load itself: that refuses any pickle module
+    where weights-only loading is forced (``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, which the safe predict
+    commands set)."""
+    module = _restricted_pickle_module(tuple(allowed_globals))
+    with serialization_files(path) as (archive, opened):
+        if archive is not None:
+            return torch.serialization._load(archive, map_location, module, encoding="utf-8")
+        return torch.serialization._legacy_load(opened, map_location, module, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def serialization_files(path):
+    """(zip reader or None, the opened file) of a checkpoint, as torch.load opens it."""
+    serialization = torch.serialization
+    with serialization._open_file_like(path, "rb") as opened:
+        if serialization._is_zipfile(opened):
+            with serialization._open_zipfile_reader(opened) as archive:
+                yield archive, opened
+        else:
+            yield None, opened
 
 
 def _global_name(obj) -> str:
