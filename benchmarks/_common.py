@@ -32,6 +32,37 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, network: bool = Tru
     return parser
 
 
+def add_precision_arguments(parser: argparse.ArgumentParser, dtype: bool = False) -> argparse.ArgumentParser:
+    """``--amp`` / ``--no-amp`` and ``--compile`` / ``--no-compile``; unset, what ``nnUNetv2_train``
+    does on the device (:func:`resolve_precision`). ``dtype``: also ``--amp-dtype`` (nnU-Net's own
+    training step always autocasts to float16)."""
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="mixed precision as nnUNetv2_train: autocast (+ GradScaler in training steps); "
+                             "default: nnU-Net's choice for the device (CUDA: on; CPU, mps: off, float32)")
+    if dtype:
+        parser.add_argument("--amp-dtype", choices=("float16", "bfloat16"), default="float16",
+                            help="the autocast dtype of --amp (nnU-Net's: float16)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the network (and nnU-Net's Dice loss) as nnUNetv2_train does; default: "
+                             "nnU-Net's choice (CUDA: on unless nnUNet_compile says otherwise; CPU, mps: off)")
+    return parser
+
+
+def resolve_precision(parser: argparse.ArgumentParser, args: argparse.Namespace, device: torch.device) -> str:
+    """Fill in ``args.amp`` / ``args.compile`` left unset with nnU-Net's choice for ``device``
+    (``training_step.nnunet_precision``); refuse --amp off CUDA. Returns a description."""
+    from nnunet_acnorm.nnunet.training_step import nnunet_precision
+
+    amp, compiled = nnunet_precision(device)
+    args.amp = amp if args.amp is None else args.amp
+    args.compile = compiled if args.compile is None else args.compile
+    if args.amp and device.type != "cuda":
+        parser.error(f"--amp: nnU-Net's mixed precision (autocast + GradScaler) is CUDA's; on {device.type} it "
+                     "trains in float32 (leave --amp out)")
+    dtype = getattr(args, "amp_dtype", "float16")
+    return f"{'autocast ' + dtype if args.amp else 'float32'}, {'torch.compile' if args.compile else 'eager'}"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

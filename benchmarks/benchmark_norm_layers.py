@@ -16,6 +16,11 @@ running statistics twice.
     python benchmarks/benchmark_norm_layers.py --quick    # small shapes, a smoke run
     python benchmarks/benchmark_norm_layers.py --affine   # also: the recalibrated affine alone, dense vs sorted, C = 32..4096
 
+``--amp`` / ``--compile`` (defaults: what ``nnUNetv2_train`` does on the device: both on CUDA, neither
+on the CPU) run every variant under autocast (``--amp-dtype`` float16, nnU-Net's, or bfloat16) and
+compiled with torch.compile (compiled: plain vs fused; the two-pass columns show "-"); ``--shapes``
+and ``--measured`` pick fewer rows (each compiled variant compiles once).
+
 ``--affine`` times forward+backward of ``recalibrated_affine`` by its two methods (the dense C x C
 path and the sorted O(C log C) one, the latter also with its source layout kept between calls as
 a layer keeps it) per channel count, interleaved, best of the repeats: the measurement behind
@@ -25,6 +30,7 @@ per layer vs the single call of ``norms.batched`` (CPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -40,7 +46,7 @@ from nnunet_acnorm.norms import ACNORM_FOR_PLAIN
 from nnunet_acnorm.norms.functional import recalibrated_affine, sparse_correlation, use_sorted_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_peak_bytes  # noqa: E402
+from _common import add_precision_arguments, cpu_peak_bytes, resolve_precision  # noqa: E402
 
 
 class TwoPassACNorm(nn.Module):
@@ -87,9 +93,15 @@ def make_variants(norm_cls, channels, dim, with_conv):
     return {"plain": plain, "AC-Norm fused": fused, "AC-Norm two-pass": two_pass}
 
 
+#: the autocast dtype of the steps (None: float32); set by main from --amp / --amp-dtype
+AUTOCAST_DTYPE: torch.dtype | None = None
+
+
 def step(module, x):
     x = x.detach().requires_grad_(True)
-    module(x).sum().backward()
+    with torch.autocast(x.device.type, dtype=AUTOCAST_DTYPE) if AUTOCAST_DTYPE else contextlib.nullcontext():
+        y = module(x)
+    y.float().sum().backward()
 
 
 def peak_memory_bytes(module, x, device):
@@ -105,11 +117,15 @@ def peak_memory_bytes(module, x, device):
     return cpu_peak_bytes(lambda: step(module, x))
 
 
-def measure(variants, x, device, repeats):
+def measure(variants, x, device, repeats, compile: bool = False):
+    if compile:   # compiled: plain vs fused (the two-pass formula is the eager reference)
+        variants = {name: m for name, m in variants.items() if name != "AC-Norm two-pass"}
     times = {name: [] for name in variants}
-    for module in variants.values():
+    for name, module in variants.items():
         module.to(device).train()
-        step(module, x)  # warm-up
+        if compile:
+            variants[name] = module = torch.compile(module)
+        step(module, x)  # warm-up (and compilation)
     for _ in range(repeats):
         for name, module in variants.items():  # interleaved: noise hits all variants alike
             module.zero_grad(set_to_none=True)
@@ -229,12 +245,21 @@ def main(argv=None):
     parser.add_argument("--affine", action="store_true", help="also time the recalibrated affine alone, "
                                                                "dense vs sorted, C = 32..4096")
     parser.add_argument("--affine-only", action="store_true", help="only the affine table")
+    parser.add_argument("--shapes", choices=("all", "3d", "2d"), default="all", help="which shapes to time")
+    parser.add_argument("--measured", choices=("both", "block", "norm"), default="both",
+                        help="conv+norm blocks, the norm alone, or both")
+    add_precision_arguments(parser, dtype=True)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    precision = resolve_precision(parser, args, device)
+    global AUTOCAST_DTYPE
+    AUTOCAST_DTYPE = getattr(torch, args.amp_dtype) if args.amp else None
     repeats = args.repeats or (3 if args.quick else 7)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    shapes = {name: shape for name, shape in (QUICK_SHAPES if args.quick else SHAPES).items()
+              if args.shapes == "all" or f"{shape[0]}d" == args.shapes}
+    blocks = {"both": (True, False), "block": (True,), "norm": (False,)}[args.measured]
 
-    print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+    print(f"device: {device}, {precision}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"best of {repeats} interleaved repeats\n")
     if args.affine_only:
         affine_table(device, repeats)
@@ -246,15 +271,16 @@ def main(argv=None):
     for shape_name, (dim, shape) in shapes.items():
         for norm_name, norm_cls in (("BN", nn.BatchNorm3d if dim == 3 else nn.BatchNorm2d),
                                     ("IN", nn.InstanceNorm3d if dim == 3 else nn.InstanceNorm2d)):
-            for with_conv in (True, False):
+            for with_conv in blocks:
                 torch.manual_seed(0)
                 x = torch.randn(shape, device=device)
                 variants = make_variants(norm_cls, shape[1], dim, with_conv)
-                t, m = measure(variants, x, device, repeats)
+                t, m = measure(variants, x, device, repeats, compile=args.compile)
                 fused, plain, two = "AC-Norm fused", "plain", "AC-Norm two-pass"
+                versus = (lambda d: f"{d[fused] / d[two]:.3f}") if two in t else (lambda d: "-")
                 print(f"| {shape_name} | {norm_name} | {'conv+norm' if with_conv else 'norm only'} | "
-                      f"{t[fused] / t[plain]:.3f} | {t[fused] / t[two]:.3f} | "
-                      f"{m[fused] / m[plain]:.3f} | {m[fused] / m[two]:.3f} | "
+                      f"{t[fused] / t[plain]:.3f} | {versus(t)} | "
+                      f"{m[fused] / m[plain]:.3f} | {versus(m)} | "
                       f"{t[plain] * 1e3:.0f}, {m[plain] / 2**20:.0f} |", flush=True)
     if args.affine:
         affine_table(device, repeats)

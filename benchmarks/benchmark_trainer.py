@@ -4,14 +4,18 @@ AC-Norm model (folded and not) vs a stock one, on the same plans, in one run (ra
 Each trainer's own ``build_network_architecture`` builds the network from the same plans; a training
 step is nnU-Net's, from its own code (:mod:`nnunet_acnorm.nnunet.training_step`: the trainer's
 ``_build_loss``, ``nnUNetTrainer.configure_optimizers`` with the trainer's weight decay at lr 1e-3,
-``nnUNetTrainer.train_step``, in float32). Repetitions are interleaved in alternating order
+``nnUNetTrainer.train_step``) with what ``nnUNetv2_train`` uses on the device unless told otherwise
+(``--amp``: autocast float16 + GradScaler, CUDA only; ``--compile``: torch.compile of the network and
+of the Dice loss; both on for CUDA, off on the CPU, as nnU-Net). Repetitions are interleaved in alternating order
 (stock, AC-Norm, AC-Norm, stock, ...) so that machine load hits both alike; the table shows medians.
 Each timed variant runs in processes of its own (built from the same plans and seed; ``--processes``,
 used in turn), one process at a time, so that no variant's allocations change the C heap of another
 (``--same-process`` builds and times them all in this one; see ``_common.timed_builds``).
 
 Memory: "saved activations" is the total size of the tensors autograd keeps for the backward pass
-of one step (device independent); on CUDA the peak allocated memory is shown too.
+of one step of the eager network (device independent; half precision under --amp); on CUDA the
+peak allocated memory of the step as run (compiled or not) is shown too. Inference runs as nnU-Net's
+predictor runs it: eager, without gradients, autocast on CUDA.
 
     python benchmarks/benchmark_trainer.py                       # small CPU default (~1 min)
     python benchmarks/benchmark_trainer.py --patch 128 128 128 --features 32 64 128 256 320 320 --batch 2 --device cuda
@@ -20,6 +24,7 @@ of one step (device independent); on CUDA the peak allocated memory is shown too
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -30,36 +35,44 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (MALLOC_SETTINGS, add_common_arguments, median_interval, sync as _sync,  # noqa: E402
-                     repetition_clusters, timed_builds, timing_mode)
+from _common import (MALLOC_SETTINGS, _environment, add_common_arguments, add_precision_arguments,  # noqa: E402
+                     median_interval, repetition_clusters, resolve_precision, sync as _sync, timed_builds,
+                     timing_mode)
 
 
 class Setup:
     """A network, its loss and optimizer, as an nnU-Net trainer would have them: the trainer's own
     ``build_network_architecture``, ``_build_loss`` and optimizer (``nnUNetTrainer.configure_optimizers``
-    with the trainer's weight decay, at lr 1e-3) and ``nnUNetTrainer.train_step`` (float32; see
-    :mod:`nnunet_acnorm.nnunet.training_step`)."""
+    with the trainer's weight decay, at lr 1e-3) and ``nnUNetTrainer.train_step`` (see
+    :mod:`nnunet_acnorm.nnunet.training_step`), with nnU-Net's mixed precision (``amp``: autocast +
+    GradScaler, CUDA) and torch.compile (``compile``: the network, and the Dice term of the loss as
+    ``_build_loss`` compiles it) or without."""
 
-    def __init__(self, trainer_class, plans, configuration, n_classes, device, pretrained_state=None):
+    def __init__(self, trainer_class, plans, configuration, n_classes, device, pretrained_state=None,
+                 amp: bool = False, compile: bool = False):
         from nnunet_acnorm.nnunet.plain_unet_plans import default_dataset_json
         from nnunet_acnorm.nnunet.training_step import build_loss, build_optimizer, construct_trainer
 
-        #: the trainer (constructed, not initialised): its loss and hyperparameters
-        self.trainer = construct_trainer(trainer_class, plans, configuration, default_dataset_json(n_classes))
+        #: the trainer (constructed, not initialised) on the device: its loss and hyperparameters
+        with _environment({"nnUNet_compile": "true" if compile else "false"}):
+            self.trainer = construct_trainer(trainer_class, plans, configuration, default_dataset_json(n_classes),
+                                             device if compile else torch.device("cpu"))
+            self.loss = build_loss(self.trainer)
         self.cm = self.trainer.configuration_manager
-        self.device = device
-        self.network = trainer_class.build_network_architecture(self.trainer.plans_manager, self.cm, 1, n_classes,
-                                                                True)
+        self.device, self.amp = device, amp
+        #: the network as built (eager); ``network`` is what the steps run (compiled with ``compile``)
+        self.plain_network = trainer_class.build_network_architecture(self.trainer.plans_manager, self.cm, 1,
+                                                                      n_classes, True)
         if pretrained_state is not None:
             from nnunet_acnorm.nnunet.pretrained import set_strict_source
 
-            set_strict_source(self.network, False)  # as -pretrained_weights: plain keys set the AC-Norm sources
-            self.network.load_state_dict(pretrained_state, strict=False)
-        self.network.to(device).train()
+            set_strict_source(self.plain_network, False)  # as -pretrained_weights: plain keys set the AC-Norm sources
+            self.plain_network.load_state_dict(pretrained_state, strict=False)
+        self.plain_network.to(device).train()
+        self.network = torch.compile(self.plain_network) if compile else self.plain_network
         strides = self.cm.network_arch_init_kwargs["strides"]
         self.scales = np.cumprod(np.vstack([[1] * len(strides[0])] + [list(s) for s in strides[1:]]), axis=0)
-        self.loss = build_loss(self.trainer)
-        self.optimizer = build_optimizer(self.trainer, self.network, 1e-3)
+        self.optimizer = build_optimizer(self.trainer, self.plain_network, 1e-3)
 
     def batch(self, batch_size, patch, n_classes, device, generator):
         x = torch.randn((batch_size, 1, *patch), generator=generator).to(device)
@@ -74,10 +87,13 @@ class Setup:
         """One ``nnUNetTrainer.train_step`` with the current loss and optimizer (a method may replace them)."""
         from nnunet_acnorm.nnunet.training_step import make_train_step
 
-        make_train_step(self.network, self.loss, self.optimizer, self.device)({"data": x, "target": targets})
+        make_train_step(self.network, self.loss, self.optimizer, self.device, mixed_precision=self.amp)(
+            {"data": x, "target": targets})
 
 
 def saved_activation_bytes(setup: Setup, x, targets) -> int:
+    """Bytes autograd saves for the backward pass of one step, of the eager network (with autocast
+    when the setup uses it: half-precision activations are saved in half precision)."""
     total = 0
 
     def pack(t):
@@ -86,8 +102,9 @@ def saved_activation_bytes(setup: Setup, x, targets) -> int:
         return t
 
     setup.optimizer.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = setup.loss(setup.network(x), targets)
+    autocast = torch.autocast(setup.device.type) if setup.amp else contextlib.nullcontext()   # nnU-Net's: float16
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        loss = setup.loss(setup.plain_network(x), targets)
     loss.backward()
     return total
 
@@ -119,9 +136,11 @@ def build(args):
     else:
         plans, configuration, patch = default_plans(args.patch, args.features, len(args.patch)), "bench", args.patch
     torch.manual_seed(0)
-    stock = Setup(nnUNetTrainer, plans, configuration, args.classes, device)
-    pretrained = {k: v.detach().clone() for k, v in stock.network.state_dict().items()}
-    acnorm = Setup(nnUNetTrainerACNorm, plans, configuration, args.classes, device, pretrained_state=pretrained)
+    precision = {"amp": args.amp, "compile": args.compile}
+    stock = Setup(nnUNetTrainer, plans, configuration, args.classes, device, **precision)
+    pretrained = {k: v.detach().clone() for k, v in stock.plain_network.state_dict().items()}
+    acnorm = Setup(nnUNetTrainerACNorm, plans, configuration, args.classes, device, pretrained_state=pretrained,
+                   **precision)
     generator = torch.Generator().manual_seed(0)
     x, targets = stock.batch(args.batch, patch, args.classes, device, generator)
     return {"nnUNetTrainer": stock, "nnUNetTrainerACNorm": acnorm}, x, targets, patch
@@ -132,11 +151,18 @@ def inference_networks(setups: dict) -> dict:
     norms, and the AC-Norm network as trained (unfolded: each layer reuses its cached affine)."""
     from nnunet_acnorm.norms import fold_acnorm
 
-    acnorm = setups["nnUNetTrainerACNorm"].network.eval()
+    acnorm = setups["nnUNetTrainerACNorm"].plain_network.eval()
     folded = copy.deepcopy(acnorm)
     fold_acnorm(folded)
-    return {"stock nnUNetTrainer network": setups["nnUNetTrainer"].network.eval(), "AC-Norm, folded": folded,
+    return {"stock nnUNetTrainer network": setups["nnUNetTrainer"].plain_network.eval(), "AC-Norm, folded": folded,
             "AC-Norm, not folded": acnorm}
+
+
+@contextlib.contextmanager
+def inference_context(args):
+    """What nnU-Net's predictor runs a forward in: no gradients, autocast on CUDA (float16)."""
+    with torch.no_grad(), torch.autocast("cuda") if args.amp else contextlib.nullcontext():
+        yield
 
 
 def training_run(name: str, args):
@@ -154,7 +180,7 @@ def inference_run(name: str, args):
     network, xi = copy.deepcopy(inference_networks(setups)[name]), x[:1]
 
     def run():
-        with torch.no_grad():
+        with inference_context(args):
             network(xi)
     return run
 
@@ -174,7 +200,9 @@ def main(argv=None):
                              "isolated: each network in processes of its own, as the training steps")
     parser.add_argument("--malloc", choices=tuple(MALLOC_SETTINGS), default="default",
                         help="glibc malloc settings of the worker processes (no-trim: no page faults after warm-up)")
+    add_precision_arguments(parser)
     args = parser.parse_args(argv)
+    precision = resolve_precision(parser, args, torch.device(args.device))
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,9 +222,9 @@ def main(argv=None):
     # inference: stock network vs the AC-Norm network, folded back to plain norms and not
     infer = inference_networks(setups)
     xi = x[:1]
-    with torch.no_grad():
-        max_diff = float((torch.softmax(infer["AC-Norm, not folded"](xi)[0], 1)
-                          - torch.softmax(infer["AC-Norm, folded"](xi)[0], 1)).abs().max())
+    with inference_context(args):
+        max_diff = float((torch.softmax(infer["AC-Norm, not folded"](xi)[0].float(), 1)
+                          - torch.softmax(infer["AC-Norm, folded"](xi)[0].float(), 1)).abs().max())
     paired = args.inference_timing == "paired"
     itimes, ifaults = timed_builds({name: (inference_run, (name, args)) for name in infer}, args.repetitions,
                                    args.inference_batches, paired=paired, **timing)
@@ -212,6 +240,7 @@ def main(argv=None):
         [a / s for a, s in zip(itimes["AC-Norm, folded"], stock_times)], clusters=clusters)
 
     desc = (f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+            f"{precision}, torch {torch.__version__}, "
             f"torch threads {torch.get_num_threads()}, patch {list(patch)}, batch {args.batch}, "
             f"{'plans ' + args.plans if args.plans else 'PlainConvUNet features ' + str(args.features)}, "
             f"{args.repetitions} interleaved repetitions x {args.steps} steps, "
@@ -240,7 +269,7 @@ def main(argv=None):
           f"folded / stock (the same architecture: this run's noise): {folded_ratio:.3f} "
           f"({folded_low:.3f}-{folded_high:.3f})")
     print(f"largest softmax difference, AC-Norm vs folded: {max_diff:.2e}")
-    result = {"setup": desc, "train_step_s": step,
+    result = {"setup": desc, "amp": args.amp, "compile": args.compile, "train_step_s": step,
               "train_step_ratio": step["nnUNetTrainerACNorm"] / step["nnUNetTrainer"],
               "train_page_faults_per_step": {k: statistics.median(v) for k, v in faults.items()},
               "inference_page_faults_per_call": {k: statistics.median(v) for k, v in ifaults.items()},

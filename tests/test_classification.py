@@ -363,7 +363,7 @@ def test_cuda_mixed_precision_train_step(tmp_path, data2d, monkeypatch):
     trainer.network.train()
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1, 0, 1])
-    assert all(np.isfinite(trainer.train_step(images, labels)) for _ in range(3))
+    assert all(bool(torch.isfinite(trainer.train_step(images, labels))) for _ in range(3))
     trainer.save_checkpoint("checkpoint_latest.pth")
     saved = safe_torch_load(tmp_path / "checkpoint_latest.pth")
     assert saved["grad_scaler_state"] and saved["network_weights"]["bn1.source_weight"].device.type == "cpu"

@@ -58,6 +58,7 @@ from nnunet_acnorm.finetuning import (BSS_ETA, BSS_K, DELTA_ALPHA, DELTA_BETA, E
                                       convert_to_stochnorm, discriminative_param_groups, frozen_epochs, set_frozen,
                                       new_weights_penalty, stage_modules)
 from nnunet_acnorm.norms import convert_to_acnorm
+from nnunet_acnorm.norms.torch_compat import grad_scaler
 from nnunet_acnorm.nnunet.pretrained import set_strict_source
 from nnunet_acnorm.nnunet.seeding import resolve_seed, seed_everything
 
@@ -179,7 +180,7 @@ class ClassificationTrainer:
             self.method_weight_decay
         self.optimizer = torch.optim.SGD(self.method_param_groups(), lr=float(self.config["initial_lr"]),
                                          momentum=0.9, nesterov=True, weight_decay=weight_decay)
-        self.grad_scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        self.grad_scaler = grad_scaler() if self.amp else None
         # nnU-Net's poly decay (exponent 0.9, no warm-up), each group at its lr_scale, stepped per epoch
         self.lr_scheduler = ScaledWarmupPolyLRScheduler(self.optimizer, float(self.config["initial_lr"]),
                                                         self.num_epochs, warmup_epochs=0)
@@ -249,7 +250,11 @@ class ClassificationTrainer:
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One step; returns the loss as a detached tensor on the device. Nothing here waits for the
+        GPU (no ``.item()``, no finiteness test on the host): the losses of an epoch are read once,
+        at its end (:meth:`_epoch_loss`). A non-finite loss in mixed precision is skipped by the
+        GradScaler; in float32 it is reported at the end of the epoch, before any checkpoint."""
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
@@ -258,10 +263,6 @@ class ClassificationTrainer:
             penalty = self.method_penalty()
             if penalty is not None:
                 loss = loss + penalty
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the training loss became {loss.item()} at epoch {self.current_epoch}: lower "
-                "-initial_lr or check the images for NaNs")
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
@@ -272,7 +273,19 @@ class ClassificationTrainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
-        return loss.item()
+        return loss.detach()
+
+    def _epoch_loss(self, losses: list[torch.Tensor]) -> float:
+        """The mean training loss of an epoch (one host read per epoch); FloatingPointError if a
+        step's loss was not finite."""
+        if not losses:
+            return float("nan")
+        mean = float(torch.stack(losses).float().mean())
+        if not np.isfinite(mean):
+            raise FloatingPointError(
+                f"the training loss became {mean} at epoch {self.current_epoch}: lower -initial_lr or check the "
+                "images for NaNs")
+        return mean
 
     @torch.no_grad()
     def predict_probabilities(self, loader: DataLoader, desc: str = "validation") -> tuple[np.ndarray, float]:
@@ -300,7 +313,7 @@ class ClassificationTrainer:
             losses = [self.train_step(x, y) for x, y in tqdm(
                 train_loader, desc=f"epoch {epoch}", disable=not self.show_progress,
                 leave=False, file=sys.stdout)]
-            self.logger.log("train_losses", float(np.mean(losses)), epoch)
+            self.logger.log("train_losses", self._epoch_loss(losses), epoch)
             probabilities, val_loss = self.predict_probabilities(val_loader)
             self.logger.log("val_losses", val_loss, epoch)
             metrics = classification_metrics([c.label for c in val_cases], probabilities,

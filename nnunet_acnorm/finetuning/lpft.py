@@ -6,7 +6,12 @@ fine-tuning"): the pretrained encoder learns at ``factor`` x the learning rate o
 
 - :func:`set_frozen`: switch an encoder's parameters off (``requires_grad=False``; with
   ``zero_grad(set_to_none=True)`` SGD then skips them: no update, no weight decay, no momentum) and
-  its BatchNorms to eval mode, so that the frozen features really stay the pretrained ones.
+  its BatchNorms (plain and AC-BatchNorm) to eval mode, so that the frozen features really stay the
+  pretrained ones.
+- :func:`rewrap_ddp`: under DDP, a wrapper rebuilt for the parameters that require gradients now.
+  DDP registers those when it is built and waits for each of them in every backward pass; freezing
+  after nnU-Net wrapped the network would leave it waiting for gradients that never come ("Expected
+  to have finished reduction in the prior iteration" at the second step on every rank).
 - :func:`frozen_epochs`: the length of the frozen phase.
 - :func:`discriminative_param_groups`: optimizer parameter groups with an ``lr_scale`` each, which
   :class:`ScaledWarmupPolyLRScheduler` (the trainers' schedule) multiplies in.
@@ -15,8 +20,10 @@ from __future__ import annotations
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunet_acnorm.finetuning.schedules import WarmupPolyLRScheduler
+from nnunet_acnorm.norms.modules import _ACBatchNorm
 
 LPFT_FROZEN_FRACTION = 0.1
 ENCODER_LR_FACTOR = 0.1
@@ -39,8 +46,19 @@ def set_frozen(encoder: nn.Module, frozen: bool) -> None:
         p.requires_grad_(not frozen)
     if frozen:
         for m in encoder.modules():
-            if isinstance(m, _BatchNorm):
+            if isinstance(m, (_BatchNorm, _ACBatchNorm)):
                 m.eval()
+
+
+def rewrap_ddp(ddp: DDP) -> DDP:
+    """A new ``DistributedDataParallel`` around ``ddp.module``, built for the parameters that require
+    gradients now (call it on every rank, after :func:`set_frozen` changed them, before the next
+    forward). Built as nnU-Net builds its wrapper: ``ddp``'s ``device_ids``, torch's defaults
+    otherwise. The old wrapper's gradient hooks are removed."""
+    remove_hooks = getattr(getattr(ddp, "reducer", None), "_remove_autograd_hooks", None)
+    if remove_hooks is not None:
+        remove_hooks()
+    return DDP(ddp.module, device_ids=ddp.device_ids)
 
 
 def discriminative_param_groups(network: nn.Module, is_encoder, factor: float = ENCODER_LR_FACTOR) -> list[dict]:

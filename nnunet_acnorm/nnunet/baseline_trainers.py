@@ -31,6 +31,7 @@ the keys of the plain (or AC-Norm) network.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -43,6 +44,7 @@ from nnunet_acnorm.finetuning import (BSS_ETA, BSS_K, DELTA_ALPHA, DELTA_BETA, E
                                       FeatureRecorder, L2SPRegulariser, ScaledWarmupPolyLRScheduler, bss_penalty,
                                       convert_to_stochnorm, discriminative_param_groups, frozen_epochs, set_frozen,
                                       new_weights_penalty, stage_modules)
+from nnunet_acnorm.finetuning.lpft import rewrap_ddp
 from nnunet_acnorm.nnunet import trainers as _base
 from nnunet_acnorm.nnunet.trainers import (_bn_builder, nnUNetTrainerACNorm, nnUNetTrainerFinetune)
 from nnunet_acnorm.nnunet.pretrained import continue_training_from_argv, pretrained_weights_from_argv
@@ -243,13 +245,24 @@ class _BSSMixin(_FinetuningMethodMixin):
         network = self._plain_network()
         self._bss_stage = stage_modules(network)[-1]
         self.bss_features = FeatureRecorder({self._bss_stage: network.get_submodule(self._bss_stage)})
+        #: DDP: every rank's batch size (nnU-Net splits the batch over the ranks); the penalty is that
+        #: of the global batch, gathered from all ranks (finetuning/bss.py)
+        self._bss_rows = None
+        if self.is_ddp:
+            self._bss_rows = [None] * dist.get_world_size()
+            dist.all_gather_object(self._bss_rows, int(self.batch_size))
+        if sum(self._bss_rows or [self.batch_size]) < 2:
+            self.print_to_log_file("WARNING: BSS needs at least 2 samples per batch (all GPUs together); with 1 the "
+                                   "smallest singular value is the feature norm, and BSS a feature-norm penalty")
 
     def method_penalty(self):
         features = self.bss_features.features.pop(self._bss_stage)
-        return bss_penalty(features, self.bss_k, self.bss_eta)
+        return bss_penalty(features, self.bss_k, self.bss_eta, rows_per_rank=self._bss_rows)
 
     def describe_method(self):
-        return f"BSS: eta {self.bss_eta}, k {self.bss_k} smallest singular values of the pooled {self._bss_stage}"
+        where = f", on the batches of all {len(self._bss_rows)} ranks together" if self._bss_rows else ""
+        return (f"BSS: eta {self.bss_eta}, k {self.bss_k} smallest singular values of the pooled "
+                f"{self._bss_stage}{where}")
 
 
 # -- StochNorm --------------------------------------------------------------------------------------
@@ -299,10 +312,17 @@ class _LPFTMixin(_FinetuningMethodMixin):
     def lpft_frozen_epochs(self) -> int:
         return frozen_epochs(self.num_epochs, self.lpft_frozen_fraction)
 
+    #: under DDP: whether the current wrapper was built with the encoder frozen (nnU-Net builds it
+    #: with every parameter trainable)
+    _lpft_ddp_frozen: bool = False
+
     def on_train_epoch_start(self):
         super().on_train_epoch_start()  # network.train(), learning rate
         frozen = self.current_epoch < self.lpft_frozen_epochs
         set_frozen(self._plain_network().encoder, frozen)
+        if self.is_ddp and frozen != self._lpft_ddp_frozen:
+            self.network = rewrap_ddp(self.network)  # DDP waits for the gradients of what it was built with
+            self._lpft_ddp_frozen = frozen
         if frozen or self.current_epoch == self.lpft_frozen_epochs:
             self.print_to_log_file(f"LP-FT: encoder {'frozen' if frozen else 'released: fine-tuning everything'}")
 

@@ -13,6 +13,9 @@ seed reaches ``nnUNetv2_train`` without a new trainer class) or from the trainer
   With ``nnUNet_n_proc_DA=0`` the augmentation runs in the main process on the seeded global
   generators.
 
+Under DDP (``-num_gpus N``) rank r uses ``rank_seed(seed, r)`` for all of the above (rank 0 the
+seed itself): nnU-Net has no distributed sampler, so each rank must draw its own patches.
+
 Two seeded runs that differ only in the method (AC-Norm or vanilla, which draw no random numbers
 of their own) then see the same initial head, the same patches and the same augmentations.
 What stays nondeterministic: CUDA kernels (cuDNN convolution algorithms, atomics in backward
@@ -28,6 +31,7 @@ import random
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 SEED_ENV = "nnUNet_acnorm_seed"
 
@@ -57,6 +61,22 @@ def apply_cpu_thread_limit() -> int | None:
         return None
     torch.set_num_threads(int(value))
     return int(value)
+
+
+def ddp_rank() -> int:
+    """This process's rank in a torch.distributed run (nnU-Net's ``-num_gpus``), else 0."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed DDP rank ``rank`` of a run seeded with ``seed`` draws with: ``seed`` on rank 0 (so
+    that a one-GPU run and rank 0 start alike), on the other ranks a seed derived from (seed, rank)
+    by NumPy's ``SeedSequence``, in [0, 2**31 - 64) like every seed (room for the workers' seed + 1 + i).
+    nnU-Net has no distributed sampler: every rank draws its patches from its own generators, so
+    equal seeds would give every GPU the same patches (an effective batch of one GPU's)."""
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] % (2 ** 31 - 64))
 
 
 def seed_everything(seed: int) -> None:

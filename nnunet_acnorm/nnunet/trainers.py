@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -37,8 +38,8 @@ from nnunet_acnorm.nnunet.pretrained import (NnunetCheckpointError, PretrainedWe
                                                      read_pretrained_weights, remove_run_output,
                                                      route_pretrained_loading, set_strict_source)
 from nnunet_acnorm.finetuning.schedules import WarmupPolyLRScheduler
-from nnunet_acnorm.nnunet.seeding import (SEED_ENV, apply_cpu_thread_limit, resolve_seed, seed_everything,
-                                            seeded_augmenters)
+from nnunet_acnorm.nnunet.seeding import (SEED_ENV, apply_cpu_thread_limit, ddp_rank, rank_seed, resolve_seed,
+                                            seed_everything, seeded_augmenters)
 
 
 #: default temperature of nnUNetTrainerACNorm / nnUNetTrainerACNormBN: calibrated per layer from the
@@ -91,8 +92,8 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         seed = resolve_seed(type(self).seed)
-        if seed is not None:
-            seed_everything(seed)  # before anything is built: the fresh head is the same in every run
+        if seed is not None:  # before anything is built: the fresh head is the same in every run
+            seed_everything(rank_seed(seed, ddp_rank()))  # DDP: each rank draws its own patches
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.seed = seed  # an instance attribute: nnU-Net's debug.json records it
         if self.device.type == "cpu":
@@ -138,13 +139,15 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
     def on_train_start(self):
         super().on_train_start()
         if self.seed is not None:
+            ranks = (f"; DDP rank {self.local_rank} draws with seed {rank_seed(self.seed, self.local_rank)} (every "
+                     "rank its own patches)") if self.is_ddp else ""
             self.print_to_log_file(f"Seed {self.seed} ({SEED_ENV} or the class attribute seed): torch, numpy, "
-                                   "random and the augmentation workers are seeded")
+                                   f"random and the augmentation workers are seeded{ranks}")
 
     def get_dataloaders(self):
         if self.seed is None:
             return super().get_dataloaders()
-        with seeded_augmenters(self.seed):
+        with seeded_augmenters(rank_seed(self.seed, self.local_rank)):
             return super().get_dataloaders()
 
     def configure_optimizers(self):
@@ -166,7 +169,11 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint, written to a temporary file in the same folder and renamed onto
-        ``filename``: a kill during the save leaves the previous checkpoint, never a truncated one."""
+        ``filename``: a kill during the save leaves the previous checkpoint, never a truncated one.
+        Under DDP only rank 0 writes (as nnU-Net); the other ranks touch nothing, not even rank 0's
+        temporary file in the shared folder."""
+        if self.local_rank != 0:
+            return
         tmp = f"{filename}.tmp"
         try:
             super().save_checkpoint(tmp)
@@ -278,7 +285,10 @@ class _ACNormMixin:
             raise SystemExit(f"{type(self).__name__}: error: "
                              f"{not_applicable(feature_norms, f'the planned network ({type(network).__name__})')}")
         if self.is_ddp:
-            acnorm_sync_batchnorm(network)
+            n_synced = acnorm_sync_batchnorm(network)
+            if n_synced:
+                self.print_to_log_file(f"AC-Norm: {n_synced} AC-BatchNorm layer(s) normalise with the batch statistics "
+                                       f"of all {dist.get_world_size()} ranks (as nnU-Net's SyncBatchNorm)")
         self._check_optimizer_has_no_source_affines()
         self.print_to_log_file(f"AC-Norm: {n_layers} norm layer(s)" + (
             "; the encoder's only: the decoder's norms stay plain (its weights start fresh, so they have no pretrained "

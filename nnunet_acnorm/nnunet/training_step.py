@@ -14,7 +14,11 @@ a copy of each piece, this module calls ``nnUNetTrainer``'s methods:
 - :func:`build_optimizer`: ``nnUNetTrainer.configure_optimizers`` (SGD, Nesterov, momentum 0.99,
   the trainer's weight decay) for a given network and learning rate;
 - :func:`make_train_step`: ``nnUNetTrainer.train_step`` (forward, loss, backward, gradient clipping
-  at 12, optimiser step) on a given network, loss and optimiser.
+  at 12, optimiser step) on a given network, loss and optimiser;
+- :func:`nnunet_precision`: whether ``nnUNetv2_train`` uses mixed precision and torch.compile on a
+  device (the benchmarks' defaults);
+- :func:`deterministic_float32`: a block in which CUDA computes float32 without TF32 and with fixed
+  cuDNN algorithms (the ranking's steps run in it), the previous settings restored after it.
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+
+from nnunet_acnorm.norms.torch_compat import grad_scaler
 
 _CPU = torch.device("cpu")
 
@@ -131,28 +137,70 @@ class _OutsideAutocast(nn.Module):
 
 
 def make_train_step(network: nn.Module, loss: nn.Module, optimizer: torch.optim.Optimizer,
-                    device: torch.device = _CPU, mixed_precision: bool = False) -> Callable[[dict], float]:
+                    device: torch.device = _CPU, mixed_precision: bool = False,
+                    deterministic: bool = False) -> Callable[[dict], float]:
     """``step(batch) -> loss value``: one ``nnUNetTrainer.train_step`` of ``network`` on a batch
     ``{"data", "target"}`` (moved to ``device``): forward, loss, backward, gradient norm clipped to 12,
     optimiser step. ``network``, ``loss`` and ``optimizer`` are used as given (an optimiser of the
     network's parameters, a loss on the device).
 
     On CUDA, ``mixed_precision`` is nnU-Net's autocast with a GradScaler; without it (the default,
-    what the ranking and the benchmarks measure) the step runs in float32. The CPU is float32 either
-    way, as in nnU-Net."""
+    what the ranking and the benchmarks measure) the step runs without autocast, in float32 (cuDNN
+    may still use TF32 convolutions on Ampere and newer GPUs, torch's default, unless
+    ``deterministic``). The CPU is float32 either way, as in nnU-Net.
+
+    ``deterministic``: each step runs inside :func:`deterministic_float32` (TF32 off, fixed cuDNN
+    algorithms; the settings come back after the step): what the ranking uses, so that its scores
+    do not change between runs or GPUs through kernel choices."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     stand_in = nnUNetTrainer.__new__(nnUNetTrainer)  # only what train_step reads, no constructor
     stand_in.device = device
     stand_in.optimizer = optimizer
     if device.type == "cuda" and mixed_precision:
-        stand_in.network, stand_in.loss, stand_in.grad_scaler = network, loss, torch.amp.GradScaler("cuda")
+        stand_in.network, stand_in.loss, stand_in.grad_scaler = network, loss, grad_scaler()
     elif device.type == "cuda":
         stand_in.network, stand_in.loss, stand_in.grad_scaler = _OutsideAutocast(network), _OutsideAutocast(loss), None
     else:
         stand_in.network, stand_in.loss, stand_in.grad_scaler = network, loss, None
 
     def step(batch: dict) -> float:
-        return float(nnUNetTrainer.train_step(stand_in, batch)["loss"])
+        with deterministic_float32() if deterministic else contextlib.nullcontext():
+            return float(nnUNetTrainer.train_step(stand_in, batch)["loss"])
 
     return step
+
+
+def nnunet_precision(device: torch.device) -> tuple[bool, bool]:
+    """(mixed precision, torch.compile) as ``nnUNetv2_train`` chooses them for ``device``: autocast
+    + GradScaler on CUDA only (``nnUNetTrainer.train_step``), compile as ``nnUNetTrainer._do_i_compile``
+    says (CUDA unless ``nnUNet_compile`` is false; never on CPU, mps or Windows)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    stand_in = nnUNetTrainer.__new__(nnUNetTrainer)  # only what _do_i_compile reads
+    stand_in.device = torch.device(device)
+    stand_in.print_to_log_file = lambda *args, **kwargs: None
+    return stand_in.device.type == "cuda", bool(nnUNetTrainer._do_i_compile(stand_in))
+
+
+@contextlib.contextmanager
+def deterministic_float32():
+    """Inside the block, float32 is computed as float32 and with the same kernels in every run:
+    TF32 off for matrix products (``torch.backends.cuda.matmul.allow_tf32``, the float32 matmul
+    precision "highest") and cuDNN convolutions (``cudnn.allow_tf32``, on by default in torch),
+    ``cudnn.benchmark`` off (nnU-Net switches it on: algorithms picked by timing differ between
+    runs) and ``cudnn.deterministic`` on. The previous settings are restored on exit, also after an
+    error. Ops without a deterministic CUDA kernel (atomics in some backward passes) stay as they
+    are: ``torch.use_deterministic_algorithms`` would make them raise. On the CPU nothing changes."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (torch.get_float32_matmul_precision(), matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark,
+             cudnn.deterministic)
+    try:
+        torch.set_float32_matmul_precision("highest")
+        matmul.allow_tf32 = False
+        cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic = False, False, True
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        matmul.allow_tf32 = saved[1]
+        cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic = saved[2:]

@@ -29,6 +29,7 @@ from torch import nn
 
 from nnunet_acnorm.norms.functional import _SortedRecalibratedAffines
 from nnunet_acnorm.norms.modules import PREPARED_AFFINE_KEY, _ACNorm
+from nnunet_acnorm.norms.torch_compat import is_compiling
 
 #: the network's ``__dict__`` keys: the layout cache of its layers' sources, and the stack of the
 #: layer lists each running forward prepared (nested and re-entrant calls each take back their own)
@@ -45,7 +46,7 @@ def _prepare_affines(network: nn.Module, args) -> None:
     prepared = network.__dict__.setdefault(_PREPARED_KEY, [])
     layers = []
     prepared.append(layers)
-    if torch.compiler.is_compiling() or not (network.training or torch.is_grad_enabled()):
+    if is_compiling() or not (network.training or torch.is_grad_enabled()):
         return   # (inference: the layers use their eval caches; a layer in training mode its own call)
     candidates = [m for m in network.modules() if isinstance(m, _ACNorm) and _batchable(m)]
     if len(candidates) < 2:

@@ -14,6 +14,7 @@ from torch import nn
 from nnunet_acnorm.norms.batched import batch_affines, unbatch_affines
 from nnunet_acnorm.norms.functional import DEFAULT_DIAGONAL
 from nnunet_acnorm.norms.modules import ACNORM_FOR_PLAIN, _ACBatchNorm, _ACNorm
+from nnunet_acnorm.norms.torch_compat import RMS_NORM
 
 
 #: what AC-Norm needs, and what to do instead, in the words every refusal uses
@@ -27,7 +28,7 @@ FEATURE_NORM_NAMES = ("layernorm", "rmsnorm")
 
 def is_feature_norm(module: nn.Module) -> bool:
     """LayerNorm / RMSNorm and their relatives (e.g. dynamic-network-architectures' LayerNormNd)."""
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+    if isinstance(module, (nn.LayerNorm,) + ((RMS_NORM,) if RMS_NORM is not None else ())):
         return True
     return next(module.children(), None) is None and any(n in type(module).__name__.lower()
                                                          for n in FEATURE_NORM_NAMES)

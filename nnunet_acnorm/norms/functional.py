@@ -5,8 +5,14 @@ the norm type's own functional call (``F.batch_norm``, ``F.instance_norm``, ``F.
 """
 from __future__ import annotations
 
+import hashlib
+import struct
+from collections import OrderedDict
+
 import torch
 from torch import Tensor
+
+from nnunet_acnorm.norms.torch_compat import autocast_off, has_float64, is_compiling
 
 #: eps of the domain indicator y = beta / (|gamma| + eps); fixed by the method, not the norm's eps.
 INDICATOR_EPS = 1e-5
@@ -26,7 +32,8 @@ def sparse_correlation(source_weight: Tensor, source_bias: Tensor, target_weight
     kept, no renormalisation). S carries no gradient. Computed in at least float32 (half-precision
     affines are upcast), so that precision cannot change which entries survive.
     """
-    dtype = torch.promote_types(target_weight.dtype, torch.float32)
+    # at least float32 (torch.promote_types, written out: torch 2.1's TorchDynamo cannot trace it)
+    dtype = torch.float64 if target_weight.dtype == torch.float64 else torch.float32
     ys = domain_indicator(source_weight.to(dtype), source_bias.to(dtype))
     yt = domain_indicator(target_weight.to(dtype), target_bias.to(dtype))
     a = torch.softmax(-(yt[:, None] - ys[None, :]).abs() / tau, dim=1)
@@ -40,10 +47,16 @@ NEAR_CONSTANT_TOL = 1e-4
 
 
 def indicators_near_constant(y: Tensor, tol: float = NEAR_CONSTANT_TOL) -> bool:
-    """Whether the indicators y are (nearly) equal in every channel: no correlation to express."""
-    y = y.double()
+    """Whether the indicators y are (nearly) equal in every channel: no correlation to express.
+    (Decided in float64 on the CPU: every device type, mps included, gives the same answer.)"""
+    y = _cpu_float64(y)
     median = y.median()
     return bool((y - median).abs().max() <= tol * (1.0 + median.abs()))
+
+
+def _cpu_float64(t: Tensor) -> Tensor:
+    """``t`` as a float64 tensor on the CPU (mps has no float64; the calibration is a few C-vectors)."""
+    return t.detach().to(device="cpu", dtype=torch.float64)
 
 
 #: the mean diagonal of A at the source point that a calibrated temperature gives (see calibrated_tau)
@@ -52,8 +65,9 @@ DEFAULT_DIAGONAL = 0.5
 
 @torch.no_grad()
 def source_diagonal(source_weight: Tensor, source_bias: Tensor, tau: float) -> float:
-    """Mean over channels of A[i, i] when the target equals the source (the step-0 diagonal)."""
-    ys = domain_indicator(source_weight.double(), source_bias.double())
+    """Mean over channels of A[i, i] when the target equals the source (the step-0 diagonal),
+    computed in float64 on the CPU."""
+    ys = domain_indicator(_cpu_float64(source_weight), _cpu_float64(source_bias))
     return float(torch.softmax(-(ys[:, None] - ys[None, :]).abs() / tau, dim=1).diagonal().mean())
 
 
@@ -69,14 +83,38 @@ def calibrated_tau(source_weight: Tensor, source_bias: Tensor, diagonal: float =
     is ``diagonal`` (default 0.5: the row's own channel holds half the mass, the other half sits on
     the channels nearest in y) gives every layer of every network the same sharpness.
 
-    Solved by bisection in log tau, in float64, from the source affines alone (computed once when
-    the source is set). Returns None when no temperature reaches ``diagonal``: a layer whose
-    indicators are (nearly) all equal (untrained affines, C = 1) keeps a diagonal near 1/C for
-    every tau, or near 1 only through ties; the caller decides what to do then.
+    Solved by bisection in log tau, in float64 on the CPU (any device, mps included), from the
+    source affines alone. A function of their values: it is computed once per distinct source
+    (the result is remembered by value, so reloading the same weights, as nnU-Net's predictor does
+    per case and fold, or a layer reached under two names, costs a lookup). Returns None when no
+    temperature reaches ``diagonal``: a layer whose indicators are (nearly) all equal (untrained
+    affines, C = 1) keeps a diagonal near 1/C for every tau, or near 1 only through ties; the
+    caller decides what to do then.
     """
     if not 0.0 < diagonal < 1.0:
         raise ValueError(f"the calibration diagonal must be in (0, 1), got {diagonal}")
-    ys = domain_indicator(source_weight.double(), source_bias.double())
+    weight, bias = _cpu_float64(source_weight).contiguous(), _cpu_float64(source_bias).contiguous()
+    key = hashlib.blake2b(struct.pack("<qdd", weight.numel(), diagonal, rel_tol) + weight.numpy().tobytes() +
+                          bias.numpy().tobytes(), digest_size=20).digest()
+    if key in _CALIBRATED:
+        _CALIBRATED.move_to_end(key)
+        return _CALIBRATED[key]
+    tau = _bisect_tau(weight, bias, float(diagonal), float(rel_tol))
+    _CALIBRATED[key] = tau
+    if len(_CALIBRATED) > CALIBRATION_CACHE_SIZE:
+        _CALIBRATED.popitem(last=False)
+    return tau
+
+
+#: how many distinct (source affines, diagonal) temperatures are remembered (by a 20-byte digest of
+#: their values; a network has a few dozen layers, a 5-fold ensemble five times that)
+CALIBRATION_CACHE_SIZE = 4096
+_CALIBRATED: OrderedDict[bytes, float | None] = OrderedDict()
+
+
+def _bisect_tau(source_weight: Tensor, source_bias: Tensor, diagonal: float, rel_tol: float) -> float | None:
+    """:func:`calibrated_tau` of float64 CPU source affines, computed."""
+    ys = domain_indicator(source_weight, source_bias)
     c = ys.numel()
     if c < 2 or diagonal <= 1.0 / c or indicators_near_constant(ys):
         return None
@@ -127,7 +165,8 @@ def recalibrated_affine(source_weight: Tensor, source_bias: Tensor, target_weigh
       precision. The reference; O(C^2) time and saved memory.
     - ``"sorted"``: the same quantity in O(C log C) without forming S (float64 throughout, then
       cast to the parameters' dtype): see :func:`_sorted_kept_sums` and ``docs/method.md``.
-    - ``"auto"`` (default): ``"sorted"`` where :func:`use_sorted_path` says it is faster.
+    - ``"auto"`` (default): ``"sorted"`` where :func:`use_sorted_path` says it is faster (never on a
+      device without float64, such as mps).
 
     ``layout_cache``: optional dict owned by the caller, where the sorted path keeps what depends on
     the source affines and tau alone, reused while those tensors are unchanged (AC-Norm layers pass
@@ -136,15 +175,18 @@ def recalibrated_affine(source_weight: Tensor, source_bias: Tensor, target_weigh
     if method == "auto":
         method = "sorted" if use_sorted_path(target_weight.numel(), target_weight.device) else "dense"
     if method == "sorted":
+        if not has_float64(target_weight.device.type):
+            raise ValueError(f"recalibrated_affine: the sorted path computes in float64, which "
+                             f"{target_weight.device.type} tensors cannot hold; use method='dense' (or 'auto')")
         return _SortedRecalibratedAffine.apply(source_weight, source_bias, target_weight, target_bias,
                                                float(tau), layout_cache)
     if method != "dense":
         raise ValueError(f"recalibrated_affine: method must be 'auto', 'dense' or 'sorted', got {method!r}")
-    if target_weight.device.type == "cpu" and not torch.compiler.is_compiling() and torch.get_num_threads() > 1:
+    if target_weight.device.type == "cpu" and not is_compiling() and torch.get_num_threads() > 1:
         return _DenseOneThread.apply(source_weight, source_bias, target_weight, target_bias, tau)
     s = sparse_correlation(source_weight, source_bias, target_weight, target_bias, tau)
     s = s.to(target_weight.dtype)
-    with torch.autocast(target_weight.device.type, enabled=False):
+    with autocast_off(target_weight.device.type):
         weight = torch.addmv(target_weight, s, target_weight)
         bias = torch.addmv(target_bias, s, target_bias)
     return weight, bias
@@ -433,10 +475,10 @@ class _SortedRecalibratedAffine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, source_weight, source_bias, target_weight, target_bias, tau, layout_cache):
         # NumPy cannot be traced by torch.compile: the torch implementation there
-        on_cpu = target_weight.device.type == "cpu" and not torch.compiler.is_compiling()
+        on_cpu = target_weight.device.type == "cpu" and not is_compiling()
         affine = _numpy_affine if on_cpu else _torch_affine
         ctx.backward_fn = _numpy_affine_backward if on_cpu else _torch_affine_backward
-        with torch.no_grad(), torch.autocast(target_weight.device.type, enabled=False):
+        with torch.no_grad(), autocast_off(target_weight.device.type):
             weight, bias, ctx.saved = affine(source_weight, source_bias, target_weight, target_bias, tau,
                                              layout_cache)
         ctx.dtypes = (target_weight.dtype, target_bias.dtype)

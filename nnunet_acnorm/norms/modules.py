@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from nnunet_acnorm.norms.functional import (DEFAULT_DIAGONAL, calibrated_tau, recalibrated_affine,
                                             sparse_correlation)
+from nnunet_acnorm.norms.torch_compat import is_compiling
 
 SOURCE_KEYS = ("source_weight", "source_bias")
 #: the ``__dict__`` key of (weight, bias, grad mode) that the running network forward prepared for
@@ -113,7 +114,7 @@ class _ACNorm(nn.Module):
 
     def recalibrated_affine(self) -> tuple[Tensor, Tensor]:
         """((I + S) gamma_t, (I + S) beta_t): the affine the fused call applies."""
-        cache = self.__dict__.setdefault("_layout_cache", {}) if self.source_is_set else None
+        cache = self.__dict__.setdefault("_layout_cache", {}) if self.source_is_set and not is_compiling() else None
         return recalibrated_affine(*self._source(), self.weight, self.bias, self.tau, layout_cache=cache)
 
     def _source(self) -> tuple[Tensor, Tensor]:
@@ -128,7 +129,8 @@ class _ACNorm(nn.Module):
                           "loaded; the current affines become the frozen source. Load pretrained "
                           "weights first: AC-Norm needs a pretrained source.", stacklevel=2)
             self.set_source()
-        prepared = self.__dict__.get(PREPARED_AFFINE_KEY)
+        # (never prepared under torch.compile, whose older versions cannot trace a module's __dict__)
+        prepared = None if is_compiling() else self.__dict__.get(PREPARED_AFFINE_KEY)
         if prepared is not None and prepared[2] == torch.is_grad_enabled():
             weight, bias = prepared[0], prepared[1]   # computed with the network's other layers (norms.batched)
         elif self.needs_affine_graph():
@@ -141,7 +143,7 @@ class _ACNorm(nn.Module):
         """Whether this forward computes the affine in the autograd graph (training, or gradients
         wanted for the affines, or under torch.compile) rather than from the eval-mode cache."""
         return self.training or (torch.is_grad_enabled() and (self.weight.requires_grad or self.bias.requires_grad)) \
-            or torch.compiler.is_compiling()
+            or is_compiling()
 
     # -- free inference --------------------------------------------------------------------------
     def _affine_key(self) -> tuple:

@@ -247,11 +247,12 @@ def finetune_optimizer(network: nn.Module, lr: float | None = None) -> torch.opt
 def nnunet_train_step(network: nn.Module, loss: nn.Module, optimizer: torch.optim.Optimizer,
                       device: torch.device):
     """One step as ``nnUNetTrainer.train_step`` (forward, loss, backward, clip to 12, SGD step; in
-    float32, also on CUDA: :func:`nnunet_acnorm.nnunet.training_step.make_train_step`). A loss that is
-    not finite skips the candidate."""
+    float32, also on CUDA, without TF32 and with fixed cuDNN algorithms:
+    :func:`nnunet_acnorm.nnunet.training_step.make_train_step`). A loss that is not finite skips the
+    candidate."""
     from nnunet_acnorm.nnunet.training_step import make_train_step
 
-    train_step = make_train_step(network, loss, optimizer, device)
+    train_step = make_train_step(network, loss, optimizer, device, deterministic=True)
 
     def step(batch: dict) -> float:
         value = train_step(batch)
