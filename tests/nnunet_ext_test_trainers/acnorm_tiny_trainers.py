@@ -1,6 +1,9 @@
 # Test-only trainers for nnUNet_extTrainer: the real trainers with a few iterations per epoch.
 # Epochs come from ACNORM_TEST_EPOCHS (default 1) so that a test can continue a run with --c.
+# Faults for tests/test_bad_inputs.py: ACNORM_TEST_HOLD=<file> waits at the start of training while
+# <file> exists (after writing <file>.ready); ACNORM_TEST_NAN_EPOCH=<k> feeds NaN images in epoch k.
 import os
+import time
 
 import torch
 
@@ -27,6 +30,20 @@ class _Tiny:
         self.num_epochs = _epochs()
         self.num_iterations_per_epoch = 2
         self.num_val_iterations_per_epoch = 1
+
+    def on_train_start(self):
+        super().on_train_start()
+        hold = os.environ.get("ACNORM_TEST_HOLD")
+        if hold:
+            open(hold + ".ready", "w").close()
+            deadline = time.time() + 300
+            while os.path.exists(hold) and time.time() < deadline:
+                time.sleep(0.1)
+
+    def train_step(self, batch: dict) -> dict:
+        if os.environ.get("ACNORM_TEST_NAN_EPOCH") == str(self.current_epoch):
+            batch = {**batch, "data": batch["data"] * float("nan")}
+        return super().train_step(batch)
 
 
 class nnUNetTrainer_acnormTinyTest(_Tiny, nnUNetTrainer):
