@@ -14,8 +14,8 @@ two-rename path). ``KILL_POINTS_TRACE=1`` lists the points on stderr.
    One JSON line per point: ``{"point", "what", "tree", "leftovers"}``; ``tree`` is {relative
    path: sha256} of TARGET (null if missing), ``leftovers`` the names beside TARGET that start with
    ``.<name>``. Then ``{"point": "end", "exit", "tree", "leftovers", "output"}``.
-2. Real kills: SCRIPT runs again in children killed with SIGKILL at three of those points (the
-   first, the one right after the swap, the one before the last); one line each, ``{"kill", "killed", "tree",
+2. Real kills: SCRIPT runs again in children killed with SIGKILL at two of those points (right
+   after the swap, and the one before the last); one line each, ``{"kill", "killed", "tree",
    "leftovers"}``. Every child starts from the old TARGET (copied aside at the start).
 3. After the last kill, without restoring, a complete run: ``{"point": "rerun", ...}`` (what the
    killed runs left beside TARGET must be gone). Then TARGET is put back as it was.
@@ -160,7 +160,7 @@ def main(argv: list[str]) -> None:
     _line(point="end", **_state(target, status))
     swapped = next((p["point"] for p in points if p["what"].startswith(("after exchange_paths", "after rename"))),
                    len(points) // 2)
-    kills = [] if record_only else sorted({1, swapped, len(points) - 1})
+    kills = [] if record_only else sorted({swapped, len(points) - 1})
     for k in kills:  # 2. real kills
         _restore(target, pristine)
         _line(kill=k, **_state(target, _child(target, k, script, args, options), output=False))

@@ -568,12 +568,21 @@ def _assert_old_or_new(lines: list[dict], old: dict, between_renames: bool = Fal
     for kill in kills:
         assert kill["killed"] and kill["tree"] == by_point[kill["kill"]]["tree"], kill
     if rerun is not None:
-        assert len(kills) == 3
+        assert len(kills) == 2
         assert rerun["exit"] == 0 and rerun["tree"] == new and rerun["leftovers"] == [], rerun
         assert "left by a killed run" in rerun["output"], rerun["output"]
 
 
-def test_fold_refuses_outputs_in_or_around_what_it_reads(results_copy, tmp_path):
+@pytest.fixture(scope="module")
+def folded(model):
+    """The model folded (every checkpoint) by nnUNetv2_acnorm_fold, in a results root of its own."""
+    results = model["base"] / "folded_results"
+    shutil.copytree(model["results"], results)
+    run_console("nnUNetv2_acnorm_fold", "-i", results / NAME / MODEL, env={**model["env"], "nnUNet_results": str(results)})
+    return results / NAME / FOLDED
+
+
+def test_fold_refuses_outputs_in_or_around_what_it_reads(results_copy, folded, tmp_path):
     """issue 31 (bad 1): `fold -o <model>/fold_0 --overwrite` deleted that fold, `-o $nnUNet_results/<dataset>
     --overwrite` every model of the dataset; another model folder or a folded model holding a file of the
     user's is not replaced either."""
@@ -587,27 +596,28 @@ def test_fold_refuses_outputs_in_or_around_what_it_reads(results_copy, tmp_path)
                              (other, "not a folded model written by nnUNetv2_acnorm_fold")):
         _error_line(_fold(env, "-i", folder, "-o", output, "--overwrite"), str(output), fragment)
     assert _tree(results) == before
-    # a folded model this command wrote is replaced; with a file of the user's in it, it is not
-    run_console("nnUNetv2_acnorm_fold", "-i", folder, env=env)
-    run_console("nnUNetv2_acnorm_fold", "-i", folder, "--overwrite", env=env)
+    # a folded model this command wrote is replaced (test_fold_overwrite_survives_a_kill_at_any_point); with a
+    # file of the user's in it, it is not
+    shutil.copytree(folded, folder.parent / FOLDED)
     (folder.parent / FOLDED / "fold_0" / "my_notes.txt").write_text("mine")
     _error_line(_fold(env, "-i", folder, "--overwrite"), "fold_0/my_notes.txt", "nothing was replaced")
     assert (folder.parent / FOLDED / "fold_0" / "my_notes.txt").read_text() == "mine"
     assert not [p for p in folder.parent.iterdir() if ".acnorm-" in p.name]
 
 
-def test_fold_overwrite_survives_a_kill_at_any_point(results_copy):
+def test_fold_overwrite_survives_a_kill_at_any_point(results_copy, folded):
     """issue 31 (bad 2): fold removed the old output and then renamed the new one in; a kill between left a
     folded model without plans.json or none. Killed before and after every change it makes, the output is
     the old or the new folded model, whole; the next run removes what the killed ones left."""
     env, folder, _ = results_copy
     target = folder.parent / FOLDED
-    run_console("nnUNetv2_acnorm_fold", "-i", folder, "-chk", "checkpoint_final.pth", env=env)
+    shutil.copytree(folded, target)  # old: every checkpoint folded; new: only checkpoint_final.pth
     old = _tree(target)
-    lines = _kill_points(env, target, "nnUNetv2_acnorm_fold", "-i", folder, "-o", target, "--overwrite",
-                         options=("--staging-once",))
+    lines = _kill_points(env, target, "nnUNetv2_acnorm_fold", "-i", folder, "-o", target, "-chk",
+                         "checkpoint_final.pth", "--overwrite", options=("--staging-once",))
     _assert_old_or_new(lines, old)
-    assert "fold_0/checkpoint_best.pth" in lines[-1]["tree"] and "plans.json" in lines[-1]["tree"]
+    new = next(line for line in lines if line.get("point") == "end")["tree"]
+    assert "fold_0/checkpoint_best.pth" not in new and {"plans.json", "fold_0/checkpoint_final.pth"} <= set(new)
 
 
 @pytest.fixture(scope="module")
@@ -767,7 +777,7 @@ def test_training_stops_when_weights_become_non_finite(model, tmp_path):
     env = {**model["env"], "nnUNet_results": str(tmp_path / "results")}
     line = _error_line(_train(env, "-pretrained_weights", model["source"], ACNORM_TEST_EPOCHS="3",
                               ACNORM_TEST_NAN_EPOCH="1", ACNORM_TEST_SKIP_VALIDATION="1"),
-                       "became nan", "epoch 1", "lower the learning rate")
+                       "became nan", "epoch 1", "Lower the learning rate")
     assert "training loss" in line
     fold = tmp_path / "results" / NAME / MODEL / "fold_0"
     assert not (fold / "checkpoint_final.pth").exists() and not (fold / "acnorm_train.lock").exists()
@@ -811,19 +821,18 @@ def test_one_training_per_fold(model, tmp_path):
     assert not (fold / "acnorm_train.lock").exists()
 
 
-def test_stock_predict_of_a_folded_model_loads_weights_only(model, results_copy, tmp_path):
+def test_stock_predict_of_a_folded_model_loads_weights_only(model, folded, tmp_path):
     """issue 31 (bad 8, item 6): stock nnUNetv2_predict unpickles checkpoints. For a folded model,
     TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 makes stock nnU-Net predict with weights-only loads: it predicts, and
     a folded checkpoint whose pickle calls os.system is refused without running it."""
-    env, folder, _ = results_copy
-    run_console("nnUNetv2_acnorm_fold", "-i", folder, "-chk", "checkpoint_final.pth", env=env)
-    folded = folder.parent / FOLDED
-    safe_env = {**env, "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}
-    args = ("-i", model["images"], "-m", folded, "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1)
+    folded_copy = tmp_path / FOLDED
+    shutil.copytree(folded, folded_copy)
+    safe_env = {**model["env"], "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}
+    args = ("-i", model["images"], "-m", folded_copy, "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1)
     run_console("nnUNetv2_predict_from_modelfolder", *args, "-o", tmp_path / "pred", env=safe_env)
     assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 1
     marker = tmp_path / "pwned"
-    _with_code(folded / "fold_0" / "checkpoint_final.pth", marker)
+    _with_code(folded_copy / "fold_0" / "checkpoint_final.pth", marker)
     proc = run_console("nnUNetv2_predict_from_modelfolder", *args, "-o", tmp_path / "pred2", env=safe_env, check=False)
     assert proc.returncode != 0 and "Weights only load failed" in proc.stderr and not marker.exists()
 
@@ -915,14 +924,15 @@ def test_cls_train_names_a_nan_volume_and_bounds_epochs(tmp_path):
     make_volume_dataset(tmp_path / "images", tmp_path / "labels.csv", 8, size=16)
     volume = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "images" / "case003.nii.gz")))
     volume[2, 3, 4] = np.nan
-    sitk.WriteImage(sitk.GetImageFromArray(volume), str(tmp_path / "images" / "case003.nii.gz"))
+    (tmp_path / "images" / "case003.nii.gz").unlink()  # SimpleITK reads NaN in NIfTI files as 0; not in MHA
+    sitk.WriteImage(sitk.GetImageFromArray(volume), str(tmp_path / "images" / "case003.mha"))
     pretrained = cf.save_genesis_checkpoint(tmp_path / "Genesis_Chest_CT.pt", base_features=4)
     env = {**os.environ, "nnUNet_n_proc_DA": "0", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "results"
     args = ("-i", tmp_path / "images", "-l", tmp_path / "labels.csv", "-o", out, "-f", 0, "-pretrained", pretrained,
             "-device", "cpu", "-batch_size", 2, "-num_workers", 0)
     _error_line(run_console("nnUNetv2_acnorm_cls_train", *args, "-num_epochs", 1, env=env, check=False),
-                "case003.nii.gz", "NaN")
+                "case003.mha", "NaN")
     _error_line(run_console("nnUNetv2_acnorm_cls_train", *args, "-num_epochs", 10 ** 21, env=env, check=False),
                 "-num_epochs 1000000000000000000000")
     assert not out.exists()

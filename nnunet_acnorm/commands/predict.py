@@ -54,13 +54,13 @@ def _install_safe_torch_load() -> None:
 
 
 def _known_arguments(argv: list[str]) -> argparse.Namespace:
-    """The arguments of nnU-Net's predict commands that say what is read and written."""
-    parser = argparse.ArgumentParser(add_help=False)
-    for flag in ("-i", "-o", "-m", "-d", "-c"):
-        parser.add_argument(flag)
-    parser.add_argument("-p", default="nnUNetPlans")
-    parser.add_argument("-tr", default="nnUNetTrainer")
-    return parser.parse_known_args(argv)[0]
+    """The arguments of nnU-Net's predict commands that say what is read and written (exact flags:
+    argparse would read nnU-Net's ``-device`` as ``-d evice``)."""
+    def value(flag: str, default=None):
+        return argv[argv.index(flag) + 1] if flag in argv[:-1] else default
+
+    return argparse.Namespace(i=value("-i"), o=value("-o"), m=value("-m"), d=value("-d"), c=value("-c"),
+                              p=value("-p", "nnUNetPlans"), tr=value("-tr", "nnUNetTrainer"))
 
 
 def _model_folder(args: argparse.Namespace) -> str | None:
