@@ -111,17 +111,6 @@ def _dotted(cls: type) -> str:
 def fold_model_folder(model_folder, output_folder=None, overwrite: bool = False,
                       checkpoint_names: list[str] | None = None, seed: int = 0, log=print) -> FoldReport:
     """Write the folded copy of ``model_folder`` (see the module docstring); returns a report."""
-    import torch
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from nnunet_acnorm.norms import acnorm_modules, fold_acnorm
-    from nnunet_acnorm.checkpoints.io import plain_python
-    from nnunet_acnorm.nnunet.pretrained import (describe_missing_sources, load_nnunet_checkpoint,
-                                                         missing_source_layers, set_strict_source)
-    from nnunet_acnorm.nnunet.trained_checkpoints import check_trained_checkpoint
-
     model_folder = Path(model_folder).resolve()
     if not model_folder.is_dir():
         raise FoldError(f"model folder not found: {model_folder}")
@@ -133,6 +122,17 @@ def fold_model_folder(model_folder, output_folder=None, overwrite: bool = False,
                                  reads={"model folder": model_folder})
     check_fold_output(output_folder, overwrite)
     checkpoints = _checkpoints(model_folder, checkpoint_names)
+
+    import torch  # after the checks of the folders: a refusal is quick
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_acnorm.checkpoints.io import plain_python
+    from nnunet_acnorm.nnunet.pretrained import (describe_missing_sources, load_nnunet_checkpoint,
+                                                 missing_source_layers, set_strict_source)
+    from nnunet_acnorm.nnunet.trained_checkpoints import check_trained_checkpoint
+    from nnunet_acnorm.norms import acnorm_modules, fold_acnorm
 
     plans = json.loads((model_folder / "plans.json").read_text())
     dataset_json = json.loads((model_folder / "dataset.json").read_text())
