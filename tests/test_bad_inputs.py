@@ -578,8 +578,9 @@ def folded(model):
     """The model folded (every checkpoint) by nnUNetv2_acnorm_fold, in a results root of its own."""
     results = model["base"] / "folded_results"
     shutil.copytree(model["results"], results)
-    run_console("nnUNetv2_acnorm_fold", "-i", results / NAME / MODEL, env={**model["env"], "nnUNet_results": str(results)})
-    return results / NAME / FOLDED
+    proc = run_console("nnUNetv2_acnorm_fold", "-i", results / NAME / MODEL,
+                       env={**model["env"], "nnUNet_results": str(results)})
+    return Path(proc.stdout.split("Folded model written to ")[1].splitlines()[0].strip())
 
 
 def test_fold_refuses_outputs_in_or_around_what_it_reads(results_copy, folded, tmp_path):
@@ -610,7 +611,7 @@ def test_fold_overwrite_survives_a_kill_at_any_point(results_copy, folded):
     folded model without plans.json or none. Killed before and after every change it makes, the output is
     the old or the new folded model, whole; the next run removes what the killed ones left."""
     env, folder, _ = results_copy
-    target = folder.parent / FOLDED
+    target = folder.parent / folded.name
     shutil.copytree(folded, target)  # old: every checkpoint folded; new: only checkpoint_final.pth
     old = _tree(target)
     lines = _kill_points(env, target, "nnUNetv2_acnorm_fold", "-i", folder, "-o", target, "-chk",
@@ -825,7 +826,7 @@ def test_stock_predict_of_a_folded_model_loads_weights_only(model, folded, tmp_p
     """issue 31 (bad 8, item 6): stock nnUNetv2_predict unpickles checkpoints. For a folded model,
     TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 makes stock nnU-Net predict with weights-only loads: it predicts, and
     a folded checkpoint whose pickle calls os.system is refused without running it."""
-    folded_copy = tmp_path / FOLDED
+    folded_copy = tmp_path / folded.name
     shutil.copytree(folded, folded_copy)
     safe_env = {**model["env"], "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}
     args = ("-i", model["images"], "-m", folded_copy, "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1)
