@@ -957,3 +957,17 @@ def test_pretrained_weights_are_read_once(model, tmp_path):
                           env={**env, "ACNORM_TEST_SKIP_VALIDATION": "1"}, capture_output=True, text=True, timeout=600)
     assert "swapped" in proc.stdout + proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not marker.exists(), "the swapped file's pickled code ran"
+
+
+def test_demo_output_guard(model, tmp_path):
+    """issue 31 (bad 1, the demo): --output equal to nnUNet_results, or holding a file the demo does not
+    write, was removed whole by --overwrite (shutil.rmtree); now refused with one line, nothing touched."""
+    env = model["env"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "logs").mkdir()
+    (mine / "thesis.tex").write_text("mine")
+    for output, fragment in ((env["nnUNet_results"], "is nnUNet_results"), (mine, "thesis.tex")):
+        _error_line(run_console("nnUNetv2_acnorm_demo", "--output", output, "--overwrite", env=env, check=False),
+                    str(output), fragment)
+    assert (mine / "thesis.tex").read_text() == "mine" and (Path(env["nnUNet_results"]) / NAME / MODEL).is_dir()
