@@ -11,17 +11,23 @@ format. Tests that change checkpoints work on their own copy of ``nnUNet_results
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from tests.factories import checkpoints as cf
-from tests.factories.nnunet import acnorm_trainer_env, copy_test_images, make_tiny_dataset, run_console
+from tests.factories.nnunet import (acnorm_trainer_env, console_script, copy_test_images, make_tiny_dataset,
+                                    run_console)
 
 pytestmark = pytest.mark.integration
 
@@ -465,7 +471,7 @@ def test_fold_and_rank_option_errors_are_one_line(model, results_copy, tmp_path)
     env, folder, _ = results_copy
     _error_line(run_console("nnUNetv2_acnorm_fold", "-i", tmp_path / "nowhere", env=env, check=False),
                 "model folder not found")
-    (folder.parent / f"nnUNetTrainer__nnUNetPlansACNormFolded__{CONFIG}").mkdir()
+    (folder.parent / f"nnUNetTrainer__nnUNetPlans_foldedFrom_{TRAINER}__{CONFIG}").mkdir()
     _error_line(run_console("nnUNetv2_acnorm_fold", "-i", folder, env=env, check=False), "--overwrite")
     for args, fragment in ((("--steps", 0), "--steps"), (("--tau", 0), "--tau")):
         _error_line(run_console("nnUNetv2_acnorm_rank", "-d", DATASET, "-c", CONFIG, "-i", model["source"], *args,
@@ -482,3 +488,483 @@ def test_cls_commands_bad_paths_are_one_line(fundus, tmp_path):
                             tmp_path / "no_model", "-device", "cpu", env=env, check=False), "does not exist")
     _error_line(run_console("nnUNetv2_acnorm_cls_evaluate", "-p", tmp_path / "none.csv", "-l", fundus["labels"],
                             env=env, check=False), "does not exist")
+
+
+# == issue 31: nothing lost, nothing run ==============================================================
+FOLDED = f"nnUNetTrainer__nnUNetPlans_foldedFrom_{TRAINER}__{CONFIG}"
+KILL_POINTS = REPO / "tests" / "kill_points.py"
+
+
+@contextlib.contextmanager
+def _read_only(path):
+    """``path`` (a folder) cannot be written while the block runs, also by root (immutable flag)."""
+    path = Path(path)
+    if os.geteuid() == 0:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)]).returncode != 0:
+            pytest.skip("running as root and chattr +i is not available: no read-only folder can be made")
+        try:
+            yield path
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        mode = path.stat().st_mode
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(mode)
+
+
+def _set_weights(path, value=float("nan"), trainer_name=None, strip=False) -> None:
+    checkpoint = _load(path)
+    weights = checkpoint["network_weights"]
+    if value is not None:
+        key = next(k for k in weights if k.endswith("conv.weight"))
+        weights[key] = torch.full_like(weights[key], value)
+    if strip:
+        checkpoint["network_weights"] = type(weights)((k, v) for k, v in weights.items() if not k.endswith(SOURCE_KEYS))
+    if trainer_name is not None:
+        checkpoint["trainer_name"] = trainer_name
+    torch.save(checkpoint, path)
+
+
+def _logs(fold) -> list[str]:
+    return sorted(p.name for p in Path(fold).glob("training_log_*.txt"))
+
+
+def _fold(env, *args):
+    return run_console("nnUNetv2_acnorm_fold", *args, env=env, check=False)
+
+
+def _kill_points(env, target, script, *args, options=()) -> list[dict]:
+    """tests/kill_points.py: the command killed before and after each change it makes (see there)."""
+    proc = subprocess.run([sys.executable, str(KILL_POINTS), *options, str(target), console_script(script),
+                           *[str(a) for a in args]], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def _assert_old_or_new(lines: list[dict], old: dict, between_renames: bool = False) -> None:
+    """What a kill at each point leaves is the old or the new output, whole (``between_renames``: or, on the
+    two-rename path, nothing at the name and the old output beside it); real SIGKILLs leave the same; the next
+    run removes what they left."""
+    points = [line for line in lines if isinstance(line.get("point"), int)]
+    end = next(line for line in lines if line.get("point") == "end")
+    kills = [line for line in lines if "kill" in line]
+    rerun = next((line for line in lines if line.get("point") == "rerun"), None)
+    assert not end["killed"] and end["exit"] == 0, end["output"]
+    new = end["tree"]
+    assert new and new != old and len(points) >= 6
+    states = []
+    for line in points:
+        if line["tree"] is None and between_renames and any(".acnorm-old-" in n for n in line["leftovers"]):
+            states.append("between")
+            continue
+        assert line["tree"] in (old, new), (f"a kill at point {line['point']} ({line['what']}) leaves neither the "
+                                            f"old nor the new output: {line['tree']} (beside it: {line['leftovers']})")
+        states.append("old" if line["tree"] == old else "new")
+    assert {"old", "new"} <= set(states), states
+    by_point = {line["point"]: line for line in points}
+    for kill in kills:
+        assert kill["killed"] and kill["tree"] == by_point[kill["kill"]]["tree"], kill
+    if rerun is not None:
+        assert len(kills) == 2
+        assert rerun["exit"] == 0 and rerun["tree"] == new and rerun["leftovers"] == [], rerun
+        assert "left by a killed run" in rerun["output"], rerun["output"]
+
+
+@pytest.fixture(scope="module")
+def folded(model):
+    """The model folded (every checkpoint) by nnUNetv2_acnorm_fold, in a results root of its own."""
+    results = model["base"] / "folded_results"
+    shutil.copytree(model["results"], results)
+    proc = run_console("nnUNetv2_acnorm_fold", "-i", results / NAME / MODEL,
+                       env={**model["env"], "nnUNet_results": str(results)})
+    return Path(proc.stdout.split("Folded model written to ")[1].splitlines()[0].strip())
+
+
+def test_fold_refuses_outputs_in_or_around_what_it_reads(results_copy, folded, tmp_path):
+    """issue 31 (bad 1): `fold -o <model>/fold_0 --overwrite` deleted that fold, `-o $nnUNet_results/<dataset>
+    --overwrite` every model of the dataset; another model folder or a folded model holding a file of the
+    user's is not replaced either."""
+    env, folder, fold = results_copy
+    results = Path(env["nnUNet_results"])
+    other = folder.parent / f"nnUNetTrainerOther__nnUNetPlans__{CONFIG}"
+    shutil.copytree(folder, other)
+    before = _tree(results)
+    for output, fragment in ((fold, "lies inside the model folder"), (folder.parent, "contains the model folder"),
+                             (folder, "is the model folder"), (results, "contains the model folder"),
+                             (other, "not a folded model written by nnUNetv2_acnorm_fold")):
+        _error_line(_fold(env, "-i", folder, "-o", output, "--overwrite"), str(output), fragment)
+    assert _tree(results) == before
+    # a folded model this command wrote is replaced (test_fold_overwrite_survives_a_kill_at_any_point); with a
+    # file of the user's in it, it is not
+    shutil.copytree(folded, folder.parent / FOLDED)
+    (folder.parent / FOLDED / "fold_0" / "my_notes.txt").write_text("mine")
+    _error_line(_fold(env, "-i", folder, "--overwrite"), "fold_0/my_notes.txt", "nothing was replaced")
+    assert (folder.parent / FOLDED / "fold_0" / "my_notes.txt").read_text() == "mine"
+    assert not [p for p in folder.parent.iterdir() if ".acnorm-" in p.name]
+
+
+def test_fold_overwrite_survives_a_kill_at_any_point(results_copy, folded):
+    """issue 31 (bad 2): fold removed the old output and then renamed the new one in; a kill between left a
+    folded model without plans.json or none. Killed before and after every change it makes, the output is
+    the old or the new folded model, whole; the next run removes what the killed ones left."""
+    env, folder, _ = results_copy
+    target = folder.parent / folded.name
+    shutil.copytree(folded, target)  # old: every checkpoint folded; new: only checkpoint_final.pth
+    old = _tree(target)
+    lines = _kill_points(env, target, "nnUNetv2_acnorm_fold", "-i", folder, "-o", target, "-chk",
+                         "checkpoint_final.pth", "--overwrite", options=("--staging-once",))
+    _assert_old_or_new(lines, old)
+    new = next(line for line in lines if line.get("point") == "end")["tree"]
+    assert "fold_0/checkpoint_best.pth" not in new and {"plans.json", "fold_0/checkpoint_final.pth"} <= set(new)
+
+
+@pytest.fixture(scope="module")
+def predictions(model):
+    """Two prediction folders of the raw labels (one with a voxel changed per case), the label folder."""
+    import SimpleITK as sitk
+
+    base = model["base"] / "compare_inputs"
+    labels = Path(model["env"]["nnUNet_raw"]) / NAME / "labelsTr"
+    a, b = base / "a", base / "b"
+    shutil.copytree(labels, a)
+    b.mkdir(parents=True)
+    for path in sorted(labels.glob("*.nii.gz")):
+        image = sitk.ReadImage(str(path))
+        array = sitk.GetArrayFromImage(image)
+        array[array == 1] = 0 if path.name.endswith("0.nii.gz") else 1
+        array[0, 0, :3] = 1
+        changed = sitk.GetImageFromArray(array)
+        changed.CopyInformation(image)
+        sitk.WriteImage(changed, str(b / path.name))
+    return {"labels": labels, "a": a, "b": b}
+
+
+def _compare(env, predictions, out, *args):
+    return run_console("nnUNetv2_acnorm_compare", "-ref", predictions["labels"], "-pred", predictions["a"],
+                       predictions["b"], "-o", out, "-np", 1, "--no_progress", *args, env=env, check=False)
+
+
+def test_compare_overwrite_survives_a_kill_at_any_point(model, predictions, tmp_path):
+    """issue 31 (bad 2): compare wrote in place; a kill left comparison.json at 0 bytes. Killed before and
+    after every change (every file it opens for writing, every rename and removal), -o holds the old or the
+    new results, whole; also where renameat2 cannot swap (two renames, undone by the next run)."""
+    env = model["env"]
+    out = tmp_path / "out"
+    proc = run_console("nnUNetv2_acnorm_compare", "-ref", predictions["labels"], "-pred", predictions["b"],
+                       predictions["a"], "-o", out, "-np", 1, "--no_progress", env=env)
+    old = _tree(out)
+    args = ("-ref", predictions["labels"], "-pred", predictions["a"], predictions["b"], "-o", out, "-np", 1,
+            "--no_progress", "--overwrite")
+    _assert_old_or_new(_kill_points(env, out, "nnUNetv2_acnorm_compare", *args), old)
+    # between the two renames the old output waits beside the missing target; the next run puts it back
+    lines = _kill_points(env, out, "nnUNetv2_acnorm_compare", *args, options=("--no-exchange", "--record-only"))
+    _assert_old_or_new(lines, old, between_renames=True)
+    assert any(line.get("tree") is None for line in lines)  # the two-rename path was taken
+    assert proc.returncode == 0
+
+
+def test_clean_leftovers_restores_an_old_output_a_kill_left_beside(tmp_path):
+    """The two-rename path: a kill between the renames leaves the old output beside a missing target;
+    the next run puts it back (and removes a staging folder of a process that no longer runs)."""
+    import socket
+
+    from nnunet_acnorm.outputs import clean_leftovers
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    old = tmp_path / f".out.acnorm-old-{host}-{dead.pid}"
+    old.mkdir()
+    (old / "comparison.json").write_text("{}")
+    staging = tmp_path / f".out.acnorm-new-{host}-{dead.pid}"
+    staging.mkdir()
+    alive = tmp_path / f".out.acnorm-new-{host}-{os.getpid()}"
+    alive.mkdir()
+    lines = []
+    clean_leftovers(tmp_path / "out", lines.append)
+    assert (tmp_path / "out" / "comparison.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "out"] and len(lines) == 2
+
+
+def test_compare_refuses_links_and_outputs_around_its_inputs(model, predictions, tmp_path):
+    """issue 31 (bad 3): `compare --overwrite` wrote through a symbolic link planted at <out>/comparison.csv;
+    -o inside a prediction or label folder was accepted."""
+    env = model["env"]
+    out = tmp_path / "out"
+    assert _compare(env, predictions, out).returncode == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not yours")
+    (out / "comparison.csv").unlink()
+    (out / "comparison.csv").symlink_to(victim)
+    _error_line(_compare(env, predictions, out, "--overwrite"), "comparison.csv", "symbolic link")
+    assert victim.read_text() == "not yours" and (out / "comparison.csv").is_symlink()
+    for output, fragment in ((predictions["a"] / "cmp", "lies inside the prediction folder"),
+                             (predictions["labels"], "is the label folder")):
+        _error_line(_compare(env, predictions, output, "--overwrite"), fragment)
+    assert not (predictions["a"] / "cmp").exists()
+
+
+def test_compare_refuses_a_label_dataset_json_does_not_define(model, predictions, tmp_path):
+    """issue 31 (weak): a prediction holding a label dataset.json does not define was evaluated silently."""
+    import SimpleITK as sitk
+
+    env = model["env"]
+    wrong = tmp_path / "wrong"
+    shutil.copytree(predictions["b"], wrong)
+    image = sitk.ReadImage(str(wrong / "case_002.nii.gz"))
+    array = sitk.GetArrayFromImage(image)
+    array[1, 1, 1] = 7
+    changed = sitk.GetImageFromArray(array)
+    changed.CopyInformation(image)
+    sitk.WriteImage(changed, str(wrong / "case_002.nii.gz"))
+    proc = run_console("nnUNetv2_acnorm_compare", "-ref", predictions["labels"], "-pred", predictions["a"], wrong,
+                       "-o", tmp_path / "out", "-np", 1, env=env, check=False)
+    _error_line(proc, "case_002.nii.gz", "label(s) 7", "dataset.json does not define")
+    assert not (tmp_path / "out").exists()
+
+
+def test_renamed_or_misplaced_checkpoints_are_refused(model, results_copy, tmp_path):
+    """issue 31 (bad 5): a stripped AC-Norm checkpoint with trainer_name set to the vanilla trainer (which is
+    also what a vanilla checkpoint in an AC-Norm folder is) was predicted by nnUNetv2_acnorm_predict -tr
+    <AC-Norm trainer> without a word; --val and fold refuse it too."""
+    env, folder, fold = results_copy
+    _set_weights(fold / "checkpoint_final.pth", value=None, trainer_name="nnUNetTrainerFinetune", strip=True)
+    (fold / "validation").mkdir()
+    (fold / "validation" / "summary.json").write_text('{"foreground_mean": {"Dice": 0.5}}')
+    before, logs = _tree(fold), _logs(fold)
+    safe = run_console("nnUNetv2_acnorm_predict", "-i", model["images"], "-o", tmp_path / "p1", "-d", DATASET, "-c",
+                       CONFIG, "-f", 0, "-tr", TRAINER, "-device", "cpu", env=env, check=False)
+    _error_line(safe, "checkpoint_final.pth", "written by trainer nnUNetTrainerFinetune", TRAINER)
+    assert not list((tmp_path / "p1").glob("*.nii.gz"))  # (_from_modelfolder: the same check, see the NaN test)
+    _error_line(_train(env, "--val"), "written by trainer nnUNetTrainerFinetune", f"-tr ({TRAINER})")
+    _error_line(_fold(env, "-i", folder), "written by trainer nnUNetTrainerFinetune", "name of its model folder")
+    assert _tree(fold) == before and _logs(fold) == logs
+
+
+def test_non_finite_weights_are_refused_everywhere(model, results_copy, tmp_path):
+    """issue 31 (bad 6): NaN/Inf in a trained checkpoint: --c finished with exit 0 and NaN weights, --val
+    reported Dice 0.0 and overwrote validation/summary.json, the safe predict wrote all-background
+    segmentations. Now --c, --val, the safe predict, fold and compare -m refuse it with one line, and
+    leave everything as it was (also no training_log of the refused run)."""
+    env, folder, fold = results_copy
+    _set_weights(fold / "checkpoint_final.pth", value=float("inf"))
+    (fold / "validation").mkdir()
+    summary = {"metric_per_case": [{"reference_file": "/x/case_000.nii.gz", "prediction_file": "/y/case_000.nii.gz",
+                                    "metrics": {"1": {"Dice": 0.5}}}]}
+    (fold / "validation" / "summary.json").write_text(json.dumps(summary))
+    before, logs = _tree(fold), _logs(fold)
+    for flag in ("--c", "--val"):
+        _error_line(_train(env, flag, ACNORM_TEST_EPOCHS="2"), "checkpoint_final.pth", "NaN or infinite values")
+    _error_line(run_console("nnUNetv2_acnorm_predict_from_modelfolder", "-i", model["images"], "-o", tmp_path / "p",
+                            "-m", folder, "-f", 0, "-device", "cpu", env=env, check=False),
+                "checkpoint_final.pth", "NaN or infinite values")
+    assert not list((tmp_path / "p").glob("*.nii.gz"))
+    _error_line(_fold(env, "-i", folder), "NaN or infinite values")
+    _error_line(run_console("nnUNetv2_acnorm_compare", "-m", folder, "-o", tmp_path / "cmp", env=env, check=False),
+                "checkpoint_final.pth", "NaN or infinite values")
+    assert _tree(fold) == before and _logs(fold) == logs
+    assert not (tmp_path / "cmp").exists() and not (folder.parent / FOLDED).exists()
+
+
+def test_training_stops_when_weights_become_non_finite(model, tmp_path):
+    """issue 31 (item 4): a training whose loss and weights become NaN (NaN images in epoch 1) stops with
+    one line and keeps the checkpoints of the finite epochs (no NaN checkpoint_final.pth)."""
+    env = {**model["env"], "nnUNet_results": str(tmp_path / "results")}
+    line = _error_line(_train(env, "-pretrained_weights", model["source"], ACNORM_TEST_EPOCHS="3",
+                              ACNORM_TEST_NAN_EPOCH="1", ACNORM_TEST_SKIP_VALIDATION="1"),
+                       "became nan", "epoch 1", "Lower the learning rate")
+    assert "training loss" in line
+    fold = tmp_path / "results" / NAME / MODEL / "fold_0"
+    assert not (fold / "checkpoint_final.pth").exists() and not (fold / "acnorm_train.lock").exists()
+    best = torch.load(fold / "checkpoint_best.pth", map_location="cpu", weights_only=False)
+    assert best["current_epoch"] == 1 and all(torch.isfinite(v).all() for v in best["network_weights"].values()
+                                              if v.is_floating_point())
+
+
+def test_one_training_per_fold(model, tmp_path):
+    """issue 31 (bad 7): two nnUNetv2_train of one fold at once both ran and mixed the fold. With two real
+    processes: the second is refused with one line (and leaves no log) while the first holds the fold's
+    lock; the first finishes; the lock of a process that died is taken over with a line."""
+    env = {**model["env"], "nnUNet_results": str(tmp_path / "results"), "ACNORM_TEST_SKIP_VALIDATION": "1"}
+    hold = tmp_path / "hold"
+    hold.touch()
+    first = subprocess.Popen([console_script("nnUNetv2_train"), str(DATASET), CONFIG, "0", "-tr", TRAINER, "-device",
+                              "cpu", "-pretrained_weights", str(model["source"])],
+                             env={**env, "ACNORM_TEST_HOLD": str(hold)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not Path(f"{hold}.ready").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert Path(f"{hold}.ready").exists(), first.communicate()[0][-3000:] if first.poll() is not None else ""
+        fold = tmp_path / "results" / NAME / MODEL / "fold_0"
+        logs = _logs(fold)
+        _error_line(_train(env, "-pretrained_weights", model["source"]), "another nnUNetv2_train of fold_0 is running",
+                    f"process {first.pid}", "acnorm_train.lock")
+        assert _logs(fold) == logs and (fold / "acnorm_train.lock").exists()
+    finally:
+        hold.unlink()
+        output = first.communicate(timeout=600)[0]
+    assert first.returncode == 0, output[-3000:]
+    assert (fold / "checkpoint_final.pth").is_file() and not (fold / "acnorm_train.lock").exists()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (fold / "acnorm_train.lock").write_text(json.dumps({"pid": dead.pid, "host": "h", "started": "then"}))
+    proc = _train(env, "--c", ACNORM_TEST_EPOCHS="2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"took over the lock of process {dead.pid}" in proc.stdout
+    assert not (fold / "acnorm_train.lock").exists()
+
+
+def test_stock_predict_of_a_folded_model_loads_weights_only(model, folded, tmp_path):
+    """issue 31 (bad 8, item 6): stock nnUNetv2_predict unpickles checkpoints. For a folded model,
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 makes stock nnU-Net predict with weights-only loads: it predicts, and
+    a folded checkpoint whose pickle calls os.system is refused without running it."""
+    folded_copy = tmp_path / folded.name
+    shutil.copytree(folded, folded_copy)
+    safe_env = {**model["env"], "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}
+    args = ("-i", model["images"], "-m", folded_copy, "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1)
+    run_console("nnUNetv2_predict_from_modelfolder", *args, "-o", tmp_path / "pred", env=safe_env)
+    assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 1
+    marker = tmp_path / "pwned"
+    _with_code(folded_copy / "fold_0" / "checkpoint_final.pth", marker)
+    proc = run_console("nnUNetv2_predict_from_modelfolder", *args, "-o", tmp_path / "pred2", env=safe_env, check=False)
+    assert proc.returncode != 0 and "Weights only load failed" in proc.stderr and not marker.exists()
+
+
+# == issue 31: weak cases: one line, nothing left behind ============================================
+def test_read_only_outputs_are_one_line(model, results_copy, predictions, fundus, cls_trained, tmp_path):
+    """issue 31 (weak): a read-only output folder gave an OSError traceback in compare, cls_predict, the safe
+    predict, fold, train and rank."""
+    env, folder, _ = results_copy
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    fresh = tmp_path / "fresh_results"
+    fresh.mkdir()
+    with _read_only(locked), _read_only(fresh):
+        cases = [
+            ("nnUNetv2_acnorm_compare", "-ref", predictions["labels"], "-pred", predictions["a"], "-o", locked / "c"),
+            ("nnUNetv2_acnorm_cls_predict", "-i", fundus["images"], "-o", locked / "p.csv", "-m", cls_trained,
+             "-device", "cpu", "-num_workers", 0),
+            ("nnUNetv2_acnorm_predict_from_modelfolder", "-i", model["images"], "-o", locked / "pred", "-m", folder,
+             "-f", 0, "-device", "cpu"),
+            ("nnUNetv2_acnorm_fold", "-i", folder, "-o", locked / "folded"),
+            ("nnUNetv2_acnorm_rank", "-d", DATASET, "-c", CONFIG, "-i", model["source"], "-o", locked / "rank"),
+        ]
+        for script, *args in cases:
+            _error_line(run_console(script, *args, env=env, check=False), str(locked), "cannot be written")
+        _error_line(_train({**env, "nnUNet_results": str(fresh)}, "-pretrained_weights", model["source"]),
+                    str(fresh), "cannot be written")
+        assert list(locked.iterdir()) == [] and list(fresh.iterdir()) == []
+
+
+def test_safe_predict_missing_model_folder_and_bare_state_dict(model, results_copy, tmp_path):
+    """issue 31 (weak): the safe predict said FileNotFoundError for a missing model folder and
+    KeyError: 'trainer_name' for a bare state dict."""
+    env, folder, fold = results_copy
+    args = ("-i", model["images"], "-o", tmp_path / "pred", "-f", 0, "-device", "cpu")
+    _error_line(run_console("nnUNetv2_acnorm_predict_from_modelfolder", *args, "-m", tmp_path / "nowhere", env=env,
+                            check=False), "nowhere", "does not exist")
+    _error_line(run_console("nnUNetv2_acnorm_predict", *args, "-d", DATASET, "-c", CONFIG, "-tr", "NoSuchTrainer",
+                            env=env, check=False), "NoSuchTrainer__nnUNetPlans", "does not exist")
+    torch.save(_load(fold / "checkpoint_final.pth")["network_weights"], fold / "checkpoint_final.pth")
+    _error_line(run_console("nnUNetv2_acnorm_predict_from_modelfolder", *args, "-m", folder, env=env, check=False),
+                "checkpoint_final.pth", "not a checkpoint written by nnUNetv2_train")
+    assert not (tmp_path / "pred").exists() or not list((tmp_path / "pred").glob("*.nii.gz"))
+
+
+def test_train_command_line_mistakes_are_one_line(model, results_copy):
+    """issue 31 (weak): -pretrained_weights with --c, --val without a final checkpoint (RuntimeError
+    tracebacks), a directory named checkpoint_final.pth on --c (crashed after the training); none
+    leaves a training log."""
+    env, _, fold = results_copy
+    logs = _logs(fold)
+    _error_line(_train(env, "--c", "-pretrained_weights", model["source"]), "--c", "-pretrained_weights")
+    (fold / "checkpoint_final.pth").rename(fold / "kept.pth")
+    _error_line(_train(env, "--val"), "checkpoint_final.pth does not exist", "checkpoint_best.pth", "--c")
+    (fold / "checkpoint_final.pth").mkdir()
+    _error_line(_train(env, "--c", ACNORM_TEST_EPOCHS="2"), "checkpoint_final.pth is not a checkpoint file",
+                "a directory", "move it away")
+    assert _logs(fold) == logs and not (fold / "acnorm_train.lock").exists()
+
+
+def test_text_file_as_pretrained_weights_is_not_called_pickled(model, tmp_path):
+    """issue 31 (weak): a 17-byte text file given to -pretrained_weights was called "needs arbitrary pickled
+    Python objects" with the advice --trust_pickle."""
+    text = tmp_path / "weights.pth"
+    text.write_text("not a checkpoint\n")
+    env = {**model["env"], "nnUNet_results": str(tmp_path / "results")}
+    line = _error_line(_train(env, "-pretrained_weights", text), "weights.pth", "corrupted or not a checkpoint")
+    assert "pickled" not in line and "--trust_pickle" not in line
+
+
+def test_rank_seed_and_layers_are_checked(model, tmp_path):
+    """issue 31 (weak): rank --seed -5 and an unknown --layers were accepted (every candidate "skipped",
+    files written)."""
+    env = model["env"]
+    for args, fragment in ((("--seed", -5), "--seed must be >= 0"),
+                           (("--layers", "encoder.no_such_norm"), "encoder.no_such_norm is not a norm layer")):
+        _error_line(run_console("nnUNetv2_acnorm_rank", "-d", DATASET, "-c", CONFIG, "-i", model["source"], *args,
+                                "-o", tmp_path / "r", env=env, check=False), fragment)
+    assert not (tmp_path / "r").exists()
+
+
+def test_cls_train_names_a_nan_volume_and_bounds_epochs(tmp_path):
+    """issue 31 (weak): a NaN volume was found only as "loss became nan" with no file named and a results
+    folder left; -num_epochs 10^21 was accepted."""
+    import SimpleITK as sitk
+
+    from tests.factories.images import make_volume_dataset
+
+    make_volume_dataset(tmp_path / "images", tmp_path / "labels.csv", 8, size=16)
+    volume = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "images" / "case003.nii.gz")))
+    volume[2, 3, 4] = np.nan
+    (tmp_path / "images" / "case003.nii.gz").unlink()  # SimpleITK reads NaN in NIfTI files as 0; not in MHA
+    sitk.WriteImage(sitk.GetImageFromArray(volume), str(tmp_path / "images" / "case003.mha"))
+    pretrained = cf.save_genesis_checkpoint(tmp_path / "Genesis_Chest_CT.pt", base_features=4)
+    env = {**os.environ, "nnUNet_n_proc_DA": "0", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "results"
+    args = ("-i", tmp_path / "images", "-l", tmp_path / "labels.csv", "-o", out, "-f", 0, "-pretrained", pretrained,
+            "-device", "cpu", "-batch_size", 2, "-num_workers", 0)
+    _error_line(run_console("nnUNetv2_acnorm_cls_train", *args, "-num_epochs", 1, env=env, check=False),
+                "case003.mha", "NaN")
+    _error_line(run_console("nnUNetv2_acnorm_cls_train", *args, "-num_epochs", 10 ** 21, env=env, check=False),
+                "-num_epochs 1000000000000000000000")
+    assert not out.exists()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 31 item 2: loaders branch")
+def test_pretrained_weights_are_read_once(model, tmp_path):
+    """issue 31 (bad 4): the plugin checked -pretrained_weights with weights_only=True, then nnU-Net's loader
+    reopened the path with weights_only=False: a file swapped in between ran its pickled code. Here the
+    swap happens right after the first load of the path (tests/swap_after_load.py)."""
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    shutil.copy(model["source"], evil)
+    _with_code(evil, marker)
+    weights = tmp_path / "weights.pth"
+    shutil.copy(model["source"], weights)
+    env = {**model["env"], "nnUNet_results": str(tmp_path / "results")}
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "swap_after_load.py"), str(weights), str(evil),
+                           console_script("nnUNetv2_train"), str(DATASET), CONFIG, "0", "-tr", TRAINER, "-device",
+                           "cpu", "-pretrained_weights", str(weights)],
+                          env={**env, "ACNORM_TEST_SKIP_VALIDATION": "1"}, capture_output=True, text=True, timeout=600)
+    assert "swapped" in proc.stdout + proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not marker.exists(), "the swapped file's pickled code ran"
+
+
+def test_demo_output_guard(model, tmp_path):
+    """issue 31 (bad 1, the demo): --output equal to nnUNet_results, or holding a file the demo does not
+    write, was removed whole by --overwrite (shutil.rmtree); now refused with one line, nothing touched."""
+    env = model["env"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "logs").mkdir()
+    (mine / "thesis.tex").write_text("mine")
+    for output, fragment in ((env["nnUNet_results"], "is nnUNet_results"), (mine, "thesis.tex")):
+        _error_line(run_console("nnUNetv2_acnorm_demo", "--output", output, "--overwrite", env=env, check=False),
+                    str(output), fragment)
+    assert (mine / "thesis.tex").read_text() == "mine" and (Path(env["nnUNet_results"]) / NAME / MODEL).is_dir()

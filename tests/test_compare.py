@@ -430,10 +430,17 @@ def test_existing_output_is_kept_unless_overwrite(folders, tmp_path):
     _assert_one_error_line(proc, str(out), "not empty", "--overwrite")
     assert (out / "comparison.json").read_text() == "{\"old\": true}" and sorted(os.listdir(out)) == [
         "comparison.json", "keep.txt"]
+    # --overwrite replaces only the results of a comparison: a folder holding anything else is refused
+    proc = run_console(SCRIPT, "-ref", folders["labels"], "-pred", folders["a"], folders["b"], "-o", out,
+                       "--overwrite", env=_env(), check=False)
+    _assert_one_error_line(proc, str(out), "keep.txt", "nothing was replaced")
+    assert sorted(os.listdir(out)) == ["comparison.json", "keep.txt"]
+    (out / "keep.txt").unlink()
     run_console(SCRIPT, "-ref", folders["labels"], "-pred", folders["a"], folders["b"], "-o", out, "--overwrite",
                 env=_env())
     assert json.loads((out / "comparison.json").read_text())["baseline"] == "a/pred"
-    assert (out / "keep.txt").read_text() == "mine" and (out / "comparison.csv").is_file()
+    assert sorted(os.listdir(out)) == ["comparison.csv", "comparison.json", "comparison.md", "paired_differences.png"]
+    assert not [p for p in out.parent.iterdir() if ".acnorm-" in p.name]
 
 
 def test_unknown_baseline_is_refused(folders, tmp_path):

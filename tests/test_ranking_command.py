@@ -125,8 +125,9 @@ def test_rank_command_errors_are_one_line(workspace, tmp_path):
     bad_layer = run_console("nnUNetv2_acnorm_rank", "-d", DATASET, "-c", "3d_fullres", "-i",
                             ws["files"]["nnunet_v2"], "--layers", "no.such.layer", "-o", tmp_path / "y",
                             "--no_progress", env=ws["env"], check=False)
-    assert bad_layer.returncode != 0 and "Traceback" not in bad_layer.stderr
-    assert "no.such.layer" in bad_layer.stdout and "no candidate could be ranked" in bad_layer.stderr
+    assert bad_layer.returncode == 1 and "Traceback" not in bad_layer.stderr
+    # issue 31: refused before any candidate is prepared (it was: every candidate "skipped", files written)
+    assert "--layers: no.such.layer is not a norm layer" in bad_layer.stderr and not (tmp_path / "y").exists()
     for option in (["--estimators", "ac_corr,bogus"], ["--rank_by", "bogus"]):
         bad_estimator = run_console("nnUNetv2_acnorm_rank", "-d", DATASET, "-c", "3d_fullres", "-i",
                                     ws["files"]["nnunet_v2"], *option, "-o", tmp_path / "z", env=ws["env"], check=False)

@@ -159,10 +159,11 @@ def test_predict_fold_and_stock_predict_agree(pipeline):
     run_console("nnUNetv2_predict", "-i", images, "-o", pred_acnorm, "-d", TARGET_ID, "-c", CONFIG, "-f", 0,
                 "-tr", ACNORM_TRAINER, "-device", "cpu", "--save_probabilities", "-npp", 1, "-nps", 1, env=env)
     fold = run_console("nnUNetv2_acnorm_fold", "-d", TARGET_ID, "-c", CONFIG, "-tr", ACNORM_TRAINER, env=env)
-    folded = pipeline["results"] / "Dataset912_TinyTarget" / f"nnUNetTrainer__nnUNetPlansACNormFolded__{CONFIG}"
+    # issue 30 item 10: the folded folder's name says which AC-Norm trainer it came from
+    folded = pipeline["results"] / "Dataset912_TinyTarget" / f"nnUNetTrainer__nnUNetPlans_foldedFrom_{ACNORM_TRAINER}__{CONFIG}"
     assert "Folded model written to" in fold.stdout and folded.is_dir()
     plans = json.loads((folded / "plans.json").read_text())
-    assert plans["plans_name"] == "nnUNetPlansACNormFolded"
+    assert plans["plans_name"] == f"nnUNetPlans_foldedFrom_{ACNORM_TRAINER}"
     ckpt = _load(folded / "fold_0" / "checkpoint_final.pth")
     assert ckpt["trainer_name"] == "nnUNetTrainer"
     assert not any("source_" in k for k in ckpt["network_weights"])

@@ -8,6 +8,7 @@
   what to do.
 - :func:`atomic_torch_save`: write to a temporary file in the same folder, then ``os.replace``, so
   a kill during a save never leaves a truncated checkpoint under the real name.
+- :func:`first_non_finite`: the first tensor of a state dict holding NaN or infinite values.
 - :func:`plain_python`: numpy scalars in nested containers -> Python numbers (checkpoints that
   stock ``torch.load(weights_only=True)`` reads without any allow-list).
 """
@@ -23,11 +24,14 @@ import numpy as np
 import torch
 
 from nnunet_acnorm.errors import InputError
+from nnunet_acnorm.outputs import replaced_file
 
 #: why a checkpoint could not be read
 KINDS = ("missing", "directory", "empty", "pickle", "corrupt")
 
 _UNSUPPORTED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", re.IGNORECASE)
+#: weights-only load errors that mean "not a pickle at all" (a text file, a cut file), not "pickled objects"
+_NOT_A_PICKLE = re.compile(r"Unsupported operand|invalid load key|truncated|Unsupported pickle protocol", re.IGNORECASE)
 #: torch.load itself, even where a command replaces torch.load by a weights-only wrapper
 _TORCH_LOAD = torch.load
 
@@ -75,7 +79,7 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
             return _TORCH_LOAD(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         message = str(error)
-        if "Weights only load failed" not in message:
+        if "Weights only load failed" not in message or _NOT_A_PICKLE.search(message):
             raise CheckpointReadError(f"{path}: not a readable PyTorch checkpoint ({_first_line(message)}); the file "
                                       "is corrupted or truncated", "corrupt", path, _first_line(message)) from None
         found = _UNSUPPORTED_GLOBAL.search(message)
@@ -91,28 +95,25 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``<path>.tmp`` in the same folder, then ``os.replace`` onto ``path``."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp"
-    try:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` onto ``path``
+    (:func:`nnunet_acnorm.outputs.replaced_file`)."""
+    with replaced_file(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``<path>.tmp`` in the same folder, then ``os.replace`` onto ``path``."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp"
-    try:
+    """Write ``text`` to a temporary file in the same folder, then ``os.replace`` onto ``path``."""
+    with replaced_file(path) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+
+def first_non_finite(state: dict) -> tuple[str | None, int]:
+    """(the first key of ``state`` whose floating-point tensor holds NaN or infinite values, or None;
+    how many tensors do)."""
+    bad = [key for key, value in state.items()
+           if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+    return (bad[0] if bad else None), len(bad)
 
 
 def plain_python(value: Any) -> Any:

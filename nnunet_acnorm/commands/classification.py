@@ -19,8 +19,11 @@ import numpy as np
 
 from nnunet_acnorm.classification.errors import ClassificationInputError
 from nnunet_acnorm.commands._cli import run_command
+from nnunet_acnorm.outputs import check_output
 
 DEFAULT_BATCH_SIZE = {2: 16, 3: 8}
+#: a bound that catches typos (-num_epochs 10^21 would run for ever); far above any real schedule
+MAX_EPOCHS = 100_000
 #: -method -> what it is (the trainers: classification.trainer.METHODS)
 METHOD_NAMES = {"acnorm": "AC-Norm on every BatchNorm", "vanilla": "plain fine-tuning",
                 "l2sp": "L2-SP", "acnorm_l2sp": "AC-Norm and L2-SP", "delta": "DELTA",
@@ -64,8 +67,8 @@ def _check_train_arguments(args) -> None:
         raise ClassificationInputError(f"-initial_lr {args.initial_lr}: must be a finite number > 0")
     if not (finite(args.weight_decay) and args.weight_decay >= 0):
         raise ClassificationInputError(f"-weight_decay {args.weight_decay}: must be a finite number >= 0")
-    if args.num_epochs is not None and args.num_epochs < 1:
-        raise ClassificationInputError("-num_epochs must be at least 1")
+    if args.num_epochs is not None and not 1 <= args.num_epochs <= MAX_EPOCHS:
+        raise ClassificationInputError(f"-num_epochs {args.num_epochs}: must be from 1 to {MAX_EPOCHS}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ClassificationInputError(f"-batch_size {args.batch_size}: must be at least 1")
     if args.image_size < 1:
@@ -79,6 +82,26 @@ def _check_train_arguments(args) -> None:
     if args.pretrained is not None and os.path.isdir(args.pretrained):
         raise ClassificationInputError(f"-pretrained {args.pretrained} is a directory, not a checkpoint file; give "
                                        "the file itself")
+
+
+def _check_finite_volumes(cases) -> None:
+    """Every floating-point 3D volume holds finite values only (read before anything is written; a
+    NaN would otherwise surface as "loss became nan" epochs later, without the file's name)."""
+    import SimpleITK as sitk
+
+    from nnunet_acnorm.classification.data_loading import read_volume
+
+    reader = sitk.ImageFileReader()
+    for case in cases:
+        reader.SetFileName(case.path)
+        try:
+            reader.ReadImageInformation()
+            floating = "float" in sitk.GetPixelIDValueAsString(reader.GetPixelID())
+        except RuntimeError:
+            floating = True  # read_volume names the file
+        if floating and not np.isfinite(read_volume(case.path)).all():
+            raise ClassificationInputError(f"{case.path} holds NaN or infinite values; fix or remove the volume "
+                                           "(nothing was written)")
 
 
 def _check_results_folder(results: str, dim: int, num_classes: int) -> None:
@@ -188,6 +211,7 @@ def _train(argv) -> None:
     from nnunet_acnorm.classification.trainer import CHECKPOINT_NAMES, METHODS, TRAINERS, load_checkpoint
     args = train_parser().parse_args(argv)
     _check_train_arguments(args)
+    check_output(args.o, "-o", reads={"image folder": args.i, "labels CSV": args.l, "pretrained file": args.pretrained})
     device = _device(args.device)
     if args.f != "all" and not 0 <= args.f < 5:
         raise ClassificationInputError(f"-f {args.f}: the splits have folds 0..4 (or use -f all)")
@@ -280,6 +304,8 @@ def _train(argv) -> None:
             raise ClassificationInputError(
                 f"patch size {config['patch_size']} must be divisible by 8 in every axis (three 2x "
                 "downsamplings): pass -patch_size")
+    if dim == 3:
+        _check_finite_volumes(cases)
     _check_results_folder(args.o, dim, int(config["num_classes"]))
     splits_file = os.path.join(args.o, "splits_final.json")
     new_paths = [p for p in (args.o, fold_folder, splits_file) if not os.path.exists(p)]
@@ -343,6 +369,9 @@ def _predict(argv) -> None:
     device = _device(args.device)
     if not os.path.isdir(args.m):
         raise ClassificationInputError(f"model folder {args.m} does not exist")
+    check_output(args.o, "-o", reads={"model folder": args.m, "image folder": args.i, "image list": args.l})
+    if os.path.isdir(args.o):
+        raise ClassificationInputError(f"-o {args.o} is a folder; give the CSV file to write")
     if args.f is None:
         folders = sorted(glob.glob(os.path.join(args.m, "fold_*")))
         folders = [d for d in folders if os.path.isfile(os.path.join(d, args.chk))]
@@ -425,6 +454,8 @@ def _evaluate(argv) -> None:
     from nnunet_acnorm.classification.metrics import (classification_metrics, format_metrics,
                                                       plot_confusion_matrix, save_summary)
     args = evaluate_parser().parse_args(argv)
+    if args.o is not None:
+        check_output(args.o, "-o", reads={"predictions CSV": args.p, "labels CSV": args.l})
     predictions, num_classes = _read_predictions(args.p)
     rows = read_label_csv(args.l, args.id_column, args.label_column)
     labels, probabilities = [], []

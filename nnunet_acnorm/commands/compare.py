@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from nnunet_acnorm.commands._cli import run_command
 from nnunet_acnorm.nnunet.compare import (CompareError, check_output_folder, compute_statistics, load_model_folders,
@@ -28,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-pred", dest="predictions", nargs="+", help="prediction folders, one per method")
     p.add_argument("-m", dest="models", nargs="+",
                    help="trained model folders .../DatasetXXX_Name/<trainer>__<plans>__<configuration>")
-    p.add_argument("-o", dest="output", required=True, help="output folder (must be empty or new, or --overwrite)")
+    p.add_argument("-o", dest="output", required=True,
+                   help="output folder: new or empty, or with --overwrite one holding only the results of an earlier "
+                        "comparison; never inside the folders compared")
     p.add_argument("-dj", dest="dataset_json", default=None,
                    help="dataset.json with the labels and file_ending (default: the label folder's or its parent's)")
     p.add_argument("-names", nargs="+", default=None, help="method names for -pred (default: the folder names)")
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes for the evaluation of -pred (default: nnU-Net's default_num_processes)")
     p.add_argument("-f", dest="folds", nargs="+", default=None,
                    help="folds of -m model folders, e.g. 0 1 2 3 4 or all (default: every fold_N folder)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty -o")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier comparison in -o (atomically; nothing else is replaced)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
@@ -57,8 +59,9 @@ def run_compare(args) -> dict:
                 raise CompareError(f"{flag} is only for -ref/-pred (with -m the method names are the folder names)")
     if args.num_processes is not None and args.num_processes < 1:
         raise CompareError(f"-np must be >= 1, got {args.num_processes}")
-    out = os.path.abspath(args.output)
-    check_output_folder(out, args.overwrite)
+    reads = {"model folder": args.models, "label folder": args.reference, "prediction folder": args.predictions,
+             "dataset.json": args.dataset_json}
+    out = check_output_folder(args.output, args.overwrite, reads)
 
     if args.models:
         comparison = load_model_folders(args.models, args.folds, baseline=args.baseline)
@@ -73,7 +76,7 @@ def run_compare(args) -> dict:
                                              num_processes=num_processes, progress=not args.no_progress,
                                              baseline=args.baseline)
     result = compute_statistics(comparison, args.baseline)
-    written = write_results(result, out)
+    written = write_results(result, out, args.overwrite)
     result["_written"] = written
     return result
 

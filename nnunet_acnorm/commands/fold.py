@@ -16,16 +16,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Fold the AC-Norm layers of a trained model folder into plain norms, for stock nnU-Net "
-                    "inference without the plugin (nnUNetv2_predict -tr nnUNetTrainer -p <plans>ACNormFolded).")
+                    "inference without the plugin (nnUNetv2_predict -tr nnUNetTrainer -p <plans>_foldedFrom_<trainer>).")
     parser.add_argument("-d", help="dataset name or id (with -c, -tr, -p: the model folder in nnUNet_results)")
     parser.add_argument("-c", help="configuration, e.g. 3d_fullres")
     parser.add_argument("-tr", default="nnUNetTrainerACNorm", help="trainer (default: nnUNetTrainerACNorm)")
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     parser.add_argument("-i", help="the model folder itself (instead of -d/-c/-tr/-p)")
-    parser.add_argument("-o", help="output model folder (default: nnUNetTrainer__<plans>ACNormFolded__<config> "
-                                   "next to the model folder)")
+    parser.add_argument("-o", help="output model folder (default: nnUNetTrainer__<plans>_foldedFrom_<trainer>__<config> "
+                                   "next to the model folder); never inside the model folder")
     parser.add_argument("-chk", nargs="+", help="checkpoint file names (default: every checkpoint_*.pth)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a folded model this command wrote before (atomically; nothing else is replaced)")
     return parser
 
 

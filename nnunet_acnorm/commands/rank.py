@@ -13,6 +13,7 @@ import os
 from nnunet_acnorm.checkpoints import FAMILIES
 from nnunet_acnorm.commands._cli import run_command
 from nnunet_acnorm.errors import InputError
+from nnunet_acnorm.outputs import check_output
 from nnunet_acnorm.ranking.direction import (DIRECTION, DIRECTION_STEP_SETTINGS, ESTIMATORS, UnknownEstimator,
                                              parse_estimators)
 
@@ -91,6 +92,22 @@ def _fold_arg(value: str | None) -> int | str | None:
     return fold
 
 
+def _check_layers(layers, target, seed: int) -> None:
+    """Named --layers must be norm layers of the network the target's plans build (else every
+    candidate would be skipped)."""
+    if isinstance(layers, str):
+        return
+    from nnunet_acnorm.norms import acnorm_modules
+    from nnunet_acnorm.ranking.nnunet_target import build_acnorm_network
+
+    names = list(acnorm_modules(build_acnorm_network(target.plans, target, seed)))
+    unknown = [n for n in layers if n not in names]
+    if unknown:
+        raise InputError(f"--layers: {', '.join(unknown)} is not a norm layer of the network of {target.plans_identifier} "
+                         f"{target.configuration} (e.g. {', '.join(names[:2])}, ..., {names[-1]}); or use 'deepest' "
+                         "or 'all'")
+
+
 def _default_output(dataset_name: str, plans: str, configuration: str) -> str | None:
     results = os.environ.get("nnUNet_results")
     if not results:  # unset or empty (nnU-Net takes an empty value as set: a folder relative to the cwd)
@@ -106,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         raise InputError(f"--tau must be > 0, got {args.tau}")
     if args.lr is not None and not args.lr > 0:
         raise InputError(f"--lr must be > 0, got {args.lr}")
+    if args.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {args.seed}")
     if args.device == "cuda":
         import torch
 
@@ -128,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     output = args.output or _default_output(target.dataset_name, args.plans, args.configuration)
     if output is None:
         raise InputError("nnUNet_results is not set (or empty): pass -o OUTDIR")
+    check_output(output, "-o", reads={"candidate": args.candidates, "preprocessed dataset": target.preprocessed_folder})
+    _check_layers(layers, target, args.seed)
     present = existing_results(output) if os.path.isdir(output) else []
     if present and not args.overwrite:  # checked before the work, not after
         raise InputError(f"{output} already holds results of an earlier ranking ({', '.join(present)}); pass "

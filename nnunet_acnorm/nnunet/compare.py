@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nnunet_acnorm.errors import InputError
+from nnunet_acnorm.outputs import check_output, check_replaceable, replace_folder
 
 RESULT_FILES = ("comparison.csv", "comparison.json", "paired_differences.png")
 #: bootstrap settings (fixed: the interval is reproducible run to run)
@@ -185,12 +186,15 @@ def _check_case_sets(methods: list, reference_name: str, reference_cases: set, w
                                    f"{'; '.join(parts)}; every method must cover the same {what}")
 
 
-def check_output_folder(out: str, overwrite: bool) -> None:
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise CompareError(f"-o {out} exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise CompareError(f"-o {out} exists and is not empty; pass --overwrite to write into it, or choose another "
-                           "folder")
+def check_output_folder(out: str, overwrite: bool, reads: dict | None = None) -> str:
+    """The output folder, checked: not inside or around what the comparison reads (``reads``:
+    description -> paths), writable, and new, empty, or (``overwrite``) holding only the results of
+    an earlier comparison (:mod:`nnunet_acnorm.outputs`)."""
+    out = str(check_output(out, "-o", reads=reads))
+    check_replaceable(out, "-o", overwrite, set(RESULT_FILES + ("comparison.md",)).__contains__,
+                      f"the results nnUNetv2_acnorm_compare writes ({', '.join(RESULT_FILES)}, comparison.md)",
+                      empty_ok=True)
+    return out
 
 
 # --------------------------------------------------------------------------- mode 1: prediction folders
@@ -238,6 +242,18 @@ def _labels_to_evaluate(dataset_json: dict, path: str):
     return regions, lm.ignore_label
 
 
+def _defined_labels(dataset_json: dict) -> set:
+    """Every label value ``dataset.json`` defines (background, labels, regions' members, ignore)."""
+    defined = set()
+    for value in dataset_json["labels"].values():
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            try:
+                defined.add(int(v))
+            except (TypeError, ValueError):
+                pass
+    return defined
+
+
 def _list_cases(folder: str, file_ending: str) -> dict:
     """case id -> file for the files of ``folder`` that end with ``file_ending``."""
     return {f[: -len(file_ending)]: os.path.join(folder, f) for f in sorted(os.listdir(folder))
@@ -261,8 +277,9 @@ class _CheckedReader:
     """Wraps an nnU-Net reader for ``compute_metrics``: refuses a prediction whose array shape differs
     from its reference's (numpy would otherwise broadcast or fail obscurely) and names a file it cannot read."""
 
-    def __init__(self, reader):
+    def __init__(self, reader, defined: set | None = None):
         self.reader = reader
+        self.defined = defined
         self.shapes = []
 
     def read_seg(self, file):
@@ -270,6 +287,10 @@ class _CheckedReader:
             seg, props = self.reader.read_seg(file)
         except Exception as e:
             raise _ReadFailure(f"cannot read {file}: {type(e).__name__}: {e}") from None
+        undefined = sorted(set(np.unique(seg).tolist()) - self.defined) if self.defined is not None else []
+        if undefined:
+            raise _ReadFailure(f"{file} holds label(s) {_some([int(v) if float(v).is_integer() else v for v in undefined])} "
+                               "that dataset.json does not define: it belongs to another dataset or was written wrong")
         self.shapes.append((file, tuple(seg.shape)))
         if len(self.shapes) == 2 and self.shapes[0][1] != self.shapes[1][1]:
             (ref, ref_shape), (pred, pred_shape) = self.shapes
@@ -281,11 +302,11 @@ class _CheckedReader:
 def _evaluate_case(task):
     """Dice per label of one (reference, prediction) pair with nnU-Net's ``compute_metrics``.
     Returns (index, {key: Dice}, None) or (index, None, error message). Top-level: runs in worker processes."""
-    index, reference, prediction, reader, regions, ignore_label = task
+    index, reference, prediction, reader, regions, ignore_label, defined = task
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics
 
     try:
-        result = compute_metrics(reference, prediction, _CheckedReader(reader), regions, ignore_label)
+        result = compute_metrics(reference, prediction, _CheckedReader(reader, defined), regions, ignore_label)
     except (_ShapeMismatch, _ReadFailure) as e:
         return index, None, str(e)
     except Exception as e:
@@ -341,7 +362,8 @@ def load_prediction_folders(reference: str, predictions: list, dataset_json: str
     except Exception as e:
         raise CompareError(f"no nnU-Net reader for {file_ending} files can read {example}: {e}") from None
 
-    tasks = [((i, c), ref_cases[c], pc[c], reader, regions, ignore_label)
+    defined = _defined_labels(dj)
+    tasks = [((i, c), ref_cases[c], pc[c], reader, regions, ignore_label, defined)
              for i, pc in enumerate(pred_cases) for c in cases]
     results = _run_tasks(tasks, num_processes, progress)
     for (i, case), dice in results.items():
@@ -437,6 +459,21 @@ def _read_seed(fold_folder: str):
         return None
 
 
+def _check_fold_weights(fold_folder: str) -> None:
+    """A validation made by a model with NaN/infinite weights (or another trainer's checkpoint) is
+    no result: refuse the fold when its checkpoint_final.pth, where it can be read (weights-only),
+    says so."""
+    from nnunet_acnorm.checkpoints.io import CheckpointReadError, safe_torch_load
+    from nnunet_acnorm.nnunet.trained_checkpoints import check_trained_checkpoint, folder_trainer
+
+    path = os.path.join(fold_folder, "checkpoint_final.pth")
+    try:
+        checkpoint = safe_torch_load(path)
+    except CheckpointReadError:
+        return  # deleted to save space, cut in a copy, not weights-only: the summary is what is compared
+    check_trained_checkpoint(path, checkpoint, folder_trainer(path), "the name of its model folder")
+
+
 def _strip_ending(file_name: str, file_ending: str | None) -> str:
     if file_ending and file_name.endswith(file_ending):
         return file_name[: -len(file_ending)]
@@ -479,6 +516,7 @@ def _read_model_folder(model_folder: str, folds: list | None, file_ending: str |
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CompareError(f"{summary} is not an nnU-Net summary.json (metric_per_case with reference_file and "
                                f"metrics {{label: {{\"Dice\": ...}}}}): {type(e).__name__}: {e}") from None
+        _check_fold_weights(fold_folder)
         seeds[fold] = _read_seed(fold_folder)
         fold_names.append(fold)
     if not dice:
@@ -827,8 +865,19 @@ def plot_paired_differences(result: dict, path: str) -> str:
     return path
 
 
-def write_results(result: dict, out: str) -> list:
-    os.makedirs(out, exist_ok=True)
+def write_results(result: dict, out: str, overwrite: bool = False) -> list:
+    """Write the result files into a new folder beside ``out`` and swap it in atomically
+    (:func:`nnunet_acnorm.outputs.replace_folder`); returns the paths of the files in ``out``."""
+    def write(staging) -> None:
+        _write_files(result, str(staging))
+        check_output_folder(out, overwrite)  # again: it may have changed meanwhile
+
+    replace_folder(out, write)
+    return [os.path.join(out, name) for name in ("comparison.csv", "comparison.json", "paired_differences.png",
+                                                 "comparison.md")]
+
+
+def _write_files(result: dict, out: str) -> list:
     csv_path = os.path.join(out, "comparison.csv")
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)

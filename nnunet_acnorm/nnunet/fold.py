@@ -4,31 +4,42 @@ Every AC-Norm layer is folded into the plain norm of its type with weight (I+S)Î
 (:func:`nnunet_acnorm.fold_acnorm`), which computes the same outputs at inference. The new folder
 holds, for every fold and checkpoint, the folded weights with ``trainer_name = 'nnUNetTrainer'``,
 a ``plans.json`` whose ``norm_op`` is the folded norm type (for example BatchNorm3d for
-``nnUNetTrainerACNormBN``) and whose plans name is ``<plans>ACNormFolded``, and the dataset files.
-Stock nnU-Net predicts with it, with the plugin not installed:
+``nnUNetTrainerACNormBN``) and whose plans name, ``<plans>_foldedFrom_<AC-Norm trainer>``, says
+which trainer the model came from, and the dataset files. Stock nnU-Net predicts with it, with the
+plugin not installed:
 
-    nnUNetv2_predict -i in -o out -d D -c C -f 0 -tr nnUNetTrainer -p nnUNetPlansACNormFolded
+    nnUNetv2_predict -i in -o out -d D -c C -f 0 -tr nnUNetTrainer -p nnUNetPlans_foldedFrom_nnUNetTrainerACNorm
     nnUNetv2_predict_from_modelfolder -i in -o out -m <folded folder> -f 0
 
-Before writing anything, each checkpoint's folded weights are loaded strictly into the network
-that stock ``nnUNetTrainer`` builds from the new plans, and both networks are run on the same
-random input; the largest softmax-probability difference is printed and stored in
-``acnorm_fold.json``. The output is written to a temporary folder and renamed at the end; an
-existing output folder is never touched without ``--overwrite``.
+Before writing anything, each checkpoint is checked (written by the model folder's trainer, finite
+weights, every AC-Norm source present: :mod:`nnunet_acnorm.nnunet.trained_checkpoints`), its
+folded weights are loaded strictly into the network that stock ``nnUNetTrainer`` builds from the
+new plans, and both networks are run on the same random input; the largest softmax-probability
+difference is printed and stored in ``acnorm_fold.json``, with the list of files written. The
+output may not be, contain or lie inside the model folder, nor be or contain an nnU-Net root
+(:func:`nnunet_acnorm.outputs.check_output`); ``--overwrite`` replaces only a folded model this
+command wrote (every file listed in its ``acnorm_fold.json``), atomically
+(:func:`nnunet_acnorm.outputs.replace_folder`: a kill at any point leaves the old or the new
+folder whole).
 """
 from __future__ import annotations
 
 import copy
 import json
+import os
 import pydoc
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nnunet_acnorm.errors import InputError
+from nnunet_acnorm.outputs import OutputError, check_output, check_replaceable, replace_folder
 
-FOLDED_PLANS_SUFFIX = "ACNormFolded"
+#: the folded plans identifier: ``<plans>_foldedFrom_<AC-Norm trainer>``
+FOLDED_PLANS_INFIX = "_foldedFrom_"
 STOCK_TRAINER = "nnUNetTrainer"
+#: the report (and list of files) every folded model folder holds
+FOLD_REPORT = "acnorm_fold.json"
 
 
 class FoldError(InputError):
@@ -45,9 +56,14 @@ class FoldReport:
     norm_op: str = ""
 
 
+def folded_plans_identifier(plans: str, trainer: str) -> str:
+    """The plans identifier of the folded model: the plans and the AC-Norm trainer it came from."""
+    return f"{plans}{FOLDED_PLANS_INFIX}{trainer}"
+
+
 def default_output_folder(model_folder: Path) -> Path:
     trainer, plans, configuration = _split_model_folder_name(model_folder)
-    return model_folder.parent / f"{STOCK_TRAINER}__{plans}{FOLDED_PLANS_SUFFIX}__{configuration}"
+    return model_folder.parent / f"{STOCK_TRAINER}__{folded_plans_identifier(plans, trainer)}__{configuration}"
 
 
 def _split_model_folder_name(model_folder: Path) -> tuple[str, str, str]:
@@ -95,35 +111,34 @@ def _dotted(cls: type) -> str:
 def fold_model_folder(model_folder, output_folder=None, overwrite: bool = False,
                       checkpoint_names: list[str] | None = None, seed: int = 0, log=print) -> FoldReport:
     """Write the folded copy of ``model_folder`` (see the module docstring); returns a report."""
-    import torch
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from nnunet_acnorm.norms import acnorm_modules, fold_acnorm
-    from nnunet_acnorm.checkpoints.io import plain_python
-    from nnunet_acnorm.nnunet.pretrained import (describe_missing_sources, load_nnunet_checkpoint,
-                                                         missing_source_layers, set_strict_source)
-
     model_folder = Path(model_folder).resolve()
     if not model_folder.is_dir():
         raise FoldError(f"model folder not found: {model_folder}")
     for name in ("plans.json", "dataset.json"):
         if not (model_folder / name).is_file():
             raise FoldError(f"{model_folder} has no {name}: not a trained nnU-Net model folder")
-    _, plans_identifier, _ = _split_model_folder_name(model_folder)
-    output_folder = Path(output_folder).resolve() if output_folder else default_output_folder(model_folder)
-    if output_folder == model_folder:
-        raise FoldError("the output folder must differ from the model folder")
-    if output_folder.exists() and not overwrite:
-        raise FoldError(f"output folder {output_folder} exists; pass --overwrite to replace it")
+    folder_trainer, plans_identifier, _ = _split_model_folder_name(model_folder)
+    output_folder = check_output(output_folder or default_output_folder(model_folder), "-o",
+                                 reads={"model folder": model_folder})
+    check_fold_output(output_folder, overwrite)
     checkpoints = _checkpoints(model_folder, checkpoint_names)
+
+    import torch  # after the checks of the folders: a refusal is quick
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_acnorm.checkpoints.io import plain_python
+    from nnunet_acnorm.nnunet.pretrained import (describe_missing_sources, load_nnunet_checkpoint,
+                                                 missing_source_layers, set_strict_source)
+    from nnunet_acnorm.nnunet.trained_checkpoints import check_trained_checkpoint
+    from nnunet_acnorm.norms import acnorm_modules, fold_acnorm
 
     plans = json.loads((model_folder / "plans.json").read_text())
     dataset_json = json.loads((model_folder / "dataset.json").read_text())
     plans_manager = PlansManager(copy.deepcopy(plans))
     new_plans = copy.deepcopy(plans)
-    new_plans["plans_name"] = plans_identifier + FOLDED_PLANS_SUFFIX
+    new_plans["plans_name"] = folded_plans_identifier(plans_identifier, folder_trainer)
 
     report = FoldReport(output_folder, new_plans["plans_name"], "")
     folded_checkpoints: list[tuple[Path, dict]] = []
@@ -133,6 +148,7 @@ def fold_model_folder(model_folder, output_folder=None, overwrite: bool = False,
             checkpoint = load_nnunet_checkpoint(str(path))
         except (ValueError, FileNotFoundError) as e:
             raise FoldError(str(e)) from None
+        check_trained_checkpoint(path, checkpoint, folder_trainer, "the name of its model folder")
         configuration = checkpoint.get("init_args", {}).get("configuration")
         if configuration not in plans["configurations"]:
             raise FoldError(f"{path}: configuration {configuration!r} is not in {model_folder / 'plans.json'}")
@@ -194,7 +210,7 @@ def fold_model_folder(model_folder, output_folder=None, overwrite: bool = False,
         new_checkpoint["init_args"] = init_args
         folded_checkpoints.append((relative, new_checkpoint))
 
-    _write_output(model_folder, output_folder, overwrite, new_plans, folded_checkpoints, report)
+    _write_output(model_folder, output_folder, overwrite, new_plans, folded_checkpoints, report, log)
     return report
 
 
@@ -240,34 +256,47 @@ def _max_probability_difference(trainer_class, plans_manager, configuration_mana
     return float((p_acnorm - p_stock).abs().max())
 
 
+def check_fold_output(output_folder: Path, overwrite: bool) -> None:
+    """OutputError unless ``output_folder`` is new, or (``overwrite``) a folded model this command
+    wrote: every file in it is listed in its ``acnorm_fold.json``."""
+    if not output_folder.is_dir() or output_folder.is_symlink() or not overwrite:
+        check_replaceable(output_folder, "-o", overwrite, lambda relative: False, "the folded model")
+        return
+    try:
+        files = set(json.loads((output_folder / FOLD_REPORT).read_text())["files"]) | {FOLD_REPORT}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise OutputError(f"-o {output_folder} is not a folded model written by nnUNetv2_acnorm_fold (no readable "
+                          f"{FOLD_REPORT} listing its files): --overwrite replaces only those; choose another "
+                          "folder (nothing was replaced)") from None
+    check_replaceable(output_folder, "-o", overwrite, files.__contains__,
+                      f"the files nnUNetv2_acnorm_fold wrote there (listed in {FOLD_REPORT})")
+
+
+def _copy_ignore(folder: str, names: list[str]) -> list[str]:
+    """What is not copied from a fold folder: checkpoints (written folded), locks, symbolic links."""
+    return [n for n in names if n.endswith((".pth", ".lock")) or os.path.islink(os.path.join(folder, n))]
+
+
 def _write_output(model_folder: Path, output_folder: Path, overwrite: bool, new_plans: dict,
-                  folded_checkpoints: list, report: FoldReport) -> None:
+                  folded_checkpoints: list, report: FoldReport, log=print) -> None:
     import torch
 
-    output_folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = output_folder.parent / f".{output_folder.name}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
+    def write(staging: Path) -> None:
         for name in ("dataset.json", "dataset_fingerprint.json"):
-            if (model_folder / name).is_file():
+            if (model_folder / name).is_file() and not (model_folder / name).is_symlink():
                 shutil.copy2(model_folder / name, staging / name)
         (staging / "plans.json").write_text(json.dumps(new_plans, indent=4))
         for fold in sorted({rel.parent for rel, _ in folded_checkpoints}):
             # training logs and validation results travel along (find_best_configuration reads them)
-            shutil.copytree(model_folder / fold, staging / fold, ignore=shutil.ignore_patterns("*.pth"))
+            shutil.copytree(model_folder / fold, staging / fold, ignore=_copy_ignore)
         for relative, checkpoint in folded_checkpoints:
             torch.save(checkpoint, staging / relative)
-        (staging / "acnorm_fold.json").write_text(json.dumps({
+        files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+        (staging / FOLD_REPORT).write_text(json.dumps({
             "folded_from": str(model_folder), "plans_identifier": report.plans_identifier,
             "configuration": report.configuration, "norm_op": report.norm_op, "checkpoints": report.checkpoints,
-            "max_probability_difference_random_input": report.max_probability_difference}, indent=2))
-        if output_folder.exists():
-            if not overwrite:  # appeared meanwhile
-                raise FoldError(f"output folder {output_folder} exists; pass --overwrite to replace it")
-            shutil.rmtree(output_folder)
-        staging.rename(output_folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+            "max_probability_difference_random_input": report.max_probability_difference, "files": files},
+            indent=2))
+        check_fold_output(output_folder, overwrite)  # again: it may have appeared or changed meanwhile
+
+    replace_folder(output_folder, write, log)

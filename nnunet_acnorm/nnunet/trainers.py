@@ -17,6 +17,7 @@ a plain checkpoint of the same architecture and its norm affines become source a
 from __future__ import annotations
 
 import os
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,10 @@ from nnunet_acnorm.nnunet.pretrained import (NnunetCheckpointError, PretrainedWe
                                                      read_pretrained_weights, remove_run_output,
                                                      route_pretrained_loading, set_strict_source)
 from nnunet_acnorm.finetuning.schedules import WarmupPolyLRScheduler
+from nnunet_acnorm.nnunet.trained_checkpoints import TrainedCheckpointError, check_trained_checkpoint
+from nnunet_acnorm.nnunet.training_guards import (TrainingStartError, acquire_fold_lock, check_command_line,
+                                                  check_results_writable, fold_folder, non_finite_state)
+from nnunet_acnorm.outputs import RunLockedError
 from nnunet_acnorm.nnunet.seeding import (SEED_ENV, apply_cpu_thread_limit, ddp_rank, rank_seed, resolve_seed,
                                             seed_everything, seeded_augmenters)
 
@@ -91,6 +96,10 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        try:  # before nnU-Net creates the fold folder: a read-only nnUNet_results is one line
+            check_results_writable(fold_folder(type(self).__name__, plans, configuration, fold))
+        except TrainingStartError as e:
+            raise SystemExit(f"{type(self).__name__}: error: {e}") from None
         seed = resolve_seed(type(self).seed)
         if seed is not None:  # before anything is built: the fresh head is the same in every run
             seed_everything(rank_seed(seed, ddp_rank()))  # DDP: each rank draws its own patches
@@ -105,6 +114,11 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
             self.num_iterations_per_epoch = self.iterations_per_epoch
         if self.val_iterations_per_epoch is not None:
             self.num_val_iterations_per_epoch = self.val_iterations_per_epoch
+        self._fold_lock = None
+        try:
+            check_command_line(self.output_folder)
+        except TrainingStartError as e:
+            self._refuse(str(e))
 
     @property
     def warmup_epochs(self) -> int:
@@ -135,6 +149,42 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
                 "have affines in this checkpoint that nnUNetv2_acnorm_import initialised fresh (not in the "
                 "pretrained file): their source is that initialisation. The _encoderOnly trainers load only "
                 "the encoder and keep the decoder's norms plain")
+        self._lock_fold()
+
+    # -- one run per fold, refusals that leave nothing behind, non-finite stop -------------------
+    def _lock_fold(self) -> None:
+        """One nnUNetv2_train of this fold at a time (rank 0 holds the lock for a DDP run)."""
+        if self.local_rank != 0 or getattr(self, "_fold_lock", None) is not None:
+            return
+        try:
+            self._fold_lock = acquire_fold_lock(self.output_folder, f"fold_{self.fold}", self.print_to_log_file)
+        except RunLockedError as e:
+            self._refuse(str(e))
+
+    def _refuse(self, message: str) -> NoReturn:
+        """End the command with one line; what this run wrote (its log file, folders it created,
+        its lock) goes."""
+        if getattr(self, "_fold_lock", None) is not None:
+            self._fold_lock.release()
+        if self.local_rank == 0:
+            remove_run_output(self.log_file, self.output_folder, os.environ.get("nnUNet_results"))
+        raise SystemExit(f"{type(self).__name__}: error: {message}") from None
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        problem = non_finite_state(self.logger.get_value("train_losses", step=self.current_epoch),
+                                   self._plain_network().state_dict(), self.current_epoch)
+        if problem is not None:
+            self.print_to_log_file(f"ERROR: {problem}")
+            self._stop_dataloaders()
+            if getattr(self, "_fold_lock", None) is not None:
+                self._fold_lock.release()
+            raise SystemExit(f"{type(self).__name__}: error: {problem}")
+
+    def _stop_dataloaders(self) -> None:
+        for loader in (self.dataloader_train, self.dataloader_val):
+            if hasattr(loader, "_finish"):
+                loader._finish()
 
     def on_train_start(self):
         super().on_train_start()
@@ -200,6 +250,10 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
             filename, checkpoint = self._read_own_checkpoint(filename_or_checkpoint)
         else:
             filename, checkpoint = "the checkpoint", filename_or_checkpoint
+        try:  # written by this trainer, finite weights: else refused before anything is loaded or run
+            check_trained_checkpoint(filename, checkpoint, name, f"-tr ({name})")
+        except TrainedCheckpointError as e:
+            self._refuse(str(e))
         network = self._plain_network()
         own_keys = network.state_dict().keys()
         state_dict = {}
@@ -210,20 +264,20 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
         n_layers = set_strict_source(network, True)
         missing = missing_source_layers(network, state_dict)
         if n_layers and missing:
-            raise SystemExit(f"{name}: error: {describe_missing_sources(filename, missing, n_layers, name)}")
+            self._refuse(describe_missing_sources(filename, missing, n_layers, name))
         try:
             init_args, current_epoch = checkpoint["init_args"], checkpoint["current_epoch"]
             logging, best_ema = checkpoint["logging"], checkpoint["_best_ema"]
             optimizer_state = checkpoint["optimizer_state"]
         except KeyError as e:
-            raise SystemExit(f"{name}: error: {filename} has no entry {e}: not a training checkpoint written by "
-                             "nnUNetv2_train (a pretrained file goes to -pretrained_weights)") from None
+            self._refuse(f"{filename} has no entry {e}: not a training checkpoint written by "
+                         "nnUNetv2_train (a pretrained file goes to -pretrained_weights)")
         try:
             network.load_state_dict(state_dict)
         except RuntimeError as e:
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            raise SystemExit(f"{name}: error: {filename}: the weights do not fit the network of {name}: "
-                             f"{lines[1] if len(lines) > 1 else lines[0] if lines else e}") from None
+            self._refuse(f"{filename}: the weights do not fit the network of {name}: "
+                         f"{lines[1] if len(lines) > 1 else lines[0] if lines else e}")
         self.my_init_kwargs = init_args
         self.current_epoch = current_epoch
         self.logger.load_checkpoint(logging)
@@ -233,8 +287,7 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
         try:
             self.optimizer.load_state_dict(optimizer_state)
         except (ValueError, KeyError) as e:
-            raise SystemExit(f"{name}: error: {filename}: its optimizer state does not fit this trainer's "
-                             f"optimizer ({e})") from None
+            self._refuse(f"{filename}: its optimizer state does not fit this trainer's optimizer ({e})")
         if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
 
@@ -269,7 +322,7 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
             advice = "; --val needs a readable checkpoint_final.pth: continue the training with --c"
         else:
             advice = ""
-        raise SystemExit(f"{name}: error: {error}{advice}")
+        self._refuse(f"{error}{advice}")
 
 
 class _ACNormMixin:

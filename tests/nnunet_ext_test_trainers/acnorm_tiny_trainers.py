@@ -2,7 +2,10 @@
 # Epochs come from ACNORM_TEST_EPOCHS (default 1) so that a test can continue a run with --c.
 # ACNORM_TEST_FAIL_FILE: while that file exists and lists "<trainer class>:<fold>", that training raises at its
 # start (a failed run for the benchmark runner's tests; remove the file and the retry succeeds).
+# Faults for tests/test_bad_inputs.py: ACNORM_TEST_HOLD=<file> waits at the start of training while
+# <file> exists (after writing <file>.ready); ACNORM_TEST_NAN_EPOCH=<k> feeds NaN images in epoch k.
 import os
+import time
 
 import torch
 
@@ -38,6 +41,17 @@ class _Tiny:
                 if f"{type(self).__name__}:{self.fold}" in f.read().split():
                     raise RuntimeError(f"{type(self).__name__} fold {self.fold} fails on purpose ({fail_file} lists it)")
         super().on_train_start()
+        hold = os.environ.get("ACNORM_TEST_HOLD")
+        if hold:
+            open(hold + ".ready", "w").close()
+            deadline = time.time() + 300
+            while os.path.exists(hold) and time.time() < deadline:
+                time.sleep(0.1)
+
+    def train_step(self, batch: dict) -> dict:
+        if os.environ.get("ACNORM_TEST_NAN_EPOCH") == str(self.current_epoch):
+            batch = {**batch, "data": batch["data"] * float("nan")}
+        return super().train_step(batch)
 
 
 class nnUNetTrainer_acnormTinyTest(_Tiny, nnUNetTrainer):
