@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from nnunet_acnorm.errors import InputError
+from nnunet_acnorm.norms.torch_compat import weights_only_load
 from nnunet_acnorm.outputs import replaced_file
 
 #: why a checkpoint could not be read
@@ -49,8 +50,11 @@ class CheckpointReadError(InputError):
 
 def numpy_safe_globals() -> list:
     """numpy objects nnU-Net checkpoints hold (logs, best EMA): data only, safe to rebuild."""
-    core = getattr(np, "_core", None) or np.core
-    allowed = [np.dtype, np.ndarray, core.multiarray.scalar, core.multiarray._reconstruct]
+    try:
+        from numpy._core import multiarray  # NumPy 2 (NumPy 1.26: a shim of numpy.core.multiarray)
+    except ImportError:
+        from numpy.core import multiarray
+    allowed = [np.dtype, np.ndarray, multiarray.scalar, multiarray._reconstruct]
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
         allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
@@ -75,8 +79,7 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     if os.path.getsize(path) == 0:
         raise CheckpointReadError(f"{path}: the file is empty (an interrupted download or save)", "empty", path)
     try:
-        with torch.serialization.safe_globals(numpy_safe_globals()):
-            return _TORCH_LOAD(path, map_location=map_location, weights_only=True)
+        return weights_only_load(path, map_location, numpy_safe_globals(), load=_TORCH_LOAD)
     except pickle.UnpicklingError as error:
         message = str(error)
         if "Weights only load failed" not in message or _NOT_A_PICKLE.search(message):
