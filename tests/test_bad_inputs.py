@@ -936,7 +936,6 @@ def test_cls_train_names_a_nan_volume_and_bounds_epochs(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 31 item 2: loaders branch")
 def test_pretrained_weights_are_read_once(model, tmp_path):
     """issue 31 (bad 4): the plugin checked -pretrained_weights with weights_only=True, then nnU-Net's loader
     reopened the path with weights_only=False: a file swapped in between ran its pickled code. Here the

@@ -122,6 +122,7 @@ def test_python_api_pretrained_weights_are_read_safely_too(start, tmp_path):
     expected = safe_torch_load(good)["network_weights"]
     assert torch.equal(trainer.network.state_dict()["encoder.stages.0.0.convs.1.norm.source_bias"],
                        expected["encoder.stages.0.0.convs.1.norm.bias"])
+    trainer._fold_lock.release()  # that run is over (the lock is otherwise held until its process ends)
     marker = tmp_path / "pickled_code_ran"
     evil = safe_torch_load(good)
     evil["payload"] = Payload(marker)

@@ -101,7 +101,9 @@ def test_schedule_variant_by_name_through_nnunetv2_train(pipeline):
     variant = "nnUNetTrainerACNorm_1epoch"
     folder = pipeline["results"] / "Dataset912_TinyTarget" / f"{variant}__nnUNetPlans__{CONFIG}" / "fold_0"
     folder.mkdir(parents=True)
-    shutil.copy(pipeline["epoch1"], folder / "checkpoint_latest.pth")
+    checkpoint = _load(pipeline["epoch1"])
+    checkpoint["trainer_name"] = variant  # as if the variant had written it (a renamed checkpoint is refused)
+    torch.save(checkpoint, folder / "checkpoint_latest.pth")
     proc = run_console("nnUNetv2_train", TARGET_ID, CONFIG, 0, "-tr", variant, "-device", "cpu", "--c",
                        env=pipeline["env"], timeout=300)
     assert "poly decay over 1 epochs" in proc.stdout and "Mean Validation Dice" in proc.stdout

@@ -174,9 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nTransferability estimates on {target.dataset_name} {target.configuration} (plans "
           f"{target.plans_identifier}): {', '.join(ranking.estimators)}; {steps_text}seed {ranking.seed}; "
           f"{cases_text}ordered by {way} {ranking.rank_by}")
+    print(format_table(ranking))
     if ranking.steps:
         print(step_settings(ranking))
-    print(format_table(ranking))
     print(f"\n{ranking.direction_note}.")
     epoch = ranking.epoch_seconds()
     if epoch is not None:
