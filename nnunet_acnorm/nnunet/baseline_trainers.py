@@ -13,7 +13,11 @@ trainer                             method (class attributes = hyperparameters)
 ``nnUNetTrainerStochNormBN``        StochNorm on the BatchNorm network: ``stochnorm_p`` = 0.5
 ``nnUNetTrainerLPFT``               encoder frozen for ``lpft_frozen_fraction`` = 10 % of the epochs
 ``nnUNetTrainerDiscriminativeLR``   encoder lr = ``encoder_lr_factor`` (0.1) x decoder lr
-``nnUNetTrainerACNorm_<method>``    the same on top of AC-Norm (L2SP, BSS, LPFT, DiscriminativeLR)
+``nnUNetTrainerSPD``                SPD: ``spd_lambda`` = 1 after each optimiser step, weight decay 0
+``nnUNetTrainerPretrainedRecipe``   nnU-Net master's ``PretrainedTrainer`` recipe (lr 1e-3, 5 % warm-up,
+                                    1000 epochs, batch 2, no deep supervision, encoder loaded);
+                                    ``..._fromScratch``: the same at lr 1e-2 without pretrained weights
+``nnUNetTrainerACNorm_<method>``    the same on top of AC-Norm (L2SP, SPD, BSS, LPFT, DiscriminativeLR)
 ``nnUNetTrainer<method>BN``         the same on the BatchNorm network (as ``nnUNetTrainerBN``)
 ==================================  ==============================================================
 
