@@ -55,8 +55,17 @@ class _Net(nn.Module):
         return self.head(torch.relu(self.norm(self.conv(x))))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is faster than many on a loaded machine (and the same arithmetic)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("lam", [1.0, 0.3])
-def test_spd_matches_an_independent_loop_over_sgd_nesterov_steps(lam):
+def test_spd_matches_an_independent_loop_over_sgd_nesterov_steps(lam, one_thread):
     torch.manual_seed(3)
     net = _Net()
     anchor = {n: p.detach().clone() for n, p in net.named_parameters()}
