@@ -70,3 +70,86 @@ def test_layer_check_catches_upward_and_peer_imports():
     assert len(upward_imports("ranking", "import nnunet_acnorm.classification.trainer\n")) == 1
     assert upward_imports("commands", "from nnunet_acnorm.norms import functional\nimport torch\n") == []
     assert upward_imports("nnunet", "from nnunet_acnorm.nnunet.trainers import TRAINERS\n") == []
+
+
+# -- no import circle between files ------------------------------------------------------------------
+def _module_file(name: str) -> Path | None:
+    """The file of module ``name`` of the package (``a.b`` -> a/b.py or a/b/__init__.py), or None."""
+    parts = name.split(".")
+    if parts[0] != PACKAGE.name:
+        return None
+    base = PACKAGE.parent.joinpath(*parts)
+    return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
+
+
+def file_imports(path: Path) -> set[Path]:
+    """The package's files that ``path`` imports, anywhere in it (in functions too): ``from a import b``
+    counts as an import of the module a.b where that is a file, else of a."""
+    package = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    package = package[:-1]  # the package a relative import starts from (for __init__.py: itself)
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(_module_file(alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            found.update(_module_file(f"{module}.{alias.name}") or _module_file(module) for alias in node.names)
+    return found - {None, path}
+
+
+def file_circles(graph: dict) -> list[list]:
+    """The strongly connected components of more than one node of the directed ``graph`` (node ->
+    the nodes it imports): every set of files that import each other, directly or through others."""
+    index, low, stack, on_stack, circles = {}, {}, [], set(), []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(graph.get(root, ())))]  # Tarjan's algorithm, without recursion
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(graph.get(child, ()))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    circles.append(sorted(component))
+    return circles
+
+
+def test_no_import_circle_between_files():
+    graph = {p: file_imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
+    circles = [[str(p.relative_to(PACKAGE)) for p in circle] for circle in file_circles(graph)]
+    assert not circles, f"files that import each other: {circles}"
+
+
+def test_circle_check_finds_circles():
+    """The check itself: direct and indirect circles found, a one-way chain and a diamond accepted."""
+    assert file_circles({"a": {"b"}, "b": {"a"}}) == [["a", "b"]]
+    assert file_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert file_circles({"a": {"b", "c"}, "b": {"d"}, "c": {"d"}, "d": set()}) == []
+    functional = PACKAGE / "norms" / "functional.py"
+    assert PACKAGE / "norms" / "_sorted_shared.py" in file_imports(functional)
+    assert PACKAGE / "norms" / "_sorted_numpy.py" in file_imports(functional)  # an import inside a function
+    trainers = PACKAGE / "nnunet" / "trainers.py"
+    assert trainers in file_imports(PACKAGE / "nnunet" / "nnunet_ext" / "nnunet_acnorm_trainers.py")

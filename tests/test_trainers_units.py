@@ -34,7 +34,8 @@ def test_warmup_then_poly_schedule():
 
 def test_schedule_attributes_are_overridable():
     from nnunet_acnorm.nnunet.schedule_trainers import nnUNetTrainerACNorm_50epochs
-    from nnunet_acnorm.nnunet.trainers import TRAINERS, nnUNetTrainerACNorm, nnUNetTrainerFinetune
+    from nnunet_acnorm.nnunet.trainer_registry import TRAINERS
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm, nnUNetTrainerFinetune
 
     assert nnUNetTrainerACNorm_50epochs.finetune_num_epochs == 50
     # the recipe (docs/experiments.md): nnU-Net's peak lr with a warm-up, every patch on foreground
@@ -54,7 +55,7 @@ def test_schedule_attributes_are_overridable():
 def test_temperature_of_each_trainer(name, mode, norm):
     """The default temperature is calibrated per layer; the _tau1 variants keep the paper's 1."""
     from nnunet_acnorm.norms import acnorm_modules
-    from nnunet_acnorm.nnunet.trainers import TRAINERS
+    from nnunet_acnorm.nnunet.trainer_registry import TRAINERS
 
     plans = _plans(norm="torch.nn.modules.batchnorm.BatchNorm3d") if "BN" in name else _plans()
     layers = acnorm_modules(_build(TRAINERS[name], plans)).values()
@@ -113,7 +114,7 @@ def test_nnunet_finds_the_real_classes_through_the_shim_folder():
             "'nnUNetTrainerACNorm_1epoch', 'nnUNetTrainerFinetune_20epochs', 'nnUNetTrainerL2SP_5epochs', "
             "'nnUNetTrainerACNormBN_tau1_10epochs', 'nnUNetTrainerACNorm_100epochs'):\n"
             "    c = f(n)\n"
-            "    from nnunet_acnorm.nnunet.trainers import TRAINERS\n"
+            "    from nnunet_acnorm.nnunet.trainer_registry import TRAINERS\n"
             "    assert c is TRAINERS[n] and pickle.loads(pickle.dumps(c)) is c, n\n"
             "assert f('nnUNetTrainerL2SP_5epochs').finetune_num_epochs == 5\n"
             "print('ok')\n")
@@ -130,7 +131,7 @@ def test_every_finetuning_trainer_has_its_schedule_variants():
 
     from nnunet_acnorm.nnunet.schedule_trainers import (SCHEDULE_EPOCHS, SCHEDULE_TRAINERS, has_schedule_variants,
                                                         schedule_name)
-    from nnunet_acnorm.nnunet.trainers import TRAINERS
+    from nnunet_acnorm.nnunet.trainer_registry import TRAINERS
 
     bases = {n: c for n, c in TRAINERS.items() if has_schedule_variants(c)}
     assert {"nnUNetTrainerACNorm", "nnUNetTrainerFinetune", "nnUNetTrainerACNormBN", "nnUNetTrainerL2SP",

@@ -45,7 +45,6 @@ from nnunet_acnorm.finetuning import (BSS_ETA, BSS_K, DELTA_ALPHA, DELTA_BETA, E
                                       convert_to_stochnorm, discriminative_param_groups, frozen_epochs, set_frozen,
                                       new_weights_penalty, stage_modules)
 from nnunet_acnorm.finetuning.lpft import rewrap_ddp
-from nnunet_acnorm.nnunet import trainers as _base
 from nnunet_acnorm.nnunet.trainers import (_bn_builder, nnUNetTrainerACNorm, nnUNetTrainerFinetune)
 from nnunet_acnorm.nnunet.pretrained import continue_training_from_argv, pretrained_weights_from_argv
 
@@ -415,10 +414,9 @@ class nnUNetTrainerACNorm_DiscriminativeLR(_DiscriminativeLRMixin, nnUNetTrainer
     """AC-Norm with the encoder at a tenth of the decoder's learning rate."""
 
 
-#: every trainer of this module, by name; also added to ``trainers.TRAINERS`` (fold, discovery)
+#: every trainer of this module, by name (joined with the others in ``trainer_registry.TRAINERS``)
 TRAINERS = {name: obj for name, obj in dict(globals()).items()
             if isinstance(obj, type) and issubclass(obj, nnUNetTrainer) and name.startswith("nnUNetTrainer")
             and obj.__module__ == __name__}
-_base.TRAINERS.update(TRAINERS)
 
 __all__ = list(TRAINERS)

@@ -75,7 +75,7 @@ def _split_model_folder_name(model_folder: Path) -> tuple[str, str, str]:
 
 
 def _find_trainer_class(trainer_name: str):
-    from nnunet_acnorm.nnunet.trainers import TRAINERS
+    from nnunet_acnorm.nnunet.trainer_registry import TRAINERS
 
     if trainer_name in TRAINERS:
         return TRAINERS[trainer_name]

@@ -462,17 +462,11 @@ class nnUNetTrainerACNormBN_encoderOnly(nnUNetTrainerACNormBN):
     pretrained_parts = "encoder"
 
 
-#: every trainer of this module, by name (the shim folder exposes these to nnU-Net)
+#: every trainer of this module, by name (the shim folder exposes these to nnU-Net; the package's
+#: registry of all trainers is :mod:`~nnunet_acnorm.nnunet.trainer_registry`)
 TRAINERS = {name: obj for name, obj in dict(globals()).items()
             if isinstance(obj, type) and issubclass(obj, nnUNetTrainer) and name.startswith("nnUNetTrainer")
             and obj.__module__ == __name__}
 
 
 __all__ = list(TRAINERS)
-
-# the fine-tuning baselines (baseline_trainers.py) subclass the trainers above and add themselves to
-# TRAINERS when imported; importing them here makes TRAINERS complete whichever module comes first
-from nnunet_acnorm.nnunet import baseline_trainers as _baseline_trainers  # noqa: E402,F401
-# Schedule lengths (_1epoch, _5epochs, ...) of every trainer registered in TRAINERS are derived by
-# schedule_trainers.py, which imports this module (never the reverse): a trainer module imported
-# above gets its variants with no further code.

@@ -12,6 +12,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
+from nnunet_acnorm.norms._sorted_shared import laplace_scan_, mirror_point, split_and_ends
 from nnunet_acnorm.norms.torch_compat import autocast_off, has_float64, is_compiling
 
 #: eps of the domain indicator y = beta / (|gamma| + eps); fixed by the method, not the norm's eps.
@@ -280,40 +281,13 @@ def _kept_intervals(ys: Tensor, yt: Tensor):
     y, order = torch.sort(ys, stable=True)
     rank = torch.empty_like(order).scatter_(0, order, arange)
     start, end = _tie_groups(y, arange)
-    mirror, err = _mirror_point(ys, yt)
+    mirror, err = mirror_point(ys, yt)
     values = torch.cat([yt, mirror])
     below = torch.searchsorted(y, values)                     # #{y < v}
     at = below.clamp(max=c - 1)
     upto = torch.where((below < c) & (y[at] == values), end[at], below)   # #{y <= v}
-    q, low, high = _split_and_ends(torch.where, ys, yt, err, below, upto, start[rank], end[rank])
+    q, low, high = split_and_ends(torch.where, ys, yt, err, below, upto, start[rank], end[rank])
     return y, order, rank, q, low, high
-
-
-# The two helpers below are the exact kept-set rule, shared by this torch implementation and the
-# NumPy one (``_sorted_numpy``): the same operations on tensors or on arrays, hence the same
-# results; each caller does its own sort and search.
-
-def _mirror_point(ys, yt):
-    """The mirror point 2t - ys_i, as mirror + err exactly (TwoSum; 2t is exact). Tensors or arrays."""
-    two_t = 2.0 * yt
-    mirror = two_t - ys
-    back = mirror - two_t
-    return mirror, (two_t - (mirror - back)) + (-ys - back)
-
-
-def _split_and_ends(where, ys, yt, err, below, upto, own_start, own_end):
-    """The split q and the kept interval [L, R) of each row, from the counts of the sorted source
-    indicators below (#{y < v}) and up to (#{y <= v}) the queries v = (yt, mirror) concatenated, and
-    each row's own tie group [own_start, own_end) in sorted positions. ``where``: ``torch.where`` or
-    ``numpy.where``, as the arrays are."""
-    c = ys.shape[0]
-    q = upto[:c]
-    below_m, upto_m = below[c:], upto[c:]
-    diagonal_left = ys <= yt
-    # diagonal left of t: kept y in [ys_i, mirror]; right of t: kept y in [mirror, ys_i]
-    low = where(diagonal_left, own_start, where(err <= 0, below_m, upto_m))
-    high = where(diagonal_left, where(err >= 0, upto_m, below_m), own_end)
-    return q, low, high
 
 
 def _decay_table(y2: Tensor, tau: float) -> Tensor:
@@ -324,15 +298,6 @@ def _decay_table(y2: Tensor, tau: float) -> Tensor:
     source = torch.arange(c, device=y2.device)[None, :] - shift
     gap = (y2[:, source.clamp(min=0)] - y2[:, None, :]) / tau
     return torch.exp(gap.masked_fill_(source < 0, float("-inf")))
-
-
-def _laplace_scan_(x: Tensor, table: Tensor) -> Tensor:
-    """In place, x (2, ch, C): x[d, :, j] <- sum_{k <= j} x[d, :, k] exp((y2[d, k] - y2[d, j]) / tau).
-    Tensors or NumPy arrays (the NumPy path uses it too)."""
-    for step in range(table.shape[1]):
-        shift = 1 << step
-        x[..., shift:] += table[:, None, step, shift:] * x[..., :-shift]
-    return x
 
 
 def _sorted_kept_sums(ys: Tensor, yt: Tensor, tau: float, weights: Tensor):
@@ -359,7 +324,7 @@ def _sorted_kept_sums(ys: Tensor, yt: Tensor, tau: float, weights: Tensor):
     x[0, 0] = 1.0
     x[0, 1:] = weights[:, order]
     x[1] = x[0].flip(-1)
-    _laplace_scan_(x, table)
+    laplace_scan_(x, table)
     flipped = c - 1
     index = torch.stack([torch.cat([left, before]), flipped - torch.cat([right, last])])
     picked = torch.gather(x, 2, index[:, None, :].expand(2, ch, 2 * c))   # F at (p, L-1), G at (s, R)
@@ -381,7 +346,7 @@ def _sorted_transposed(v: Tensor, saved) -> Tensor:
     x[0].index_add_(1, torch.cat([right, last]), torch.cat([b, -b * decay_right], 1))
     # left parts were read from F (ascending) at p and L - 1: adjoint scans descending (flipped)
     x[1].index_add_(1, (c - 1) - torch.cat([left, before]), torch.cat([a, -a * decay_left], 1))
-    _laplace_scan_(x, table)
+    laplace_scan_(x, table)
     return (x[0] + x[1].flip(-1))[:, rank]
 
 

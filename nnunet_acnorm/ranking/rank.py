@@ -328,7 +328,8 @@ def write_results(ranking: Ranking, folder: str, overwrite: bool = False) -> lis
         json.dump(ranking.to_json(), f, indent=2)
     written.append(json_file)
     if ranking.measured:
-        written.append(plot_scores(ranking, os.path.join(folder, "ranking.png")))
+        labels = {e: ESTIMATORS[e][0] for e in ranking.estimators}
+        written.append(plot_scores(ranking, os.path.join(folder, "ranking.png"), labels))
     matrices = {f"{c.name}::{layer}": s for c in ranking.measured for layer, s in c.sparse_correlations.items()}
     if matrices:
         npz_file = os.path.join(folder, "sparse_correlations.npz")
