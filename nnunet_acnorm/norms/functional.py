@@ -13,7 +13,9 @@ import torch
 from torch import Tensor
 
 from nnunet_acnorm.norms._sorted_shared import laplace_scan_, mirror_point, split_and_ends
-from nnunet_acnorm.norms.torch_compat import autocast_off, has_float64, is_compiling
+from nnunet_acnorm.norms.device_policy import (DENSE_ONE_THREAD, SORTED_MIN_CHANNELS, SORTED_NUMPY,  # noqa: F401
+                                               SORTED_TORCH, affine_path, use_sorted_path)
+from nnunet_acnorm.norms.torch_compat import autocast_off, is_compiling
 
 #: eps of the domain indicator y = beta / (|gamma| + eps); fixed by the method, not the norm's eps.
 INDICATOR_EPS = 1e-5
@@ -133,26 +135,6 @@ def _bisect_tau(source_weight: Tensor, source_bias: Tensor, diagonal: float, rel
     return (lo * hi) ** 0.5
 
 
-#: the smallest channel count for which ``recalibrated_affine(method="auto")`` takes the sorted
-#: O(C log C) path, per device type; below it the dense C x C path is faster. CPU: the crossover
-#: of forward + backward of the affine alone in an AC-Norm layer (CPU time, one thread, 2-core
-#: machine): dense 0.33 ms vs sorted 0.35 ms at C = 256, 0.45 vs 0.38 at 320, 2.1 vs 0.46 at 512
-#: (``benchmarks/benchmark_norm_layers.py --affine`` prints the table). With several torch threads
-#: on a machine whose cores are busy, every small dense op opens a parallel region that waits for
-#: a core (a 32 x 32 softmax took 6 ms with 2 threads, 15 us with one); the sorted path runs
-#: single-threaded in NumPy. The rule does not depend on the thread count, so that results do not
-#: either. CUDA: not measured (no GPU was available); the dense path is a few large kernels and the
-#: sorted one about a hundred small ones, so the dense one is kept up to 8192 channels (its saved S
-#: is then 256 MiB). Other devices: dense. Change these if you measure otherwise.
-SORTED_MIN_CHANNELS = {"cpu": 300, "cuda": 8192}
-
-
-def use_sorted_path(num_channels: int, device: torch.device | str) -> bool:
-    """Whether ``recalibrated_affine(method="auto")`` takes the sorted path for this layer."""
-    threshold = SORTED_MIN_CHANNELS.get(torch.device(device).type)
-    return threshold is not None and num_channels >= threshold
-
-
 def recalibrated_affine(source_weight: Tensor, source_bias: Tensor, target_weight: Tensor,
                         target_bias: Tensor, tau: float = 1.0, method: str = "auto",
                         layout_cache: dict | None = None) -> tuple[Tensor, Tensor]:
@@ -169,21 +151,18 @@ def recalibrated_affine(source_weight: Tensor, source_bias: Tensor, target_weigh
     - ``"auto"`` (default): ``"sorted"`` where :func:`use_sorted_path` says it is faster (never on a
       device without float64, such as mps).
 
+    Which implementation runs (NumPy or torch, one thread or several) is
+    :func:`nnunet_acnorm.norms.device_policy.affine_path`'s choice for this layer, device and compile state.
+
     ``layout_cache``: optional dict owned by the caller, where the sorted path keeps what depends on
     the source affines and tau alone, reused while those tensors are unchanged (AC-Norm layers pass
     their own: the source is frozen during fine-tuning).
     """
-    if method == "auto":
-        method = "sorted" if use_sorted_path(target_weight.numel(), target_weight.device) else "dense"
-    if method == "sorted":
-        if not has_float64(target_weight.device.type):
-            raise ValueError(f"recalibrated_affine: the sorted path computes in float64, which "
-                             f"{target_weight.device.type} tensors cannot hold; use method='dense' (or 'auto')")
+    path = affine_path(target_weight.numel(), target_weight.device, is_compiling(), method)
+    if path in (SORTED_NUMPY, SORTED_TORCH):
         return _SortedRecalibratedAffine.apply(source_weight, source_bias, target_weight, target_bias,
-                                               float(tau), layout_cache)
-    if method != "dense":
-        raise ValueError(f"recalibrated_affine: method must be 'auto', 'dense' or 'sorted', got {method!r}")
-    if target_weight.device.type == "cpu" and not is_compiling() and torch.get_num_threads() > 1:
+                                               float(tau), layout_cache, path == SORTED_NUMPY)
+    if path == DENSE_ONE_THREAD:
         return _DenseOneThread.apply(source_weight, source_bias, target_weight, target_bias, tau)
     s = sparse_correlation(source_weight, source_bias, target_weight, target_bias, tau)
     s = s.to(target_weight.dtype)
@@ -435,14 +414,13 @@ def _numpy_affine_backward(grad_weight, grad_bias, saved):
 class _SortedRecalibratedAffine(torch.autograd.Function):
     """((I + S) gamma_t, (I + S) beta_t) by the sorted path; backward (I + S)^T g (S constant).
 
-    Computed in float64 (NumPy on CPU, torch elsewhere), returned in the parameters' dtypes."""
+    Computed in float64 (NumPy with ``numpy``, else torch: ``device_policy.affine_path`` decides),
+    returned in the parameters' dtypes."""
 
     @staticmethod
-    def forward(ctx, source_weight, source_bias, target_weight, target_bias, tau, layout_cache):
-        # NumPy cannot be traced by torch.compile: the torch implementation there
-        on_cpu = target_weight.device.type == "cpu" and not is_compiling()
-        affine = _numpy_affine if on_cpu else _torch_affine
-        ctx.backward_fn = _numpy_affine_backward if on_cpu else _torch_affine_backward
+    def forward(ctx, source_weight, source_bias, target_weight, target_bias, tau, layout_cache, numpy):
+        affine = _numpy_affine if numpy else _torch_affine
+        ctx.backward_fn = _numpy_affine_backward if numpy else _torch_affine_backward
         with torch.no_grad(), autocast_off(target_weight.device.type):
             weight, bias, ctx.saved = affine(source_weight, source_bias, target_weight, target_bias, tau,
                                              layout_cache)
@@ -453,7 +431,7 @@ class _SortedRecalibratedAffine(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_weight, grad_bias):
         gw, gb = ctx.backward_fn(grad_weight, grad_bias, ctx.saved)
-        return None, None, gw.to(ctx.dtypes[0]), gb.to(ctx.dtypes[1]), None, None
+        return None, None, gw.to(ctx.dtypes[0]), gb.to(ctx.dtypes[1]), None, None, None
 
 
 class _SortedRecalibratedAffines(torch.autograd.Function):
