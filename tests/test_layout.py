@@ -153,3 +153,40 @@ def test_circle_check_finds_circles():
     assert PACKAGE / "norms" / "_sorted_numpy.py" in file_imports(functional)  # an import inside a function
     trainers = PACKAGE / "nnunet" / "trainers.py"
     assert trainers in file_imports(PACKAGE / "nnunet" / "nnunet_ext" / "nnunet_acnorm_trainers.py")
+
+
+# -- one error boundary ------------------------------------------------------------------------------
+#: where an InputError becomes the process exit: the console scripts, and the trainers' nnU-Net entry
+EXIT_BOUNDARIES = ("commands", "nnunet/trainer_entry.py")
+
+
+def process_exits(source: str) -> list[int]:
+    """The lines of ``source`` that end the process: ``raise SystemExit``, ``sys.exit()``, ``exit()``,
+    ``quit()``, ``os._exit()``."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        target = node.exc if isinstance(node, ast.Raise) else node.func if isinstance(node, ast.Call) else None
+        if isinstance(node, ast.Raise) and isinstance(target, ast.Call):
+            target = target.func
+        name = target.id if isinstance(target, ast.Name) else \
+            f"{getattr(target.value, 'id', '')}.{target.attr}" if isinstance(target, ast.Attribute) else None
+        if (isinstance(node, ast.Raise) and name in ("SystemExit", "builtins.SystemExit")) or \
+                (isinstance(node, ast.Call) and name in ("sys.exit", "exit", "quit", "os._exit")):
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_no_process_exit_outside_the_boundaries():
+    offenders = [f"{p.relative_to(PACKAGE)}:{line}" for p in sorted(PACKAGE.rglob("*.py"))
+                 if not str(p.relative_to(PACKAGE)).startswith(EXIT_BOUNDARIES)
+                 for line in process_exits(p.read_text())]
+    assert not offenders, f"library code ends the process at {offenders}: raise an InputError subclass " \
+                          f"(nnunet_acnorm/errors.py) instead; only {EXIT_BOUNDARIES} turn it into the exit"
+
+
+def test_exit_check_finds_every_form():
+    source = ("import sys, os\nraise SystemExit('x')\nraise SystemExit\nsys.exit(1)\nexit(2)\nos._exit(3)\n"
+              "raise ValueError('fine')\nprint('fine')\n")
+    assert process_exits(source) == [2, 3, 4, 5, 6]
+    assert process_exits((PACKAGE / "nnunet" / "trainer_entry.py").read_text())  # the boundary itself is seen
+

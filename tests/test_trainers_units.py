@@ -146,6 +146,47 @@ def test_every_finetuning_trainer_has_its_schedule_variants():
     assert len(SCHEDULE_TRAINERS) == len(bases) * len(SCHEDULE_EPOCHS)
 
 
+def test_entry_boundary_turns_input_errors_into_one_line(monkeypatch):
+    """An InputError ends a trainer's entry methods (what nnU-Net calls) as SystemExit('<trainer>: error:
+    <message>'), the one line nnUNetv2_train prints: in the methods a mixin or a subclass overrides too,
+    in every trainer of the registry; any other error passes unchanged; __init__ keeps its signature
+    (nnU-Net records the init arguments by name)."""
+    import inspect
+
+    from nnunet_acnorm.errors import InputError
+    from nnunet_acnorm.nnunet.seeding import SEED_ENV
+    from nnunet_acnorm.nnunet.trainer_entry import ENTRY_METHODS
+    from nnunet_acnorm.nnunet.trainer_registry import TRAINERS
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerFinetune
+
+    class _Mixin:
+        def load_checkpoint(self, filename_or_checkpoint):
+            raise InputError(f"{filename_or_checkpoint} is bad")
+
+        def initialize(self):
+            raise RuntimeError("not an input error")
+
+    class nnUNetTrainerBoundaryTest(_Mixin, nnUNetTrainerFinetune):
+        pass
+
+    trainer = object.__new__(nnUNetTrainerBoundaryTest)
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.load_checkpoint("x.pth")
+    assert exit_info.value.code == "nnUNetTrainerBoundaryTest: error: x.pth is bad"
+    with pytest.raises(RuntimeError, match="not an input error"):
+        trainer.initialize()
+    assert list(inspect.signature(nnUNetTrainerBoundaryTest.__init__).parameters) == \
+        ["self", "plans", "configuration", "fold", "dataset_json", "device"]
+    for cls in [nnUNetTrainerBoundaryTest, *TRAINERS.values()]:
+        unwrapped = [name for name in ENTRY_METHODS if not getattr(getattr(cls, name), "input_error_boundary", False)]
+        assert not unwrapped, (cls.__name__, unwrapped)
+    monkeypatch.delenv("nnUNet_results", raising=False)
+    monkeypatch.setenv(SEED_ENV, "abc")  # raised by seeding.resolve_seed in the constructor
+    with pytest.raises(SystemExit) as exit_info:
+        nnUNetTrainerFinetune(_plans(), "3d_fullres", 0, {}, torch.device("cpu"))
+    assert exit_info.value.code.startswith(f"nnUNetTrainerFinetune: error: {SEED_ENV}='abc' is not an integer")
+
+
 # -- networks built from plans, in process -----------------------------------------------------
 def _plans(norm="torch.nn.modules.instancenorm.InstanceNorm3d") -> dict:
     return default_plans((16, 16, 16), (4, 8, 16), 3, norm=norm, configuration="3d_fullres")

@@ -47,6 +47,7 @@ from nnunet_acnorm.finetuning import (BSS_ETA, BSS_K, DELTA_ALPHA, DELTA_BETA, E
 from nnunet_acnorm.finetuning.lpft import rewrap_ddp
 from nnunet_acnorm.nnunet.trainers import (_bn_builder, nnUNetTrainerACNorm, nnUNetTrainerFinetune)
 from nnunet_acnorm.nnunet.pretrained import continue_training_from_argv, pretrained_weights_from_argv
+from nnunet_acnorm.nnunet.training_guards import TrainingStartError
 
 #: the checkpoint entry that holds a method's state (absent for methods without state)
 STATE_KEY = "finetuning_state"
@@ -162,9 +163,9 @@ class _FinetuningMethodMixin:
         super().load_checkpoint(checkpoint)
         state = checkpoint.get(STATE_KEY)
         if self.method_has_state and continue_training_from_argv() and not state:
-            raise SystemExit(f"{type(self).__name__}: error: {filename} has no '{STATE_KEY}' entry: the method's "
-                             "reference (pretrained anchor / frozen copy) cannot be recovered, so --c cannot continue "
-                             "this training exactly; a checkpoint written by this trainer always holds it")
+            raise TrainingStartError(f"{filename} has no '{STATE_KEY}' entry: the method's reference (pretrained "
+                                     "anchor / frozen copy) cannot be recovered, so --c cannot continue this training "
+                                     "exactly; a checkpoint written by this trainer always holds it")
         self._restored_method_state = state or None
 
 
