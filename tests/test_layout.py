@@ -9,8 +9,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "nnunet_acnorm"
 #: lowest first: a module may import from its own layer and from the layers before it
-LAYERS = ["errors", "outputs", "norms", "networks", "checkpoints", "finetuning", "nnunet", "demo", "ranking",
-          "classification", "benchmark", "commands"]
+LAYERS = ["errors", "outputs", "norms", "networks", "checkpoints", "finetuning", "nnunet", "compare", "demo",
+          "ranking", "classification", "benchmark", "commands"]
 #: layers side by side (neither imports the other)
 PEERS = [{"demo", "ranking", "classification", "benchmark"}]
 

@@ -9,5 +9,5 @@
 - :mod:`~nnunet_acnorm.nnunet.pretrained`: the checks around ``-pretrained_weights`` and ``--c``;
 - :mod:`~nnunet_acnorm.nnunet.plans`: plans and a checkpoint for a pretrained file of any family;
 - :mod:`~nnunet_acnorm.nnunet.dataset`, :mod:`~nnunet_acnorm.nnunet.fold`,
-  :mod:`~nnunet_acnorm.nnunet.compare`, :mod:`~nnunet_acnorm.nnunet.seeding`.
+  :mod:`~nnunet_acnorm.nnunet.seeding`. (Comparing results is :mod:`nnunet_acnorm.compare`.)
 """
