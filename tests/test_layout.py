@@ -190,3 +190,27 @@ def test_exit_check_finds_every_form():
     assert process_exits(source) == [2, 3, 4, 5, 6]
     assert process_exits((PACKAGE / "nnunet" / "trainer_entry.py").read_text())  # the boundary itself is seen
 
+
+# -- short functions ---------------------------------------------------------------------------------
+#: the longest a function (or method) of the package may be, from its ``def`` line to its last line
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``name (lines)`` of every function of ``source`` longer than ``limit`` lines (nested ones too)."""
+    return [f"{node.name} ({node.end_lineno - node.lineno + 1})" for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > limit]
+
+
+def test_no_function_is_longer_than_the_limit():
+    offenders = [f"{p.relative_to(PACKAGE)}: {name}" for p in sorted(PACKAGE.rglob("*.py"))
+                 for name in long_functions(p.read_text())]
+    assert not offenders, f"functions over {MAX_FUNCTION_LINES} lines: {offenders}; split them"
+
+
+def test_function_length_check_measures_from_def_to_last_line():
+    body = "".join(f"    x{i} = {i}\n" for i in range(4))
+    assert long_functions(f"def f():\n{body}", limit=5) == []
+    assert long_functions(f"def f():\n{body}    return x0\n", limit=4) == ["f (6)"]
+    assert long_functions(f"class C:\n    async def g(self):\n    {body.replace(chr(10), chr(10) + '    ')}\n",
+                          limit=3) == ["g (5)"]
