@@ -182,7 +182,7 @@ def strict_reload(fold: Path, trainer: str) -> str:
     """Load checkpoint_final.pth (weights only) into the network the trainer builds, strictly (an
     AC-Norm layer demands its source affines). Returns "ok" or the error."""
     from nnunet_acnorm.checkpoints.io import safe_torch_load
-    from nnunet_acnorm.nnunet.trainers import TRAINERS
+    from nnunet_acnorm.nnunet.trainer_registry import TRAINERS
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 

@@ -21,7 +21,7 @@ from tests.factories.checkpoints import save_nnunet_v2_checkpoint
 
 
 def test_aliases_come_from_the_trainer_registry():
-    from nnunet_acnorm.nnunet.trainers import TRAINERS
+    from nnunet_acnorm.nnunet.trainer_registry import TRAINERS
 
     assert alias_of("nnUNetTrainerACNormBN_tau1") == "acnorm_BN_tau1"
     assert alias_of("nnUNetTrainerACNorm_L2SP") == "acnorm_l2sp"

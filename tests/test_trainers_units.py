@@ -34,7 +34,8 @@ def test_warmup_then_poly_schedule():
 
 def test_schedule_attributes_are_overridable():
     from nnunet_acnorm.nnunet.schedule_trainers import nnUNetTrainerACNorm_50epochs
-    from nnunet_acnorm.nnunet.trainers import TRAINERS, nnUNetTrainerACNorm, nnUNetTrainerFinetune
+    from nnunet_acnorm.nnunet.trainer_registry import TRAINERS
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerACNorm, nnUNetTrainerFinetune
 
     assert nnUNetTrainerACNorm_50epochs.finetune_num_epochs == 50
     # the recipe (docs/experiments.md): nnU-Net's peak lr with a warm-up, every patch on foreground
@@ -54,7 +55,7 @@ def test_schedule_attributes_are_overridable():
 def test_temperature_of_each_trainer(name, mode, norm):
     """The default temperature is calibrated per layer; the _tau1 variants keep the paper's 1."""
     from nnunet_acnorm.norms import acnorm_modules
-    from nnunet_acnorm.nnunet.trainers import TRAINERS
+    from nnunet_acnorm.nnunet.trainer_registry import TRAINERS
 
     plans = _plans(norm="torch.nn.modules.batchnorm.BatchNorm3d") if "BN" in name else _plans()
     layers = acnorm_modules(_build(TRAINERS[name], plans)).values()
@@ -113,7 +114,7 @@ def test_nnunet_finds_the_real_classes_through_the_shim_folder():
             "'nnUNetTrainerACNorm_1epoch', 'nnUNetTrainerFinetune_20epochs', 'nnUNetTrainerL2SP_5epochs', "
             "'nnUNetTrainerACNormBN_tau1_10epochs', 'nnUNetTrainerACNorm_100epochs'):\n"
             "    c = f(n)\n"
-            "    from nnunet_acnorm.nnunet.trainers import TRAINERS\n"
+            "    from nnunet_acnorm.nnunet.trainer_registry import TRAINERS\n"
             "    assert c is TRAINERS[n] and pickle.loads(pickle.dumps(c)) is c, n\n"
             "assert f('nnUNetTrainerL2SP_5epochs').finetune_num_epochs == 5\n"
             "print('ok')\n")
@@ -130,7 +131,7 @@ def test_every_finetuning_trainer_has_its_schedule_variants():
 
     from nnunet_acnorm.nnunet.schedule_trainers import (SCHEDULE_EPOCHS, SCHEDULE_TRAINERS, has_schedule_variants,
                                                         schedule_name)
-    from nnunet_acnorm.nnunet.trainers import TRAINERS
+    from nnunet_acnorm.nnunet.trainer_registry import TRAINERS
 
     bases = {n: c for n, c in TRAINERS.items() if has_schedule_variants(c)}
     assert {"nnUNetTrainerACNorm", "nnUNetTrainerFinetune", "nnUNetTrainerACNormBN", "nnUNetTrainerL2SP",
@@ -143,6 +144,47 @@ def test_every_finetuning_trainer_has_its_schedule_variants():
             assert variant.finetune_num_epochs == epochs and pickle.loads(pickle.dumps(variant)) is variant
             assert {k for k in vars(variant) if not k.startswith("__")} == {"finetune_num_epochs"}
     assert len(SCHEDULE_TRAINERS) == len(bases) * len(SCHEDULE_EPOCHS)
+
+
+def test_entry_boundary_turns_input_errors_into_one_line(monkeypatch):
+    """An InputError ends a trainer's entry methods (what nnU-Net calls) as SystemExit('<trainer>: error:
+    <message>'), the one line nnUNetv2_train prints: in the methods a mixin or a subclass overrides too,
+    in every trainer of the registry; any other error passes unchanged; __init__ keeps its signature
+    (nnU-Net records the init arguments by name)."""
+    import inspect
+
+    from nnunet_acnorm.errors import InputError
+    from nnunet_acnorm.nnunet.seeding import SEED_ENV
+    from nnunet_acnorm.nnunet.trainer_entry import ENTRY_METHODS
+    from nnunet_acnorm.nnunet.trainer_registry import TRAINERS
+    from nnunet_acnorm.nnunet.trainers import nnUNetTrainerFinetune
+
+    class _Mixin:
+        def load_checkpoint(self, filename_or_checkpoint):
+            raise InputError(f"{filename_or_checkpoint} is bad")
+
+        def initialize(self):
+            raise RuntimeError("not an input error")
+
+    class nnUNetTrainerBoundaryTest(_Mixin, nnUNetTrainerFinetune):
+        pass
+
+    trainer = object.__new__(nnUNetTrainerBoundaryTest)
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.load_checkpoint("x.pth")
+    assert exit_info.value.code == "nnUNetTrainerBoundaryTest: error: x.pth is bad"
+    with pytest.raises(RuntimeError, match="not an input error"):
+        trainer.initialize()
+    assert list(inspect.signature(nnUNetTrainerBoundaryTest.__init__).parameters) == \
+        ["self", "plans", "configuration", "fold", "dataset_json", "device"]
+    for cls in [nnUNetTrainerBoundaryTest, *TRAINERS.values()]:
+        unwrapped = [name for name in ENTRY_METHODS if not getattr(getattr(cls, name), "input_error_boundary", False)]
+        assert not unwrapped, (cls.__name__, unwrapped)
+    monkeypatch.delenv("nnUNet_results", raising=False)
+    monkeypatch.setenv(SEED_ENV, "abc")  # raised by seeding.resolve_seed in the constructor
+    with pytest.raises(SystemExit) as exit_info:
+        nnUNetTrainerFinetune(_plans(), "3d_fullres", 0, {}, torch.device("cpu"))
+    assert exit_info.value.code.startswith(f"nnUNetTrainerFinetune: error: {SEED_ENV}='abc' is not an integer")
 
 
 # -- networks built from plans, in process -----------------------------------------------------

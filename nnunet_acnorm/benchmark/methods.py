@@ -1,8 +1,8 @@
 """The methods of a benchmark: nnU-Net trainer names, and short aliases for this package's trainers.
 
-An alias is derived from the trainer's class name in the registry (:data:`nnunet_acnorm.nnunet.trainers.TRAINERS`,
-which the fine-tuning baselines extend), so that every trainer the package ships has one and a new
-trainer gets one by being registered:
+An alias is derived from the trainer's class name in the registry
+(:data:`nnunet_acnorm.nnunet.trainer_registry.TRAINERS`), so that every trainer the package ships has
+one and a new trainer gets one by being registered:
 
 ==============================  =================================  ==============================
 trainer                         alias                              pretrained weights
@@ -78,8 +78,7 @@ def alias_of(trainer: str) -> str | None:
 
 def _registry() -> dict:
     """Every trainer of this package by name, the schedule variants (``_1epoch``, ``_5epochs``, ...) included."""
-    from nnunet_acnorm.nnunet import schedule_trainers  # noqa: F401 - registers the schedule variants
-    from nnunet_acnorm.nnunet.trainers import TRAINERS
+    from nnunet_acnorm.nnunet.trainer_registry import TRAINERS  # imports nnU-Net: only when needed
 
     return TRAINERS
 

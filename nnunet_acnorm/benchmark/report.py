@@ -4,10 +4,10 @@ Markdown report to paste into a paper.
 The comparison takes the largest set of methods, seeds and folds in which every run has finished
 (:func:`complete_subset`), so that every method is compared on the same validation cases and seeds;
 what it leaves out is listed. Each method's model folders are read with
-:func:`nnunet_acnorm.nnunet.compare.load_model_folders` (nnU-Net's own ``summary.json`` per fold), paired
+:func:`nnunet_acnorm.compare.load_model_folders` (nnU-Net's own ``summary.json`` per fold), paired
 by the seed the plan gave each run, and compared with
-:func:`~nnunet_acnorm.nnunet.compare.compute_statistics`; the table, CSV, JSON and plot are
-:func:`~nnunet_acnorm.nnunet.compare.write_results`'s.
+:func:`~nnunet_acnorm.compare.compute_statistics`; the table, CSV, JSON and plot are
+:func:`~nnunet_acnorm.compare.write_results`'s.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from nnunet_acnorm.benchmark.executors import describe, duration
 from nnunet_acnorm.benchmark.plan import BenchmarkError, Plan
 from nnunet_acnorm.benchmark.state import BenchmarkFolder, RunStatus
 from nnunet_acnorm.checkpoints.io import atomic_write_text
-from nnunet_acnorm.nnunet.compare import (BOOTSTRAP_RESAMPLES, CONFIDENCE_LEVEL, Comparison, compute_statistics,
-                                          format_table, load_model_folders, report_text, write_results)
+from nnunet_acnorm.compare import (BOOTSTRAP_RESAMPLES, CONFIDENCE_LEVEL, Comparison, compute_statistics, format_table,
+                                   load_model_folders, report_text, write_results)
 
 REPORT_FILE = "report.md"
 
@@ -60,7 +60,7 @@ def _debug_json(fold_folder: str) -> dict:
 
 
 def load_comparison(plan: Plan, folder: BenchmarkFolder, methods: list, seeds: list, folds: list) -> Comparison:
-    """The runs of ``methods`` x ``seeds`` x ``folds`` as a :class:`~nnunet_acnorm.nnunet.compare.Comparison`,
+    """The runs of ``methods`` x ``seeds`` x ``folds`` as a :class:`~nnunet_acnorm.compare.Comparison`,
     one method per benchmark method (two methods may share a trainer), paired by the plan's seeds."""
     runs = {(r.method, r.seed): r for r in plan.runs}
     parts, seed_of = [], {}

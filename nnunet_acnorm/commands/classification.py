@@ -204,11 +204,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 def _train(argv) -> None:
     import torch
-    from nnunet_acnorm.classification.dataset import (collect_cases, detect_dim, fold_cases,
-                                                      infer_num_classes, load_or_create_splits)
-    from nnunet_acnorm.classification.pretrained import describe_pretrained
-    from nnunet_acnorm.networks.classifiers import ARCHITECTURES
-    from nnunet_acnorm.classification.trainer import CHECKPOINT_NAMES, METHODS, TRAINERS, load_checkpoint
+    from nnunet_acnorm.classification.trainer import METHODS
     args = train_parser().parse_args(argv)
     _check_train_arguments(args)
     check_output(args.o, "-o", reads={"image folder": args.i, "labels CSV": args.l, "pretrained file": args.pretrained})
@@ -216,70 +212,111 @@ def _train(argv) -> None:
     if args.f != "all" and not 0 <= args.f < 5:
         raise ClassificationInputError(f"-f {args.f}: the splits have folds 0..4 (or use -f all)")
     fold_folder = os.path.join(args.o, f"fold_{args.f}")
-    existing = [n for n in CHECKPOINT_NAMES if os.path.isfile(os.path.join(fold_folder, n))]
     if args.vanilla and args.method not in (None, "vanilla"):
         raise ClassificationInputError(f"--vanilla is -method vanilla; it contradicts -method {args.method}")
     method = "vanilla" if args.vanilla else args.method or "acnorm"
-    trainer_class = METHODS[method]
-
-    checkpoint = None
-    if args.c:
-        for name in CHECKPOINT_NAMES:  # nnU-Net's order: final, latest, best
-            if name in existing:
-                checkpoint = load_checkpoint(os.path.join(fold_folder, name))
-                break
-        if checkpoint is None:
-            print(f"WARNING: --c: no checkpoint in {fold_folder}; starting a new training", flush=True)
-    elif existing:
-        raise ClassificationInputError(
-            f"{fold_folder} already holds {', '.join(existing)}: pass --c to continue that training or "
-            "choose another -o (nothing was overwritten)")
-
+    checkpoint = _checkpoint_to_continue(args, fold_folder)
     if checkpoint is not None:
-        config = dict(checkpoint["config"])
-        trained = TRAINERS[config["trainer_name"]]
-        if trained is not trainer_class:
-            raise ClassificationInputError(
-                f"{fold_folder} was trained with {config['trainer_name']}; --c must keep it "
-                f"(-method {trained.method_name}" + (", or --vanilla)" if trained.method_name == "vanilla" else ")"))
-        trainer_class = trained
-        if args.num_epochs is not None:
-            config["num_epochs"] = args.num_epochs
-        if args.num_workers is not None:
-            config["num_workers"] = args.num_workers
+        trainer_class, config = _continued_config(args, checkpoint, METHODS[method], fold_folder)
     else:
-        if args.pretrained is None and method != "vanilla":
-            raise ClassificationInputError(
-                f"{'AC-Norm' if method == 'acnorm' else '-method ' + method} fine-tunes a pretrained network: pass "
-                "-pretrained FILE (or --vanilla -arch ... to train a network from scratch)")
-        if args.pretrained is not None:
-            if not os.path.isfile(args.pretrained):
-                raise ClassificationInputError(f"pretrained file {args.pretrained} does not exist")
-            net = describe_pretrained(args.pretrained, args.pretrained_family, args.trust_pickle)
-            if args.arch is not None and args.arch != net["architecture"]:
-                raise ClassificationInputError(f"-arch {args.arch} does not match the pretrained "
-                                               f"'{net['pretrained_family']}' file ({net['architecture']})")
-        else:
-            if args.arch is None:
-                raise ClassificationInputError("without -pretrained, pass -arch resnet|genesis|medicalnet")
-            dim, channels = ARCHITECTURES[args.arch].dim, ARCHITECTURES[args.arch].in_channels
-            depth = {"resnet": args.depth or 50, "medicalnet": args.depth or 18}.get(args.arch)
-            net = {"architecture": args.arch, "dim": dim, "in_channels": channels,
-                   "pretrained_family": None, "depth": depth, "base_features": None, "shortcut_type": None}
-        if args.dim is not None and args.dim != net["dim"]:
-            raise ClassificationInputError(f"-dim {args.dim} does not fit the {net['architecture']} network "
-                                           f"({net['dim']}D)")
-        config = {**net, "num_classes": None, "image_size": args.image_size,
-                  "patch_size": list(args.patch_size) if args.patch_size else None,
-                  "intensity": args.intensity or ARCHITECTURES[net["architecture"]].default_intensity,
-                  "num_epochs": args.num_epochs if args.num_epochs is not None else 100,
-                  "batch_size": args.batch_size or DEFAULT_BATCH_SIZE[net["dim"]],
-                  "initial_lr": args.initial_lr, "weight_decay": args.weight_decay,
-                  "imbalance": args.imbalance, "selection_metric": args.selection_metric, "tau": args.tau,
-                  "pretrained_file": os.path.abspath(args.pretrained) if args.pretrained else None,
-                  "num_workers": args.num_workers if args.num_workers is not None else _default_workers()}
+        trainer_class, config = METHODS[method], _new_config(args, method)
     if config["num_epochs"] < 1:
         raise ClassificationInputError("-num_epochs must be at least 1")
+    cases = _training_cases(args, config, checkpoint)
+    trainer, train_cases, val_cases = _set_up_trainer(args, config, cases, trainer_class, fold_folder, device,
+                                                      checkpoint)
+    with open(os.path.join(args.o, "dataset_classification.json"), "w") as f:
+        json.dump({"dim": config["dim"], "num_classes": config["num_classes"], "num_cases": len(cases),
+                   "labels_file": os.path.abspath(args.l), "images_folder": os.path.abspath(args.i)}, f,
+                  indent=1)
+    trainer.run_training(train_cases, val_cases)
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+
+
+def _checkpoint_to_continue(args, fold_folder: str) -> dict | None:
+    """With --c the fold's checkpoint in nnU-Net's order (final, latest, best), or None (a new
+    training); without, a fold that holds a checkpoint is refused."""
+    from nnunet_acnorm.classification.trainer import CHECKPOINT_NAMES, load_checkpoint
+
+    existing = [n for n in CHECKPOINT_NAMES if os.path.isfile(os.path.join(fold_folder, n))]
+    if not args.c:
+        if existing:
+            raise ClassificationInputError(
+                f"{fold_folder} already holds {', '.join(existing)}: pass --c to continue that training or "
+                "choose another -o (nothing was overwritten)")
+        return None
+    for name in CHECKPOINT_NAMES:
+        if name in existing:
+            return load_checkpoint(os.path.join(fold_folder, name))
+    print(f"WARNING: --c: no checkpoint in {fold_folder}; starting a new training", flush=True)
+    return None
+
+
+def _continued_config(args, checkpoint: dict, trainer_class, fold_folder: str) -> tuple[type, dict]:
+    """(trainer class, configuration) of a continued training: the checkpoint's, with the options --c may change."""
+    from nnunet_acnorm.classification.trainer import TRAINERS
+
+    config = dict(checkpoint["config"])
+    trained = TRAINERS[config["trainer_name"]]
+    if trained is not trainer_class:
+        raise ClassificationInputError(
+            f"{fold_folder} was trained with {config['trainer_name']}; --c must keep it "
+            f"(-method {trained.method_name}" + (", or --vanilla)" if trained.method_name == "vanilla" else ")"))
+    if args.num_epochs is not None:
+        config["num_epochs"] = args.num_epochs
+    if args.num_workers is not None:
+        config["num_workers"] = args.num_workers
+    return trained, config
+
+
+def _new_config(args, method: str) -> dict:
+    """The configuration of a new training: the network (from -pretrained, or -arch from scratch) and the options."""
+    from nnunet_acnorm.networks.classifiers import ARCHITECTURES
+
+    net = _network_description(args, method)
+    if args.dim is not None and args.dim != net["dim"]:
+        raise ClassificationInputError(f"-dim {args.dim} does not fit the {net['architecture']} network "
+                                       f"({net['dim']}D)")
+    return {**net, "num_classes": None, "image_size": args.image_size,
+            "patch_size": list(args.patch_size) if args.patch_size else None,
+            "intensity": args.intensity or ARCHITECTURES[net["architecture"]].default_intensity,
+            "num_epochs": args.num_epochs if args.num_epochs is not None else 100,
+            "batch_size": args.batch_size or DEFAULT_BATCH_SIZE[net["dim"]],
+            "initial_lr": args.initial_lr, "weight_decay": args.weight_decay,
+            "imbalance": args.imbalance, "selection_metric": args.selection_metric, "tau": args.tau,
+            "pretrained_file": os.path.abspath(args.pretrained) if args.pretrained else None,
+            "num_workers": args.num_workers if args.num_workers is not None else _default_workers()}
+
+
+def _network_description(args, method: str) -> dict:
+    """The network of a new training: described from the -pretrained file, or -arch (with --vanilla)."""
+    from nnunet_acnorm.classification.pretrained import describe_pretrained
+    from nnunet_acnorm.networks.classifiers import ARCHITECTURES
+
+    if args.pretrained is None and method != "vanilla":
+        raise ClassificationInputError(
+            f"{'AC-Norm' if method == 'acnorm' else '-method ' + method} fine-tunes a pretrained network: pass "
+            "-pretrained FILE (or --vanilla -arch ... to train a network from scratch)")
+    if args.pretrained is not None:
+        if not os.path.isfile(args.pretrained):
+            raise ClassificationInputError(f"pretrained file {args.pretrained} does not exist")
+        net = describe_pretrained(args.pretrained, args.pretrained_family, args.trust_pickle)
+        if args.arch is not None and args.arch != net["architecture"]:
+            raise ClassificationInputError(f"-arch {args.arch} does not match the pretrained "
+                                           f"'{net['pretrained_family']}' file ({net['architecture']})")
+        return net
+    if args.arch is None:
+        raise ClassificationInputError("without -pretrained, pass -arch resnet|genesis|medicalnet")
+    dim, channels = ARCHITECTURES[args.arch].dim, ARCHITECTURES[args.arch].in_channels
+    depth = {"resnet": args.depth or 50, "medicalnet": args.depth or 18}.get(args.arch)
+    return {"architecture": args.arch, "dim": dim, "in_channels": channels,
+            "pretrained_family": None, "depth": depth, "base_features": None, "shortcut_type": None}
+
+
+def _training_cases(args, config: dict, checkpoint: dict | None) -> list:
+    """The labelled cases of -i/-l, checked against the network; a new training takes the number of
+    classes and (3D) the patch size from them."""
+    from nnunet_acnorm.classification.dataset import collect_cases, detect_dim, infer_num_classes
 
     dim = config["dim"]
     if not os.path.isdir(args.i):
@@ -306,7 +343,15 @@ def _train(argv) -> None:
                 "downsamplings): pass -patch_size")
     if dim == 3:
         _check_finite_volumes(cases)
-    _check_results_folder(args.o, dim, int(config["num_classes"]))
+    return cases
+
+
+def _set_up_trainer(args, config: dict, cases: list, trainer_class, fold_folder: str, device, checkpoint):
+    """(trainer, training cases, validation cases): splits and the initialised trainer. A refused set-up
+    leaves nothing behind: the log, splits and folders this run created go."""
+    from nnunet_acnorm.classification.dataset import fold_cases, load_or_create_splits
+
+    _check_results_folder(args.o, config["dim"], int(config["num_classes"]))
     splits_file = os.path.join(args.o, "splits_final.json")
     new_paths = [p for p in (args.o, fold_folder, splits_file) if not os.path.exists(p)]
     trainer = None
@@ -319,7 +364,6 @@ def _train(argv) -> None:
         else:
             trainer.initialize(config["pretrained_file"], args.trust_pickle)
     except (ClassificationInputError, ValueError) as e:
-        # a refused set-up leaves nothing behind: the log, splits and folders this run created
         if trainer is not None and trainer.log_file and os.path.isfile(trainer.log_file) \
                 and fold_folder not in new_paths:
             os.remove(trainer.log_file)
@@ -331,12 +375,7 @@ def _train(argv) -> None:
         if isinstance(e, ClassificationInputError):
             raise
         raise ClassificationInputError(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
-    with open(os.path.join(args.o, "dataset_classification.json"), "w") as f:
-        json.dump({"dim": dim, "num_classes": config["num_classes"], "num_cases": len(cases),
-                   "labels_file": os.path.abspath(args.l), "images_folder": os.path.abspath(args.i)}, f,
-                  indent=1)
-    trainer.run_training(train_cases, val_cases)
-    torch.cuda.empty_cache() if device.type == "cuda" else None
+    return trainer, train_cases, val_cases
 
 
 # -- predict ----------------------------------------------------------------------------------------

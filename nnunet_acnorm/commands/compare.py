@@ -1,5 +1,5 @@
 """``nnUNetv2_acnorm_compare``: compare segmentation methods by Dice, with paired statistics
-(:mod:`nnunet_acnorm.nnunet.compare`; see docs/compare.md).
+(:mod:`nnunet_acnorm.compare`; see docs/compare.md).
 
     nnUNetv2_acnorm_compare -ref LABEL_FOLDER -pred FOLDER_A FOLDER_B ... -o OUT
                             [-dj dataset.json] [-names A B ...] [-baseline NAME] [-np N] [--overwrite]
@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 
 from nnunet_acnorm.commands._cli import run_command
-from nnunet_acnorm.nnunet.compare import (CompareError, check_output_folder, compute_statistics, load_model_folders,
-                                          load_prediction_folders, report_text, write_results)
+from nnunet_acnorm.compare import (CompareError, check_output_folder, compute_statistics, load_model_folders,
+                                   load_prediction_folders, report_text, write_results)
 
 PROG = "nnUNetv2_acnorm_compare"
 

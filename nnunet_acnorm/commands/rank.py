@@ -117,19 +117,7 @@ def _default_output(dataset_name: str, plans: str, configuration: str) -> str | 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.steps < 1:
-        raise InputError(f"--steps must be >= 1, got {args.steps}")
-    if args.tau is not None and not args.tau > 0:
-        raise InputError(f"--tau must be > 0, got {args.tau}")
-    if args.lr is not None and not args.lr > 0:
-        raise InputError(f"--lr must be > 0, got {args.lr}")
-    if args.seed < 0:
-        raise InputError(f"--seed must be >= 0, got {args.seed}")
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError("-device cuda: no CUDA device is available; use -device cpu")
+    _check_numbers(args)
     layers = _layers_arg(args.layers)
     fold = _fold_arg(args.fold)
     try:
@@ -141,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         estimators.insert(0, args.rank_by)
 
     from nnunet_acnorm.ranking.nnunet_target import load_target
-    from nnunet_acnorm.ranking.rank import existing_results, format_table, rank_candidates, write_results
+    from nnunet_acnorm.ranking.rank import existing_results, rank_candidates, write_results
 
     target = load_target(args.dataset, args.configuration, args.plans, fold)
     output = args.output or _default_output(target.dataset_name, args.plans, args.configuration)
@@ -166,6 +154,33 @@ def main(argv: list[str] | None = None) -> None:
         if text:
             with open(os.path.join(output, "logs", name.replace(os.sep, "_") + ".txt"), "w") as f:
                 f.write(text)
+    _print_ranking(ranking, target, args)
+    print(f"Results: {', '.join(written)}")
+    if not ranking.ranked:
+        raise InputError("no candidate could be ranked (see the reasons above)" if not ranking.excluded else
+                         "no candidate could be ranked: every measured candidate was excluded (see the reasons above)")
+
+
+def _check_numbers(args) -> None:
+    """--steps, --tau, --lr, --seed in range; -device cuda only with a CUDA device."""
+    if args.steps < 1:
+        raise InputError(f"--steps must be >= 1, got {args.steps}")
+    if args.tau is not None and not args.tau > 0:
+        raise InputError(f"--tau must be > 0, got {args.tau}")
+    if args.lr is not None and not args.lr > 0:
+        raise InputError(f"--lr must be > 0, got {args.lr}")
+    if args.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError("-device cuda: no CUDA device is available; use -device cpu")
+
+
+def _print_ranking(ranking, target, args) -> None:
+    """The table, the step settings, the direction note, the cost, and the command for the top candidate."""
+    from nnunet_acnorm.ranking.rank import format_table
 
     way = ranking.order_word
     cases_text = "batches from all preprocessed cases; " if ranking.fold is None else \
@@ -192,10 +207,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"{way.capitalize()} {ranking.rank_by}: {top.name} (not a recommendation: see above). To fine-tune "
                   f"it:\n  {command}")
-    print(f"Results: {', '.join(written)}")
-    if not ranking.ranked:
-        raise InputError("no candidate could be ranked (see the reasons above)" if not ranking.excluded else
-                         "no candidate could be ranked: every measured candidate was excluded (see the reasons above)")
 
 
 def step_settings(ranking) -> str:

@@ -159,8 +159,6 @@ def thread_plan(n_jobs: int, cpus: int | None = None) -> tuple[int, int]:
 
 def run_demo(out: Path, pretrain_epochs: int, finetune_epochs: int, iterations: int, overwrite: bool,
              seed: int = 0) -> dict:
-    from nnunet_acnorm.nnunet.discovery import trainer_shim_folder, with_trainer_folder
-
     out = out.resolve()
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -170,11 +168,7 @@ def run_demo(out: Path, pretrain_epochs: int, finetune_epochs: int, iterations: 
     raw, pre, res = out / "nnUNet_raw", out / "nnUNet_preprocessed", out / "nnUNet_results"
     for d in (raw, pre, res):
         d.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(res),
-               PYTHONUNBUFFERED="1", nnUNet_compile="false", OMP_WAIT_POLICY="PASSIVE")
-    env.pop("nnUNet_n_proc_DA", None)  # 0 breaks nnU-Net's planning; set for training only
-    ext = with_trainer_folder(env.get("nnUNet_extTrainer"), trainer_shim_folder())
-    env["nnUNet_extTrainer"] = with_trainer_folder(ext, str(DEMO_TRAINER_FOLDER))
+    env = _demo_env(raw, pre, res)
     parallel, threads = thread_plan(len(FINETUNE_TRAINERS))
     # nnUNet_def_n_proc=1: nnU-Net's final validation of each training exports through a pool of 8 spawned
     # processes by default, each importing torch (minutes of CPU on 2 cores); one does the same work here
@@ -211,22 +205,38 @@ def run_demo(out: Path, pretrain_epochs: int, finetune_epochs: int, iterations: 
     run.parallel(f"Fine-tune on MR from the CT checkpoint: {' and '.join(FINETUNE_TRAINERS)}, {parallel} at a time "
                  f"({finetune_epochs} epochs x {iterations} iterations, seed {seed}, {threads} CPU thread(s) each)",
                  jobs, max_workers=parallel, epochs=finetune_epochs)
-    dice = {}
-    ref = next((out / "labelsTs").glob("*.nii.gz"))
-    predict_env = dict(env, OMP_NUM_THREADS=str(parallel * threads))
-    for label, trainer in FINETUNE_TRAINERS.items():
-        pred = out / "predictions" / trainer
-        run(f"Predict the held-out MR slab ({label})", "nnUNetv2_predict", "-i", out / "imagesTs", "-o", pred,
-            "-d", TARGET_ID, "-c", CONFIG, "-f", "all", "-tr", trainer, "-device", "cpu", "-npp", 1, "-nps", 1,
-            env=predict_env)
-        dice[label] = _dice_per_label(pred / ref.name, ref)
-
+    dice = _predict_held_out(run, out, dict(env, OMP_NUM_THREADS=str(parallel * threads)))
     summary = {"dice_held_out_mr_slab": dice, "seed": seed, "pretrain_epochs": pretrain_epochs,
                "finetune_epochs": finetune_epochs, "iterations_per_epoch": iterations,
                "minutes": round((time.time() - t0) / 60, 1)}
     (out / "dice.json").write_text(json.dumps(summary, indent=2))
     _print_summary(out, dice, summary)
     return summary
+
+
+def _demo_env(raw: Path, pre: Path, res: Path) -> dict:
+    """The environment of the demo's nnU-Net commands: its own nnU-Net folders, the trainer shims."""
+    from nnunet_acnorm.nnunet.discovery import trainer_shim_folder, with_trainer_folder
+
+    env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(res),
+               PYTHONUNBUFFERED="1", nnUNet_compile="false", OMP_WAIT_POLICY="PASSIVE")
+    env.pop("nnUNet_n_proc_DA", None)  # 0 breaks nnU-Net's planning; set for training only
+    ext = with_trainer_folder(env.get("nnUNet_extTrainer"), trainer_shim_folder())
+    env["nnUNet_extTrainer"] = with_trainer_folder(ext, str(DEMO_TRAINER_FOLDER))
+    return env
+
+
+def _predict_held_out(run, out: Path, predict_env: dict) -> dict:
+    """Dice per label of each fine-tuned model's prediction of the held-out MR slab."""
+    dice = {}
+    ref = next((out / "labelsTs").glob("*.nii.gz"))
+    for label, trainer in FINETUNE_TRAINERS.items():
+        pred = out / "predictions" / trainer
+        run(f"Predict the held-out MR slab ({label})", "nnUNetv2_predict", "-i", out / "imagesTs", "-o", pred,
+            "-d", TARGET_ID, "-c", CONFIG, "-f", "all", "-tr", trainer, "-device", "cpu", "-npp", 1, "-nps", 1,
+            env=predict_env)
+        dice[label] = _dice_per_label(pred / ref.name, ref)
+    return dice
 
 
 def _print_summary(out: Path, dice: dict, summary: dict) -> None:

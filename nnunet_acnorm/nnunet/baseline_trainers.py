@@ -53,9 +53,9 @@ from nnunet_acnorm.finetuning import (BSS_ETA, BSS_K, DELTA_ALPHA, DELTA_BETA, E
                                       convert_to_stochnorm, discriminative_param_groups, frozen_epochs, set_frozen,
                                       new_weights_penalty, stage_modules)
 from nnunet_acnorm.finetuning.lpft import rewrap_ddp
-from nnunet_acnorm.nnunet import trainers as _base
 from nnunet_acnorm.nnunet.trainers import (_bn_builder, nnUNetTrainerACNorm, nnUNetTrainerFinetune)
 from nnunet_acnorm.nnunet.pretrained import continue_training_from_argv, pretrained_weights_from_argv
+from nnunet_acnorm.nnunet.training_guards import TrainingStartError
 
 #: the checkpoint entry that holds a method's state (absent for methods without state)
 STATE_KEY = "finetuning_state"
@@ -171,9 +171,9 @@ class _FinetuningMethodMixin:
         super().load_checkpoint(checkpoint)
         state = checkpoint.get(STATE_KEY)
         if self.method_has_state and continue_training_from_argv() and not state:
-            raise SystemExit(f"{type(self).__name__}: error: {filename} has no '{STATE_KEY}' entry: the method's "
-                             "reference (pretrained anchor / frozen copy) cannot be recovered, so --c cannot continue "
-                             "this training exactly; a checkpoint written by this trainer always holds it")
+            raise TrainingStartError(f"{filename} has no '{STATE_KEY}' entry: the method's reference (pretrained "
+                                     "anchor / frozen copy) cannot be recovered, so --c cannot continue this training "
+                                     "exactly; a checkpoint written by this trainer always holds it")
         self._restored_method_state = state or None
 
 
@@ -571,10 +571,9 @@ class nnUNetTrainerPretrainedRecipeBN_fromScratch_150epochs(nnUNetTrainerPretrai
     warmup_fraction = 0.1
 
 
-#: every trainer of this module, by name; also added to ``trainers.TRAINERS`` (fold, discovery)
+#: every trainer of this module, by name (joined with the others in ``trainer_registry.TRAINERS``)
 TRAINERS = {name: obj for name, obj in dict(globals()).items()
             if isinstance(obj, type) and issubclass(obj, nnUNetTrainer) and name.startswith("nnUNetTrainer")
             and obj.__module__ == __name__}
-_base.TRAINERS.update(TRAINERS)
 
 __all__ = list(TRAINERS)

@@ -75,7 +75,7 @@ def _split_model_folder_name(model_folder: Path) -> tuple[str, str, str]:
 
 
 def _find_trainer_class(trainer_name: str):
-    from nnunet_acnorm.nnunet.trainers import TRAINERS
+    from nnunet_acnorm.nnunet.trainer_registry import TRAINERS
 
     if trainer_name in TRAINERS:
         return TRAINERS[trainer_name]
@@ -112,106 +112,162 @@ def fold_model_folder(model_folder, output_folder=None, overwrite: bool = False,
                       checkpoint_names: list[str] | None = None, seed: int = 0, log=print) -> FoldReport:
     """Write the folded copy of ``model_folder`` (see the module docstring); returns a report."""
     model_folder = Path(model_folder).resolve()
-    if not model_folder.is_dir():
-        raise FoldError(f"model folder not found: {model_folder}")
-    for name in ("plans.json", "dataset.json"):
-        if not (model_folder / name).is_file():
-            raise FoldError(f"{model_folder} has no {name}: not a trained nnU-Net model folder")
-    folder_trainer, plans_identifier, _ = _split_model_folder_name(model_folder)
+    folder_trainer, plans_identifier = _check_model_folder(model_folder)
     output_folder = check_output(output_folder or default_output_folder(model_folder), "-o",
                                  reads={"model folder": model_folder})
     check_fold_output(output_folder, overwrite)
     checkpoints = _checkpoints(model_folder, checkpoint_names)
 
     import torch  # after the checks of the folders: a refusal is quick
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_acnorm.checkpoints.io import plain_python
-    from nnunet_acnorm.nnunet.pretrained import (describe_missing_sources, load_nnunet_checkpoint,
-                                                 missing_source_layers, set_strict_source)
-    from nnunet_acnorm.nnunet.trained_checkpoints import check_trained_checkpoint
-    from nnunet_acnorm.norms import acnorm_modules, fold_acnorm
-
     plans = json.loads((model_folder / "plans.json").read_text())
-    dataset_json = json.loads((model_folder / "dataset.json").read_text())
-    plans_manager = PlansManager(copy.deepcopy(plans))
     new_plans = copy.deepcopy(plans)
     new_plans["plans_name"] = folded_plans_identifier(plans_identifier, folder_trainer)
-
+    source = _FoldSource(model_folder, folder_trainer, plans, PlansManager(copy.deepcopy(plans)),
+                         json.loads((model_folder / "dataset.json").read_text()), new_plans,
+                         torch.Generator().manual_seed(seed), log)
     report = FoldReport(output_folder, new_plans["plans_name"], "")
-    folded_checkpoints: list[tuple[Path, dict]] = []
-    generator = torch.Generator().manual_seed(seed)
-    for path in checkpoints:
-        try:
-            checkpoint = load_nnunet_checkpoint(str(path))
-        except (ValueError, FileNotFoundError) as e:
-            raise FoldError(str(e)) from None
-        check_trained_checkpoint(path, checkpoint, folder_trainer, "the name of its model folder")
-        configuration = checkpoint.get("init_args", {}).get("configuration")
-        if configuration not in plans["configurations"]:
-            raise FoldError(f"{path}: configuration {configuration!r} is not in {model_folder / 'plans.json'}")
-        report.configuration = configuration
-        configuration_manager = plans_manager.get_configuration(configuration)
-        n_in = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
-        n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-        trainer_class = _find_trainer_class(checkpoint["trainer_name"])
-        network = trainer_class.build_network_architecture(plans_manager, configuration_manager, n_in, n_out,
-                                                           enable_deep_supervision=False)
-        layers = acnorm_modules(network)
-        if not layers:
-            raise FoldError(f"{path}: trainer {checkpoint['trainer_name']} has no AC-Norm layers; its model folder "
-                            "already works with stock nnU-Net")
-        set_strict_source(network, True)  # whatever the trainer class: a stripped source is refused
-        missing = missing_source_layers(network, checkpoint["network_weights"])
-        if missing:
-            raise FoldError(describe_missing_sources(str(path), missing, len(layers), checkpoint["trainer_name"]))
-        try:
-            network.load_state_dict(checkpoint["network_weights"], strict=True)
-        except RuntimeError as e:
-            raise FoldError(f"{path}: the weights do not fit the network of {checkpoint['trainer_name']}: "
-                            f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
-        unset = [n for n, m in layers.items() if not m.source_is_set]
-        if unset:
-            log(f"warning: {path}: {len(unset)} AC-Norm layer(s) have no source affines (the checkpoint was "
-                "written before training started); folding with source = target")
-        network.eval()
-        fold_acnorm(network)
-        norm_types = {type(m) for m in network.modules()
-                      if type(m).__name__ in {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d",
-                                              "InstanceNorm2d", "InstanceNorm3d", "GroupNorm"}}
-        _set_norm_op(new_plans, configuration, configuration_manager, norm_types, network)
-        report.norm_op = new_plans["configurations"][configuration]["architecture"]["arch_kwargs"]["norm_op"]
-
-        # the stock trainer must rebuild exactly this network from the new plans
-        stock = nnUNetTrainer.build_network_architecture(
-            PlansManager(copy.deepcopy(new_plans)), PlansManager(copy.deepcopy(new_plans)).get_configuration(configuration),
-            n_in, n_out, enable_deep_supervision=False)
-        folded_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
-        try:
-            stock.load_state_dict(folded_state, strict=True)
-        except RuntimeError as e:
-            raise FoldError(f"{path}: the folded weights do not load into stock nnUNetTrainer's network: {e}") from None
-        stock.eval()
-        difference = _max_probability_difference(trainer_class, plans_manager, configuration_manager, n_in, n_out,
-                                                 checkpoint["network_weights"], stock, generator)
-        report.max_probability_difference = max(report.max_probability_difference, difference)
-        relative = path.relative_to(model_folder)
-        report.checkpoints.append(str(relative))
-        log(f"{relative}: folded {len(layers)} AC-Norm layer(s); largest softmax difference to the AC-Norm "
-            f"network on a random input: {difference:.2e}")
-        new_checkpoint = plain_python(dict(checkpoint))  # no numpy scalars: loads with weights_only=True as it is
-        new_checkpoint.update(network_weights=folded_state, trainer_name=STOCK_TRAINER, optimizer_state=None,
-                              grad_scaler_state=None)
-        init_args = dict(checkpoint.get("init_args", {}))
-        if "plans" in init_args:
-            init_args["plans"] = copy.deepcopy(new_plans)
-        new_checkpoint["init_args"] = init_args
-        folded_checkpoints.append((relative, new_checkpoint))
-
+    folded_checkpoints = [_fold_checkpoint(path, source, report) for path in checkpoints]
     _write_output(model_folder, output_folder, overwrite, new_plans, folded_checkpoints, report, log)
     return report
+
+
+def _check_model_folder(model_folder: Path) -> tuple[str, str]:
+    """(trainer, plans identifier) of a trained nnU-Net model folder; FoldError for anything else."""
+    if not model_folder.is_dir():
+        raise FoldError(f"model folder not found: {model_folder}")
+    for name in ("plans.json", "dataset.json"):
+        if not (model_folder / name).is_file():
+            raise FoldError(f"{model_folder} has no {name}: not a trained nnU-Net model folder")
+    folder_trainer, plans_identifier, _ = _split_model_folder_name(model_folder)
+    return folder_trainer, plans_identifier
+
+
+@dataclass
+class _FoldSource:
+    """What every checkpoint of a model folder is folded with (``new_plans``: the folded plans, filled in)."""
+    model_folder: Path
+    folder_trainer: str
+    plans: dict
+    plans_manager: object
+    dataset_json: dict
+    new_plans: dict
+    generator: object
+    log: object
+
+
+def _fold_checkpoint(path: Path, source: _FoldSource, report: FoldReport) -> tuple[Path, dict]:
+    """(path relative to the model folder, folded checkpoint) of one checkpoint, checked against the
+    network stock ``nnUNetTrainer`` builds from the folded plans; ``report`` and the plans are updated."""
+    from nnunet_acnorm.norms import fold_acnorm
+
+    checkpoint, configuration = _read_checkpoint(path, source)
+    report.configuration = configuration
+    configuration_manager = source.plans_manager.get_configuration(configuration)
+    n_in, n_out = _channels(source, configuration_manager)
+    trainer_class = _find_trainer_class(checkpoint["trainer_name"])
+    network, n_layers = _acnorm_network(path, checkpoint, trainer_class, source, configuration_manager, n_in, n_out)
+    network.eval()
+    fold_acnorm(network)
+    norm_types = {type(m) for m in network.modules()
+                  if type(m).__name__ in {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d",
+                                          "InstanceNorm2d", "InstanceNorm3d", "GroupNorm"}}
+    _set_norm_op(source.new_plans, configuration, configuration_manager, norm_types, network)
+    report.norm_op = source.new_plans["configurations"][configuration]["architecture"]["arch_kwargs"]["norm_op"]
+    folded_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    stock = _stock_network(path, source.new_plans, configuration, n_in, n_out, folded_state)
+    difference = _max_probability_difference(trainer_class, source.plans_manager, configuration_manager, n_in, n_out,
+                                             checkpoint["network_weights"], stock, source.generator)
+    report.max_probability_difference = max(report.max_probability_difference, difference)
+    relative = path.relative_to(source.model_folder)
+    report.checkpoints.append(str(relative))
+    source.log(f"{relative}: folded {n_layers} AC-Norm layer(s); largest softmax difference to the AC-Norm "
+               f"network on a random input: {difference:.2e}")
+    return relative, _folded_checkpoint(checkpoint, folded_state, source.new_plans)
+
+
+def _read_checkpoint(path: Path, source: _FoldSource) -> tuple[dict, str]:
+    """(checkpoint, its configuration): read weights-only and checked (trainer, finite weights)."""
+    from nnunet_acnorm.nnunet.pretrained import load_nnunet_checkpoint
+    from nnunet_acnorm.nnunet.trained_checkpoints import check_trained_checkpoint
+
+    try:
+        checkpoint = load_nnunet_checkpoint(str(path))
+    except (ValueError, FileNotFoundError) as e:
+        raise FoldError(str(e)) from None
+    check_trained_checkpoint(path, checkpoint, source.folder_trainer, "the name of its model folder")
+    configuration = checkpoint.get("init_args", {}).get("configuration")
+    if configuration not in source.plans["configurations"]:
+        raise FoldError(f"{path}: configuration {configuration!r} is not in {source.model_folder / 'plans.json'}")
+    return checkpoint, configuration
+
+
+def _channels(source: _FoldSource, configuration_manager) -> tuple[int, int]:
+    """(input channels, segmentation heads) of the model's network."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+    n_in = determine_num_input_channels(source.plans_manager, configuration_manager, source.dataset_json)
+    return n_in, source.plans_manager.get_label_manager(source.dataset_json).num_segmentation_heads
+
+
+def _acnorm_network(path: Path, checkpoint: dict, trainer_class, source: _FoldSource, configuration_manager,
+                    n_in: int, n_out: int):
+    """(the trainer's network with the checkpoint's weights, strictly: every source present; its number
+    of AC-Norm layers)."""
+    from nnunet_acnorm.nnunet.pretrained import describe_missing_sources, missing_source_layers, set_strict_source
+    from nnunet_acnorm.norms import acnorm_modules
+
+    network = trainer_class.build_network_architecture(source.plans_manager, configuration_manager, n_in, n_out,
+                                                       enable_deep_supervision=False)
+    layers = acnorm_modules(network)
+    if not layers:
+        raise FoldError(f"{path}: trainer {checkpoint['trainer_name']} has no AC-Norm layers; its model folder "
+                        "already works with stock nnU-Net")
+    set_strict_source(network, True)  # whatever the trainer class: a stripped source is refused
+    missing = missing_source_layers(network, checkpoint["network_weights"])
+    if missing:
+        raise FoldError(describe_missing_sources(str(path), missing, len(layers), checkpoint["trainer_name"]))
+    try:
+        network.load_state_dict(checkpoint["network_weights"], strict=True)
+    except RuntimeError as e:
+        raise FoldError(f"{path}: the weights do not fit the network of {checkpoint['trainer_name']}: "
+                        f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+    unset = [n for n, m in layers.items() if not m.source_is_set]
+    if unset:
+        source.log(f"warning: {path}: {len(unset)} AC-Norm layer(s) have no source affines (the checkpoint was "
+                   "written before training started); folding with source = target")
+    return network, len(layers)
+
+
+def _stock_network(path: Path, new_plans: dict, configuration: str, n_in: int, n_out: int, folded_state: dict):
+    """The network stock ``nnUNetTrainer`` builds from the folded plans, with the folded weights (strictly)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    stock = nnUNetTrainer.build_network_architecture(
+        PlansManager(copy.deepcopy(new_plans)), PlansManager(copy.deepcopy(new_plans)).get_configuration(configuration),
+        n_in, n_out, enable_deep_supervision=False)
+    try:
+        stock.load_state_dict(folded_state, strict=True)
+    except RuntimeError as e:
+        raise FoldError(f"{path}: the folded weights do not load into stock nnUNetTrainer's network: {e}") from None
+    stock.eval()
+    return stock
+
+
+def _folded_checkpoint(checkpoint: dict, folded_state: dict, new_plans: dict) -> dict:
+    """The checkpoint for stock ``nnUNetTrainer``: folded weights, its trainer name, the folded plans."""
+    from nnunet_acnorm.checkpoints.io import plain_python
+
+    new_checkpoint = plain_python(dict(checkpoint))  # no numpy scalars: loads with weights_only=True as it is
+    new_checkpoint.update(network_weights=folded_state, trainer_name=STOCK_TRAINER, optimizer_state=None,
+                          grad_scaler_state=None)
+    init_args = dict(checkpoint.get("init_args", {}))
+    if "plans" in init_args:
+        init_args["plans"] = copy.deepcopy(new_plans)
+    new_checkpoint["init_args"] = init_args
+    return new_checkpoint
 
 
 def _set_norm_op(new_plans: dict, configuration: str, configuration_manager, norm_types: set, network) -> None:

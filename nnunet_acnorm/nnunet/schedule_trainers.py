@@ -8,12 +8,11 @@ nnU-Net's 250). The trainer name is the run's results folder, so runs of differe
 share one, and ``--c``, ``--val`` and ``nnUNetv2_predict -tr`` find the length by name.
 
 Instead of a hand-written class per trainer and length, this module derives them, when it is
-imported, for every fine-tuning trainer of the registry ``trainers.TRAINERS`` (complete once
-``trainers`` is imported: it imports the other trainer modules, which register themselves). No
-trainer module imports this one, so the registry is complete whichever module comes first. Each
-variant is a module-level class of this module (``__module__``/``__qualname__`` set): importable,
-picklable, found by nnU-Net through the shim ``nnunet_ext/nnunet_acnorm_schedule_trainers.py``,
-and added to the registry. A variant is equivalent to::
+imported, for every fine-tuning trainer of the trainer modules it imports (:data:`BASE_MODULES`);
+no trainer module imports this one. Each variant is a module-level class of this module
+(``__module__``/``__qualname__`` set): importable, picklable, found by nnU-Net through the shim
+``nnunet_ext/nnunet_acnorm_schedule_trainers.py``, and listed in the package's registry
+(:mod:`~nnunet_acnorm.nnunet.trainer_registry`). A variant is equivalent to::
 
     class nnUNetTrainerACNorm_5epochs(nnUNetTrainerACNorm):
         finetune_num_epochs = 5
@@ -22,8 +21,11 @@ from __future__ import annotations
 
 import re
 
-from nnunet_acnorm.nnunet import trainers as _registry
+from nnunet_acnorm.nnunet import baseline_trainers, trainers
 from nnunet_acnorm.nnunet.trainers import nnUNetTrainerFinetune
+
+#: the trainer modules whose fine-tuning trainers get schedule variants
+BASE_MODULES = (trainers, baseline_trainers)
 
 #: the schedule lengths every fine-tuning trainer gets (nnU-Net ships 1, 5, 10, 20, 50, 100, 250,
 #: 500, ...; 250 is the fine-tuning trainers' own default)
@@ -49,10 +51,12 @@ def has_schedule_variants(trainer: type) -> bool:
     return issubclass(trainer, nnUNetTrainerFinetune) and not _VARIANT_NAME.search(trainer.__name__)
 
 
+_BASES = {name: cls for module in BASE_MODULES for name, cls in module.TRAINERS.items()}
 SCHEDULE_TRAINERS = {schedule_name(name, epochs): schedule_variant(trainer, epochs)
-                     for name, trainer in sorted(_registry.TRAINERS.items()) if has_schedule_variants(trainer)
+                     for name, trainer in sorted(_BASES.items()) if has_schedule_variants(trainer)
                      for epochs in SCHEDULE_EPOCHS}
 globals().update(SCHEDULE_TRAINERS)
-_registry.TRAINERS.update(SCHEDULE_TRAINERS)
+#: every trainer of this module, by name (as the other trainer modules' ``TRAINERS``)
+TRAINERS = SCHEDULE_TRAINERS
 
 __all__ = list(SCHEDULE_TRAINERS)

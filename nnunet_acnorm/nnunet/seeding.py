@@ -33,7 +33,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nnunet_acnorm.errors import InputError
+
 SEED_ENV = "nnUNet_acnorm_seed"
+
+
+class SeedError(InputError):
+    """``nnUNet_acnorm_seed`` is not a seed."""
 
 
 def resolve_seed(class_seed: int | None) -> int | None:
@@ -44,10 +50,10 @@ def resolve_seed(class_seed: int | None) -> int | None:
     try:
         seed = int(value)
     except ValueError:
-        raise SystemExit(f"error: {SEED_ENV}={value!r} is not an integer; set it to a seed such as 0, "
-                         "or unset it for an unseeded run") from None
+        raise SeedError(f"{SEED_ENV}={value!r} is not an integer; set it to a seed such as 0, "
+                        "or unset it for an unseeded run") from None
     if not 0 <= seed < 2 ** 31 - 64:
-        raise SystemExit(f"error: {SEED_ENV}={seed} is out of range; use a seed in [0, 2**31 - 64)")
+        raise SeedError(f"{SEED_ENV}={seed} is out of range; use a seed in [0, 2**31 - 64)")
     return seed
 
 

@@ -40,8 +40,10 @@ from nnunet_acnorm.nnunet.pretrained import (NnunetCheckpointError, PretrainedWe
                                                      route_pretrained_loading, set_strict_source)
 from nnunet_acnorm.finetuning.schedules import WarmupPolyLRScheduler
 from nnunet_acnorm.nnunet.trained_checkpoints import TrainedCheckpointError, check_trained_checkpoint
-from nnunet_acnorm.nnunet.training_guards import (TrainingStartError, acquire_fold_lock, check_command_line,
-                                                  check_results_writable, fold_folder, non_finite_state)
+from nnunet_acnorm.nnunet.trainer_entry import install_entry_boundary
+from nnunet_acnorm.nnunet.training_guards import (TrainingStartError, TrainingStoppedError, acquire_fold_lock,
+                                                  check_command_line, check_results_writable, fold_folder,
+                                                  non_finite_state)
 from nnunet_acnorm.outputs import RunLockedError
 from nnunet_acnorm.nnunet.seeding import (SEED_ENV, apply_cpu_thread_limit, ddp_rank, rank_seed, resolve_seed,
                                             seed_everything, seeded_augmenters)
@@ -79,6 +81,10 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
     key but the segmentation layers) or ``"encoder"`` (encoder and stem; decoder and heads fresh, as
     nnU-Net's ``PretrainedTrainer``): the ``_encoderOnly`` variants. The file is read once, with
     ``weights_only=True`` (see :mod:`nnunet_acnorm.nnunet.pretrained`).
+
+    Bad input (a file, the command line, a fold another run holds, non-finite weights) raises an
+    :class:`~nnunet_acnorm.errors.InputError`; the entry methods nnU-Net calls turn it into the
+    one-line exit (:mod:`nnunet_acnorm.nnunet.trainer_entry`, installed on every subclass).
     """
 
     finetune_num_epochs: int = 250
@@ -93,12 +99,14 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
     #: what -pretrained_weights loads: "all" or "encoder" (nnunet/pretrained.py: PRETRAINED_PARTS)
     pretrained_parts: str = "all"
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        install_entry_boundary(cls)  # the subclass's own entry methods end in the one-line exit too
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        try:  # before nnU-Net creates the fold folder: a read-only nnUNet_results is one line
-            check_results_writable(fold_folder(type(self).__name__, plans, configuration, fold))
-        except TrainingStartError as e:
-            raise SystemExit(f"{type(self).__name__}: error: {e}") from None
+        # before nnU-Net creates the fold folder: a read-only nnUNet_results is one line
+        check_results_writable(fold_folder(type(self).__name__, plans, configuration, fold))
         seed = resolve_seed(type(self).seed)
         if seed is not None:  # before anything is built: the fresh head is the same in every run
             seed_everything(rank_seed(seed, ddp_rank()))  # DDP: each rank draws its own patches
@@ -132,10 +140,10 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
             try:
                 load = read_pretrained_weights(network, pretrained, self.plans_manager.plans_name,
                                                self.pretrained_parts)
-            except PretrainedWeightsError as e:
+            except PretrainedWeightsError:
                 # nothing of the refused start stays behind: its log file and the folders it created
                 remove_run_output(self.log_file, self.output_folder, os.environ.get("nnUNet_results"))
-                raise SystemExit(f"{type(self).__name__}: error: {e}") from None
+                raise
             # the only path that takes plain checkpoints: their norm affines become the AC-Norm source
             set_strict_source(network, False)
         # nnU-Net's run_training loads -pretrained_weights next: for this network it puts in what was read
@@ -161,13 +169,13 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
             self._refuse(str(e))
 
     def _refuse(self, message: str) -> NoReturn:
-        """End the command with one line; what this run wrote (its log file, folders it created,
-        its lock) goes."""
+        """Refuse the run (:class:`TrainingStartError`, one line at the entry boundary); what this
+        run wrote (its log file, folders it created, its lock) goes first."""
         if getattr(self, "_fold_lock", None) is not None:
             self._fold_lock.release()
         if self.local_rank == 0:
             remove_run_output(self.log_file, self.output_folder, os.environ.get("nnUNet_results"))
-        raise SystemExit(f"{type(self).__name__}: error: {message}") from None
+        raise TrainingStartError(message) from None
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end(train_outputs)
@@ -178,7 +186,7 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
             self._stop_dataloaders()
             if getattr(self, "_fold_lock", None) is not None:
                 self._fold_lock.release()
-            raise SystemExit(f"{type(self).__name__}: error: {problem}")
+            raise TrainingStoppedError(problem)
 
     def _stop_dataloaders(self) -> None:
         for loader in (self.dataloader_train, self.dataloader_val):
@@ -324,6 +332,9 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
         self._refuse(f"{error}{advice}")
 
 
+install_entry_boundary(nnUNetTrainerFinetune)  # (__init_subclass__ wraps its subclasses)
+
+
 class _ACNormMixin:
     """AC-Norm on top of a fine-tuning trainer; the network class comes from ``_base_builder``."""
 
@@ -334,8 +345,7 @@ class _ACNormMixin:
         if n_layers == 0:
             feature_norms = sum(is_feature_norm(m) for m in network.modules())
             remove_run_output(self.log_file, self.output_folder, os.environ.get("nnUNet_results"))
-            raise SystemExit(f"{type(self).__name__}: error: "
-                             f"{not_applicable(feature_norms, f'the planned network ({type(network).__name__})')}")
+            raise TrainingStartError(not_applicable(feature_norms, f"the planned network ({type(network).__name__})"))
         if self.is_ddp:
             n_synced = acnorm_sync_batchnorm(network)
             if n_synced:
@@ -461,17 +471,11 @@ class nnUNetTrainerACNormBN_encoderOnly(nnUNetTrainerACNormBN):
     pretrained_parts = "encoder"
 
 
-#: every trainer of this module, by name (the shim folder exposes these to nnU-Net)
+#: every trainer of this module, by name (the shim folder exposes these to nnU-Net; the package's
+#: registry of all trainers is :mod:`~nnunet_acnorm.nnunet.trainer_registry`)
 TRAINERS = {name: obj for name, obj in dict(globals()).items()
             if isinstance(obj, type) and issubclass(obj, nnUNetTrainer) and name.startswith("nnUNetTrainer")
             and obj.__module__ == __name__}
 
 
 __all__ = list(TRAINERS)
-
-# the fine-tuning baselines (baseline_trainers.py) subclass the trainers above and add themselves to
-# TRAINERS when imported; importing them here makes TRAINERS complete whichever module comes first
-from nnunet_acnorm.nnunet import baseline_trainers as _baseline_trainers  # noqa: E402,F401
-# Schedule lengths (_1epoch, _5epochs, ...) of every trainer registered in TRAINERS are derived by
-# schedule_trainers.py, which imports this module (never the reverse): a trainer module imported
-# above gets its variants with no further code.

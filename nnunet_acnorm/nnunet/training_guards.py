@@ -32,6 +32,10 @@ class TrainingStartError(InputError):
     """A ``nnUNetv2_train`` run that must not start; the message says why and what to do."""
 
 
+class TrainingStoppedError(InputError):
+    """A ``nnUNetv2_train`` run that must not go on (its loss or weights became non-finite)."""
+
+
 def fold_folder(trainer_name: str, plans: dict, configuration: str, fold) -> str | None:
     """The fold folder nnU-Net's trainer will use (``nnUNet_results/<dataset>/<trainer>__<plans>__<c>/fold_X``)."""
     results = os.environ.get("nnUNet_results")

@@ -7,10 +7,9 @@ torch version: the queries of the searchsorted are sorted first on large segment
 random look-ups there: ``SORTED_QUERIES_FROM``), and the decay table is built from the consecutive
 gaps by products (one exp per channel instead of one per table entry). Tests compare both
 implementations with the dense float64 oracle. The exact kept-set rule itself (TwoSum mirror point,
-interval ends) and the scan are one code for both: ``functional._mirror_point``,
-``functional._split_and_ends`` and ``functional._laplace_scan_`` work on arrays as on tensors. This
-module is a second implementation for speed, not an independent oracle (the tests' oracle is the
-dense formula).
+interval ends) and the scan are one code for both, ``_sorted_shared`` (on arrays as on tensors);
+this module does not import ``functional``, which calls it. It is a second implementation for
+speed, not an independent oracle (the tests' oracle is the dense formula).
 
 **Segments.** Every function here works on the channels of several layers at once, concatenated
 into flat arrays of length N: layer k owns the segment [offsets[k], offsets[k + 1]) and its
@@ -28,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from nnunet_acnorm.norms.functional import _laplace_scan_, _mirror_point, _split_and_ends
+from nnunet_acnorm.norms._sorted_shared import laplace_scan_, mirror_point, split_and_ends
 
 
 #: segments of at least this many channels sort their queries before the searchsorted (a merge):
@@ -94,7 +93,7 @@ def kept_intervals(ys: np.ndarray, yt: np.ndarray, layout: tuple | None = None):
     y, order, rank, start, end, lo2, hi2 = (layout.y, layout.order, layout.rank, layout.start, layout.end,
                                             layout.lo2, layout.hi2)
     last_counts = layout.memo
-    mirror, err = _mirror_point(ys, yt)
+    mirror, err = mirror_point(ys, yt)
     values = np.concatenate((yt, mirror))
     own_start, own_end = start[rank], end[rank]             # each row's own source's tie group
     if len(layout.offsets) == 2 and ys.size < SORTED_QUERIES_FROM:   # one small layer: no guesses
@@ -107,7 +106,7 @@ def kept_intervals(ys: np.ndarray, yt: np.ndarray, layout: tuple | None = None):
         below = last_counts["below"] = _counts_below(y, values, guess, layout.offsets, lo2, hi2)
     at = np.minimum(below, hi2 - 1)
     upto = np.where((below < hi2) & (y[at] == values), end[at], below)
-    q, low, high = _split_and_ends(np.where, ys, yt, err, below, upto, own_start, own_end)
+    q, low, high = split_and_ends(np.where, ys, yt, err, below, upto, own_start, own_end)
     return y, order, rank, q, low, high
 
 
@@ -242,7 +241,7 @@ def kept_sums(ys: np.ndarray, yt: np.ndarray, tau, weights: np.ndarray, layout: 
     x[0, :first] = 1.0
     np.take(weights, order, axis=1, out=x[0, first:])     # np.take: several times faster than x[:, idx] here
     x[1] = x[0, :, ::-1]
-    _laplace_scan_(x, layout.table)
+    laplace_scan_(x, layout.table)
     if first:
         ones = layout.memo["ones"] = x[:, 0].copy()
     at_f, at_g = np.concatenate((left, before)), (n - 1) - np.concatenate((right, last))
@@ -265,5 +264,5 @@ def transposed(v: np.ndarray, saved) -> np.ndarray:
     for k in range(ch):
         x[0, k] = np.bincount(to_right, from_right[k], minlength=n)
         x[1, k] = np.bincount(to_left, from_left[k], minlength=n)
-    _laplace_scan_(x, table)
+    laplace_scan_(x, table)
     return np.take(x[0] + x[1][:, ::-1], rank, axis=1)

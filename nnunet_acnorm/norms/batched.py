@@ -10,9 +10,10 @@ single call (``functional._SortedRecalibratedAffines``) and hands each layer its
 hook (also run when the forward raises) takes them back. Every layer then runs its fused
 normalization with that affine.
 
-Which layers take part, at each forward: those with their source set, on the CPU, that compute
-their affine in the graph (``_ACNorm.needs_affine_graph``: training, or gradients wanted), outside
-torch.compile (which traces the per-layer torch implementation instead). All other layers, and
+Which layers take part, at each forward: those with their source set, that compute their affine
+in the graph (``_ACNorm.needs_affine_graph``: training, or gradients wanted), and for which
+``device_policy.affine_path(..., batched=True)`` picks ``BATCHED`` (on the CPU, outside
+torch.compile, which traces the per-layer torch implementation instead). All other layers, and
 any layer called outside its network's forward, compute their own affine as before (eval mode
 uses its cache). A batched layer always takes the sorted path, whatever its C (the per-layer
 ``method="auto"`` takes the dense one below ``SORTED_MIN_CHANNELS``): the same S, computed in
@@ -27,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nnunet_acnorm.norms.device_policy import BATCHED, affine_path
 from nnunet_acnorm.norms.functional import _SortedRecalibratedAffines
 from nnunet_acnorm.norms.modules import PREPARED_AFFINE_KEY, _ACNorm
 from nnunet_acnorm.norms.torch_compat import is_compiling
@@ -36,9 +38,9 @@ from nnunet_acnorm.norms.torch_compat import is_compiling
 _LAYOUT_KEY, _PREPARED_KEY = "_acnorm_batched_layout", "_acnorm_batched_prepared"
 
 
-def _batchable(layer: _ACNorm) -> bool:
-    return layer.source_is_set and PREPARED_AFFINE_KEY not in layer.__dict__ \
-        and layer.weight.device.type == "cpu" and layer.needs_affine_graph()
+def _batchable(layer: _ACNorm, compiling: bool) -> bool:
+    return affine_path(layer.num_features, layer.weight.device, compiling, batched=True) == BATCHED \
+        and layer.source_is_set and PREPARED_AFFINE_KEY not in layer.__dict__ and layer.needs_affine_graph()
 
 
 def _prepare_affines(network: nn.Module, args) -> None:
@@ -46,9 +48,11 @@ def _prepare_affines(network: nn.Module, args) -> None:
     prepared = network.__dict__.setdefault(_PREPARED_KEY, [])
     layers = []
     prepared.append(layers)
-    if is_compiling() or not (network.training or torch.is_grad_enabled()):
-        return   # (inference: the layers use their eval caches; a layer in training mode its own call)
-    candidates = [m for m in network.modules() if isinstance(m, _ACNorm) and _batchable(m)]
+    compiling = is_compiling()
+    if compiling or not (network.training or torch.is_grad_enabled()):
+        return   # (inference: the layers use their eval caches; a layer in training mode its own call;
+        #          under torch.compile affine_path batches no layer, and nothing here need be traced)
+    candidates = [m for m in network.modules() if isinstance(m, _ACNorm) and _batchable(m, compiling)]
     if len(candidates) < 2:
         return
     cache = network.__dict__.setdefault(_LAYOUT_KEY, {})

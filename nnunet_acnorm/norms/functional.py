@@ -12,7 +12,10 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from nnunet_acnorm.norms.torch_compat import autocast_off, has_float64, is_compiling
+from nnunet_acnorm.norms._sorted_shared import laplace_scan_, mirror_point, split_and_ends
+from nnunet_acnorm.norms.device_policy import (DENSE_ONE_THREAD, SORTED_MIN_CHANNELS, SORTED_NUMPY,  # noqa: F401
+                                               SORTED_TORCH, affine_path, use_sorted_path)
+from nnunet_acnorm.norms.torch_compat import autocast_off, is_compiling
 
 #: eps of the domain indicator y = beta / (|gamma| + eps); fixed by the method, not the norm's eps.
 INDICATOR_EPS = 1e-5
@@ -132,26 +135,6 @@ def _bisect_tau(source_weight: Tensor, source_bias: Tensor, diagonal: float, rel
     return (lo * hi) ** 0.5
 
 
-#: the smallest channel count for which ``recalibrated_affine(method="auto")`` takes the sorted
-#: O(C log C) path, per device type; below it the dense C x C path is faster. CPU: where the
-#: forward + backward times of the two paths cross for the affine alone of one AC-Norm layer (CPU
-#: time, one thread): ``benchmarks/benchmark_norm_layers.py --affine-only`` measures it, the figures
-#: are in docs/performance.md ("The recalibrated affine alone"). With several torch threads on a
-#: machine whose cores are busy, every small dense op opens a parallel region that waits for a core
-#: (same page; hence _DenseOneThread); the sorted path runs single-threaded in NumPy. The rule does
-#: not depend on the thread count, so that results do not either. CUDA: not measured (nothing has
-#: run on a GPU: docs/performance.md); the dense path is a few large kernels and the sorted one
-#: about a hundred small ones, so the dense one is kept up to 8192 channels (its saved S is then
-#: 256 MiB). Other devices: dense. Change these where that benchmark shows otherwise.
-SORTED_MIN_CHANNELS = {"cpu": 300, "cuda": 8192}
-
-
-def use_sorted_path(num_channels: int, device: torch.device | str) -> bool:
-    """Whether ``recalibrated_affine(method="auto")`` takes the sorted path for this layer."""
-    threshold = SORTED_MIN_CHANNELS.get(torch.device(device).type)
-    return threshold is not None and num_channels >= threshold
-
-
 def recalibrated_affine(source_weight: Tensor, source_bias: Tensor, target_weight: Tensor,
                         target_bias: Tensor, tau: float = 1.0, method: str = "auto",
                         layout_cache: dict | None = None) -> tuple[Tensor, Tensor]:
@@ -168,21 +151,18 @@ def recalibrated_affine(source_weight: Tensor, source_bias: Tensor, target_weigh
     - ``"auto"`` (default): ``"sorted"`` where :func:`use_sorted_path` says it is faster (never on a
       device without float64, such as mps).
 
+    Which implementation runs (NumPy or torch, one thread or several) is
+    :func:`nnunet_acnorm.norms.device_policy.affine_path`'s choice for this layer, device and compile state.
+
     ``layout_cache``: optional dict owned by the caller, where the sorted path keeps what depends on
     the source affines and tau alone, reused while those tensors are unchanged (AC-Norm layers pass
     their own: the source is frozen during fine-tuning).
     """
-    if method == "auto":
-        method = "sorted" if use_sorted_path(target_weight.numel(), target_weight.device) else "dense"
-    if method == "sorted":
-        if not has_float64(target_weight.device.type):
-            raise ValueError(f"recalibrated_affine: the sorted path computes in float64, which "
-                             f"{target_weight.device.type} tensors cannot hold; use method='dense' (or 'auto')")
+    path = affine_path(target_weight.numel(), target_weight.device, is_compiling(), method)
+    if path in (SORTED_NUMPY, SORTED_TORCH):
         return _SortedRecalibratedAffine.apply(source_weight, source_bias, target_weight, target_bias,
-                                               float(tau), layout_cache)
-    if method != "dense":
-        raise ValueError(f"recalibrated_affine: method must be 'auto', 'dense' or 'sorted', got {method!r}")
-    if target_weight.device.type == "cpu" and not is_compiling() and torch.get_num_threads() > 1:
+                                               float(tau), layout_cache, path == SORTED_NUMPY)
+    if path == DENSE_ONE_THREAD:
         return _DenseOneThread.apply(source_weight, source_bias, target_weight, target_bias, tau)
     s = sparse_correlation(source_weight, source_bias, target_weight, target_bias, tau)
     s = s.to(target_weight.dtype)
@@ -280,40 +260,13 @@ def _kept_intervals(ys: Tensor, yt: Tensor):
     y, order = torch.sort(ys, stable=True)
     rank = torch.empty_like(order).scatter_(0, order, arange)
     start, end = _tie_groups(y, arange)
-    mirror, err = _mirror_point(ys, yt)
+    mirror, err = mirror_point(ys, yt)
     values = torch.cat([yt, mirror])
     below = torch.searchsorted(y, values)                     # #{y < v}
     at = below.clamp(max=c - 1)
     upto = torch.where((below < c) & (y[at] == values), end[at], below)   # #{y <= v}
-    q, low, high = _split_and_ends(torch.where, ys, yt, err, below, upto, start[rank], end[rank])
+    q, low, high = split_and_ends(torch.where, ys, yt, err, below, upto, start[rank], end[rank])
     return y, order, rank, q, low, high
-
-
-# The two helpers below are the exact kept-set rule, shared by this torch implementation and the
-# NumPy one (``_sorted_numpy``): the same operations on tensors or on arrays, hence the same
-# results; each caller does its own sort and search.
-
-def _mirror_point(ys, yt):
-    """The mirror point 2t - ys_i, as mirror + err exactly (TwoSum; 2t is exact). Tensors or arrays."""
-    two_t = 2.0 * yt
-    mirror = two_t - ys
-    back = mirror - two_t
-    return mirror, (two_t - (mirror - back)) + (-ys - back)
-
-
-def _split_and_ends(where, ys, yt, err, below, upto, own_start, own_end):
-    """The split q and the kept interval [L, R) of each row, from the counts of the sorted source
-    indicators below (#{y < v}) and up to (#{y <= v}) the queries v = (yt, mirror) concatenated, and
-    each row's own tie group [own_start, own_end) in sorted positions. ``where``: ``torch.where`` or
-    ``numpy.where``, as the arrays are."""
-    c = ys.shape[0]
-    q = upto[:c]
-    below_m, upto_m = below[c:], upto[c:]
-    diagonal_left = ys <= yt
-    # diagonal left of t: kept y in [ys_i, mirror]; right of t: kept y in [mirror, ys_i]
-    low = where(diagonal_left, own_start, where(err <= 0, below_m, upto_m))
-    high = where(diagonal_left, where(err >= 0, upto_m, below_m), own_end)
-    return q, low, high
 
 
 def _decay_table(y2: Tensor, tau: float) -> Tensor:
@@ -324,15 +277,6 @@ def _decay_table(y2: Tensor, tau: float) -> Tensor:
     source = torch.arange(c, device=y2.device)[None, :] - shift
     gap = (y2[:, source.clamp(min=0)] - y2[:, None, :]) / tau
     return torch.exp(gap.masked_fill_(source < 0, float("-inf")))
-
-
-def _laplace_scan_(x: Tensor, table: Tensor) -> Tensor:
-    """In place, x (2, ch, C): x[d, :, j] <- sum_{k <= j} x[d, :, k] exp((y2[d, k] - y2[d, j]) / tau).
-    Tensors or NumPy arrays (the NumPy path uses it too)."""
-    for step in range(table.shape[1]):
-        shift = 1 << step
-        x[..., shift:] += table[:, None, step, shift:] * x[..., :-shift]
-    return x
 
 
 def _sorted_kept_sums(ys: Tensor, yt: Tensor, tau: float, weights: Tensor):
@@ -359,7 +303,7 @@ def _sorted_kept_sums(ys: Tensor, yt: Tensor, tau: float, weights: Tensor):
     x[0, 0] = 1.0
     x[0, 1:] = weights[:, order]
     x[1] = x[0].flip(-1)
-    _laplace_scan_(x, table)
+    laplace_scan_(x, table)
     flipped = c - 1
     index = torch.stack([torch.cat([left, before]), flipped - torch.cat([right, last])])
     picked = torch.gather(x, 2, index[:, None, :].expand(2, ch, 2 * c))   # F at (p, L-1), G at (s, R)
@@ -381,7 +325,7 @@ def _sorted_transposed(v: Tensor, saved) -> Tensor:
     x[0].index_add_(1, torch.cat([right, last]), torch.cat([b, -b * decay_right], 1))
     # left parts were read from F (ascending) at p and L - 1: adjoint scans descending (flipped)
     x[1].index_add_(1, (c - 1) - torch.cat([left, before]), torch.cat([a, -a * decay_left], 1))
-    _laplace_scan_(x, table)
+    laplace_scan_(x, table)
     return (x[0] + x[1].flip(-1))[:, rank]
 
 
@@ -470,14 +414,13 @@ def _numpy_affine_backward(grad_weight, grad_bias, saved):
 class _SortedRecalibratedAffine(torch.autograd.Function):
     """((I + S) gamma_t, (I + S) beta_t) by the sorted path; backward (I + S)^T g (S constant).
 
-    Computed in float64 (NumPy on CPU, torch elsewhere), returned in the parameters' dtypes."""
+    Computed in float64 (NumPy with ``numpy``, else torch: ``device_policy.affine_path`` decides),
+    returned in the parameters' dtypes."""
 
     @staticmethod
-    def forward(ctx, source_weight, source_bias, target_weight, target_bias, tau, layout_cache):
-        # NumPy cannot be traced by torch.compile: the torch implementation there
-        on_cpu = target_weight.device.type == "cpu" and not is_compiling()
-        affine = _numpy_affine if on_cpu else _torch_affine
-        ctx.backward_fn = _numpy_affine_backward if on_cpu else _torch_affine_backward
+    def forward(ctx, source_weight, source_bias, target_weight, target_bias, tau, layout_cache, numpy):
+        affine = _numpy_affine if numpy else _torch_affine
+        ctx.backward_fn = _numpy_affine_backward if numpy else _torch_affine_backward
         with torch.no_grad(), autocast_off(target_weight.device.type):
             weight, bias, ctx.saved = affine(source_weight, source_bias, target_weight, target_bias, tau,
                                              layout_cache)
@@ -488,7 +431,7 @@ class _SortedRecalibratedAffine(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_weight, grad_bias):
         gw, gb = ctx.backward_fn(grad_weight, grad_bias, ctx.saved)
-        return None, None, gw.to(ctx.dtypes[0]), gb.to(ctx.dtypes[1]), None, None
+        return None, None, gw.to(ctx.dtypes[0]), gb.to(ctx.dtypes[1]), None, None, None
 
 
 class _SortedRecalibratedAffines(torch.autograd.Function):

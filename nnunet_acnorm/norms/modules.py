@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nnunet_acnorm.norms.device_policy import SORTED_NUMPY, affine_path
 from nnunet_acnorm.norms.functional import (DEFAULT_DIAGONAL, calibrated_tau, recalibrated_affine,
                                             sparse_correlation)
 from nnunet_acnorm.norms.torch_compat import is_compiling
@@ -113,8 +114,12 @@ class _ACNorm(nn.Module):
         return sparse_correlation(*self._source(), self.weight, self.bias, self.tau)
 
     def recalibrated_affine(self) -> tuple[Tensor, Tensor]:
-        """((I + S) gamma_t, (I + S) beta_t): the affine the fused call applies."""
-        cache = self.__dict__.setdefault("_layout_cache", {}) if self.source_is_set and not is_compiling() else None
+        """((I + S) gamma_t, (I + S) beta_t): the affine the fused call applies. The NumPy sorted
+        path keeps the frozen source's layout in the layer (never under torch.compile, whose older
+        versions cannot trace a module's ``__dict__``: its path is another)."""
+        cache = None
+        if self.source_is_set and affine_path(self.num_features, self.weight.device, is_compiling()) == SORTED_NUMPY:
+            cache = self.__dict__.setdefault("_layout_cache", {})
         return recalibrated_affine(*self._source(), self.weight, self.bias, self.tau, layout_cache=cache)
 
     def _source(self) -> tuple[Tensor, Tensor]:

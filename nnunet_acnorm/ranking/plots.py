@@ -29,12 +29,11 @@ def _short(name: str, size: int = 34) -> str:
     return name if len(name) <= size else f"{name[:size - 14]}...{name[-11:]}"
 
 
-def plot_scores(ranking, path: str) -> str:
+def plot_scores(ranking, path: str, estimator_labels: dict[str, str]) -> str:
     """One panel per estimator: its score per measured candidate, in the ranking's order (the
     ranked candidates, then the excluded ones: degenerate source layers, hatched and labelled as
-    not ranked). The AC-Corr panel shows its value at step 0 beside it."""
-    from nnunet_acnorm.ranking.rank import ESTIMATORS
-
+    not ranked). The AC-Corr panel shows its value at step 0 beside it. ``estimator_labels``:
+    each estimator's axis label."""
     shown = ranking.measured
     estimators = list(ranking.estimators)
     width = max(4.0, 0.9 * len(shown) + 2)
@@ -47,7 +46,7 @@ def plot_scores(ranking, path: str) -> str:
         return [np.nan if get(c) is None else get(c) for c in shown]
 
     for ax, est in zip(axes[0], estimators):
-        label = ESTIMATORS[est][0]
+        label = estimator_labels[est]
         if est == "ac_corr":
             ax.bar(x - 0.2, values(lambda c: c.scores.get(est)), width=0.4, label=f"after {ranking.steps} step(s)",
                    hatch=hatch)

@@ -200,78 +200,17 @@ def rank_candidates(paths: Sequence[str], target: TargetTask, steps: int | str =
     parse_estimators([rank_by])
     if rank_by not in estimators:
         estimators.insert(0, rank_by)
-    device = torch.device(device)
-    names = candidate_names(paths)
+    settings = _RankSettings(target, steps, layers, seed, torch.device(device), lr, tau, family, trust_pickle,
+                             adapt_input_channels, estimators, rank_by)
     results: list[CandidateResult] = []
     batch_cache: dict[tuple, list[dict]] = {}
-    bar = tqdm(list(zip(names, paths)), desc="Ranking", unit="candidate", disable=not progress)
+    bar = tqdm(list(zip(candidate_names(paths), paths)), desc="Ranking", unit="candidate", disable=not progress)
     for name, path in bar:
         bar.set_postfix_str(name[-40:])
-        result = CandidateResult(name=name, path=os.path.abspath(path), status="skipped")
         log = io.StringIO()
-        started = time.perf_counter()
-        try:
-            prepared = prepare_candidate(path, target, seed, family, trust_pickle, adapt_input_channels, log, tau)
-            result.family, result.plans_identifier = prepared.family, prepared.plans_identifier
-            result.pretrained_weights, result.notes = prepared.pretrained_weights, prepared.notes
-            network = prepared.network.to(device)
-            n_steps = epoch_steps(target, prepared.plans) if steps == "epoch" else int(steps)
-            config = prepared.plans["configurations"][target.configuration]
-            key = (config["data_identifier"], tuple(config["patch_size"]), config["batch_size"], n_steps)
-            if key not in batch_cache:
-                batch_cache[key] = fixed_batches(target, prepared.plans, n_steps, seed)
-            batches = batch_cache[key]
-            modules = acnorm_modules(network)
-            try:
-                chosen = select_layers(list(modules), layers)
-            except (KeyError, ValueError) as e:
-                raise CandidateSkipped(str(e).strip("'\"")) from None
-            # the source indicators of the chosen layers, before anything moves them (tolerance test)
-            degenerate = [n for n in chosen if _near_constant_source(modules[n])]
-            wanted_features = [e for e in estimators if e in FEATURE_ESTIMATORS]
-            if wanted_features:  # the pretrained features, before any step
-                deepest = select_layers(list(modules), "deepest")[0]
-                features, labels = norm_features_at_labels(network, deepest, batches, seed=seed, device=device)
-                for est in wanted_features:
-                    try:
-                        result.scores[est] = FEATURE_ESTIMATORS[est](features, labels)
-                    except ValueError as e:
-                        result.scores[est] = None
-                        result.notes.append(f"{est}: {e}")
-                result.logme = result.scores.get("logme")
-            if any(e in STEP_ESTIMATORS for e in estimators):
-                torch.manual_seed(seed)
-                optimizer = finetune_optimizer(network, lr)
-                train_step = nnunet_train_step(network, build_loss(prepared.plans, target).to(device), optimizer,
-                                               device)
-                step_start = time.perf_counter()
-                measured = ac_corr_after_steps(network, train_step, batches, n_steps, chosen, tau)
-                result.seconds_per_step = (time.perf_counter() - step_start) / n_steps
-                result.ac_corr, result.ac_corr_at_start = measured.score, measured.score_at_start
-                result.per_layer, result.per_layer_at_start = measured.per_layer, measured.per_layer_at_start
-                result.steps, result.losses = measured.steps, measured.losses
-                result.sparse_correlations = measured.sparse_correlations
-                result.source_orders = measured.source_orders
-                if "ac_corr" in estimators:
-                    result.scores["ac_corr"] = measured.score
-                if "ac_corr_all" in estimators:
-                    result.scores["ac_corr_all"] = ac_corr_in_float64(modules, list(modules), tau).score
-            result.scores = {e: result.scores.get(e) for e in estimators}
-            result.status = "ranked"
-            if degenerate:
-                result.status = "excluded"
-                result.reason = degenerate_reason(degenerate)
-            elif result.scores.get(rank_by) is None:
-                result.status = "excluded"
-                result.reason = f"not ranked: no {rank_by} for this candidate (see its notes)"
-        except CandidateSkipped as e:
-            result.reason = str(e)
-        except (ValueError, RuntimeError) as e:  # a network/plans problem of this candidate only
-            result.reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        result.seconds = time.perf_counter() - started
+        results.append(_measure_candidate(name, path, settings, batch_cache, log))
         if logs is not None:
             logs[name] = log.getvalue()
-        results.append(result)
     higher = DIRECTION["higher_is_better"] if rank_by == DIRECTION["estimator"] else True
     ranked = [r for r in results if r.status == "ranked"]
     ranked.sort(key=lambda r: (-r.scores[rank_by] if higher else r.scores[rank_by], r.name))
@@ -286,6 +225,111 @@ def rank_candidates(paths: Sequence[str], target: TargetTask, steps: int | str =
                    higher, direction_statement(rank_by), results, list(estimators), rank_by, target.fold,
                    None if target.cases is None else list(target.cases), trainer_tau() if tau is None else tau,
                    defaults)
+
+
+@dataclass(frozen=True)
+class _RankSettings:
+    """The settings every candidate of one ranking is measured with (see :func:`rank_candidates`)."""
+    target: TargetTask
+    steps: int | str
+    layers: LayerSelection
+    seed: int
+    device: torch.device
+    lr: float | None
+    tau: float | None
+    family: str | None
+    trust_pickle: bool
+    adapt_input_channels: bool
+    estimators: list
+    rank_by: str
+
+
+def _measure_candidate(name: str, path: str, settings: _RankSettings, batch_cache: dict, log) -> CandidateResult:
+    """One candidate's result: ranked, excluded (measured, not rankable) or skipped (its problem named)."""
+    result = CandidateResult(name=name, path=os.path.abspath(path), status="skipped")
+    started = time.perf_counter()
+    try:
+        degenerate = _score_candidate(result, path, settings, batch_cache, log)
+        result.scores = {e: result.scores.get(e) for e in settings.estimators}
+        result.status = "ranked"
+        if degenerate:
+            result.status = "excluded"
+            result.reason = degenerate_reason(degenerate)
+        elif result.scores.get(settings.rank_by) is None:
+            result.status = "excluded"
+            result.reason = f"not ranked: no {settings.rank_by} for this candidate (see its notes)"
+    except CandidateSkipped as e:
+        result.reason = str(e)
+    except (ValueError, RuntimeError) as e:  # a network/plans problem of this candidate only
+        result.reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _score_candidate(result: CandidateResult, path: str, settings: _RankSettings, batch_cache: dict,
+                     log) -> list[str]:
+    """Prepare the candidate's AC-Norm network on the target and fill ``result``'s scores; returns the
+    chosen layers whose source indicators are near-constant (the candidate cannot be ranked then)."""
+    target, seed = settings.target, settings.seed
+    prepared = prepare_candidate(path, target, seed, settings.family, settings.trust_pickle,
+                                 settings.adapt_input_channels, log, settings.tau)
+    result.family, result.plans_identifier = prepared.family, prepared.plans_identifier
+    result.pretrained_weights, result.notes = prepared.pretrained_weights, prepared.notes
+    network = prepared.network.to(settings.device)
+    n_steps = epoch_steps(target, prepared.plans) if settings.steps == "epoch" else int(settings.steps)
+    config = prepared.plans["configurations"][target.configuration]
+    key = (config["data_identifier"], tuple(config["patch_size"]), config["batch_size"], n_steps)
+    if key not in batch_cache:
+        batch_cache[key] = fixed_batches(target, prepared.plans, n_steps, seed)
+    batches = batch_cache[key]
+    modules = acnorm_modules(network)
+    try:
+        chosen = select_layers(list(modules), settings.layers)
+    except (KeyError, ValueError) as e:
+        raise CandidateSkipped(str(e).strip("'\"")) from None
+    # the source indicators of the chosen layers, before anything moves them (tolerance test)
+    degenerate = [n for n in chosen if _near_constant_source(modules[n])]
+    _feature_scores(result, network, modules, batches, settings)  # the pretrained features, before any step
+    if any(e in STEP_ESTIMATORS for e in settings.estimators):
+        _step_scores(result, network, modules, prepared.plans, batches, n_steps, chosen, settings)
+    return degenerate
+
+
+def _feature_scores(result: CandidateResult, network, modules: dict, batches: list, settings: _RankSettings) -> None:
+    """The estimators of the pretrained features at the deepest encoder norm (LogME, H-score)."""
+    wanted = [e for e in settings.estimators if e in FEATURE_ESTIMATORS]
+    if not wanted:
+        return
+    deepest = select_layers(list(modules), "deepest")[0]
+    features, labels = norm_features_at_labels(network, deepest, batches, seed=settings.seed, device=settings.device)
+    for est in wanted:
+        try:
+            result.scores[est] = FEATURE_ESTIMATORS[est](features, labels)
+        except ValueError as e:
+            result.scores[est] = None
+            result.notes.append(f"{est}: {e}")
+    result.logme = result.scores.get("logme")
+
+
+def _step_scores(result: CandidateResult, network, modules: dict, plans: dict, batches: list, n_steps: int,
+                 chosen: list, settings: _RankSettings) -> None:
+    """AC-Corr after ``n_steps`` of nnU-Net's train step on the target (and over all layers, if asked)."""
+    torch.manual_seed(settings.seed)
+    optimizer = finetune_optimizer(network, settings.lr)
+    loss = build_loss(plans, settings.target).to(settings.device)
+    train_step = nnunet_train_step(network, loss, optimizer, settings.device)
+    step_start = time.perf_counter()
+    measured = ac_corr_after_steps(network, train_step, batches, n_steps, chosen, settings.tau)
+    result.seconds_per_step = (time.perf_counter() - step_start) / n_steps
+    result.ac_corr, result.ac_corr_at_start = measured.score, measured.score_at_start
+    result.per_layer, result.per_layer_at_start = measured.per_layer, measured.per_layer_at_start
+    result.steps, result.losses = measured.steps, measured.losses
+    result.sparse_correlations = measured.sparse_correlations
+    result.source_orders = measured.source_orders
+    if "ac_corr" in settings.estimators:
+        result.scores["ac_corr"] = measured.score
+    if "ac_corr_all" in settings.estimators:
+        result.scores["ac_corr_all"] = ac_corr_in_float64(modules, list(modules), settings.tau).score
 
 
 def degenerate_reason(layers: Sequence[str]) -> str:
@@ -328,7 +372,8 @@ def write_results(ranking: Ranking, folder: str, overwrite: bool = False) -> lis
         json.dump(ranking.to_json(), f, indent=2)
     written.append(json_file)
     if ranking.measured:
-        written.append(plot_scores(ranking, os.path.join(folder, "ranking.png")))
+        labels = {e: ESTIMATORS[e][0] for e in ranking.estimators}
+        written.append(plot_scores(ranking, os.path.join(folder, "ranking.png"), labels))
     matrices = {f"{c.name}::{layer}": s for c in ranking.measured for layer, s in c.sparse_correlations.items()}
     if matrices:
         npz_file = os.path.join(folder, "sparse_correlations.npz")
