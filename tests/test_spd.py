@@ -199,8 +199,7 @@ def test_pretrained_trainer_schedule_matches_nnunet_master(num_epochs, warmup):
 # -- registration -----------------------------------------------------------------------------------------
 def test_recipe_and_spd_trainers_are_registered_with_schedule_variants_and_aliases():
     from nnunet_acnorm.benchmark.methods import alias_table, resolve_method
-    from nnunet_acnorm.nnunet import schedule_trainers  # noqa: F401 - derives the variants
-    from nnunet_acnorm.nnunet.trainers import TRAINERS
+    from nnunet_acnorm.nnunet.trainer_registry import TRAINERS  # schedule variants included
 
     recipe = TRAINERS["nnUNetTrainerPretrainedRecipe"]
     assert (recipe.finetune_initial_lr, recipe.finetune_num_epochs, recipe.warmup_fraction) == (1e-3, 1000, 0.05)
