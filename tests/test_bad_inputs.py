@@ -71,6 +71,33 @@ def _error_line(proc, *fragments: str) -> str:
     return lines[-1]
 
 
+#: what the weights-only unpickler of torch < 2.4 rebuilds (torch 2.1.2's list; it has no allow-list to add to):
+#: containers, tensors, storages, dtypes; not torch.device (nor numpy scalars, sets, ...)
+_TORCH_2_1_WEIGHTS_ONLY = {"collections.OrderedDict", "torch.nn.parameter.Parameter", "torch.serialization._get_layout",
+                           "torch.Size", "torch.Tensor", "torch._tensor._rebuild_from_type_v2"} | {
+    f"torch._utils._rebuild_{name}" for name in ("parameter", "tensor", "tensor_v2", "sparse_tensor",
+                                                  "meta_tensor_no_storage", "nested_tensor")}
+
+
+def _refused_by_torch_2_1_weights_only(path) -> list[str]:
+    """The globals in a checkpoint's pickle that torch 2.1's ``torch.load(weights_only=True)`` refuses."""
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+    refused = []
+    for opcode, arg, _ in pickletools.genops(data):
+        assert opcode.name != "STACK_GLOBAL", "torch.save writes protocol 2 (GLOBAL) pickles"
+        if opcode.name == "GLOBAL":
+            name = arg.replace(" ", ".")
+            if name in _TORCH_2_1_WEIGHTS_ONLY or (name.startswith("torch.") and (
+                    name.endswith("Storage") or isinstance(getattr(torch, name[6:], None), torch.dtype))):
+                continue
+            refused.append(name)
+    return refused
+
+
 def _load(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -172,6 +199,7 @@ def test_safe_predict_and_folded_checkpoints_load_weights_only(model, results_co
     run_console("nnUNetv2_acnorm_fold", "-i", folder, "-o", tmp_path / "folded", env=env)
     for path in (tmp_path / "folded").rglob("checkpoint_*.pth"):
         assert torch.load(path, map_location="cpu", weights_only=True)["trainer_name"] == "nnUNetTrainer"
+        assert _refused_by_torch_2_1_weights_only(path) == [], path  # also under torch < 2.4's weights-only load
 
 
 # == issue 11: no pickled code runs ================================================================

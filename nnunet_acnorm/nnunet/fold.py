@@ -207,6 +207,9 @@ def fold_model_folder(model_folder, output_folder=None, overwrite: bool = False,
         init_args = dict(checkpoint.get("init_args", {}))
         if "plans" in init_args:
             init_args["plans"] = copy.deepcopy(new_plans)
+        # nnU-Net stores the trainer's torch.device: as a string, the folded checkpoint loads with the
+        # weights-only loading of torch < 2.4 too, which has no torch.device (stock nnU-Net never reads it)
+        init_args = {k: str(v) if isinstance(v, torch.device) else v for k, v in init_args.items()}
         new_checkpoint["init_args"] = init_args
         folded_checkpoints.append((relative, new_checkpoint))
 
