@@ -649,6 +649,28 @@ def test_fold_overwrite_survives_a_kill_at_any_point(results_copy, folded):
     assert "fold_0/checkpoint_best.pth" not in new and {"plans.json", "fold_0/checkpoint_final.pth"} <= set(new)
 
 
+def test_rank_overwrite_survives_a_kill_at_any_point(model, tmp_path):
+    """rank --overwrite wrote its result files in place (issue 31 bad 2, left open): killed before and after
+    every change it makes, -o holds the old or the new ranking, whole; a file of the user's in -o is never
+    replaced."""
+    env = model["env"]
+    out = tmp_path / "ranking"
+    args = ("-d", DATASET, "-c", CONFIG, "-i", model["source"], "-o", out, "-device", "cpu", "--no_progress",
+            "--estimators", "ac_corr")
+    run_console("nnUNetv2_acnorm_rank", *args, env=env)
+    old = _tree(out)
+    lines = _kill_points(env, out, "nnUNetv2_acnorm_rank", *args, "--seed", 1, "--overwrite",
+                         options=("--staging-once", "--record-only"))
+    _assert_old_or_new(lines, old)
+    new = next(line for line in lines if line.get("point") == "end")["tree"]
+    assert {"ranking.csv", "ranking.json"} <= set(new) and new["ranking.json"] != old["ranking.json"]
+    (out / "my_notes.txt").write_text("mine")
+    before = _tree(out)
+    _error_line(run_console("nnUNetv2_acnorm_rank", *args, "--overwrite", env=env, check=False), "my_notes.txt",
+                "nothing was replaced")
+    assert _tree(out) == before and not [p for p in out.parent.iterdir() if ".acnorm-" in p.name]
+
+
 @pytest.fixture(scope="module")
 def predictions(model):
     """Two prediction folders of the raw labels (one with a voxel changed per case), the label folder."""
