@@ -939,6 +939,15 @@ def test_train_command_line_mistakes_are_one_line(model, results_copy):
     _error_line(_train(env, "--c", ACNORM_TEST_EPOCHS="2"), "checkpoint_final.pth is not a checkpoint file",
                 "a directory", "move it away")
     assert _logs(fold) == logs and not (fold / "acnorm_train.lock").exists()
+    # -p naming plans the dataset does not have: nnU-Net's FileNotFoundError traceback before (checked where
+    # nnU-Net imports the plugin's trainer shims: -tr names the plugin's trainer, not a test trainer)
+    results = Path(env["nnUNet_results"])
+    before = _tree(results)
+    proc = run_console("nnUNetv2_train", DATASET, CONFIG, 0, "-p", "NoSuchPlans", "-tr", "nnUNetTrainerACNorm",
+                       "-device", "cpu", env=env, check=False)
+    _error_line(proc, "-p NoSuchPlans", str(model["pre"] / "NoSuchPlans.json"), "does not exist",
+                "plans there: nnUNetPlans", "nnUNetv2_plan_and_preprocess")
+    assert _tree(results) == before
 
 
 def test_text_file_as_pretrained_weights_is_not_called_pickled(model, tmp_path):

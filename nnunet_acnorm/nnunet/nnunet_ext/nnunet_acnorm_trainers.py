@@ -4,3 +4,11 @@ from nnunet_acnorm.nnunet.trainers import *  # noqa: F401,F403
 from nnunet_acnorm.nnunet.trainers import TRAINERS
 
 __all__ = list(TRAINERS)
+
+# nnUNetv2_train imports this file before it reads the plans: a missing plans file (-p) is one line
+from nnunet_acnorm.nnunet.training_guards import TrainingStartError, check_plans_file  # noqa: E402
+
+try:
+    check_plans_file()
+except TrainingStartError as _error:
+    raise SystemExit(f"nnUNetv2_train: error: {_error}") from None
