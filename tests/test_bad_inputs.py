@@ -453,7 +453,12 @@ def test_docs_install_from_a_clone():
 
 
 # == handled before: kept handled ===================================================================
-@pytest.mark.parametrize("case", ["missing", "junk", "nan", "other_architecture"])
+#: pretrained norm affines edited to ints, infinity, or a magnitude beyond float16 (1e30: issue 31 weak)
+_EDITED_AFFINES = {"int_affine": lambda w: w.round().to(torch.int32), "inf_affine": lambda w: w + float("inf"),
+                   "huge_affine": lambda w: torch.full_like(w, 1e30)}
+
+
+@pytest.mark.parametrize("case", ["missing", "junk", "nan", "other_architecture", *_EDITED_AFFINES])
 def test_pretrained_weights_misfits_are_one_line(model, tmp_path, case):
     path = tmp_path / f"{case}.pth"
     if case == "junk":
@@ -463,12 +468,18 @@ def test_pretrained_weights_misfits_are_one_line(model, tmp_path, case):
         key = next(k for k in checkpoint["network_weights"] if k.endswith("conv.weight"))
         checkpoint["network_weights"][key] = torch.full_like(checkpoint["network_weights"][key], float("nan"))
         torch.save(checkpoint, path)
+    elif case in _EDITED_AFFINES:
+        checkpoint = _load(model["source"])
+        key = next(k for k in checkpoint["network_weights"] if k.endswith("norm.bias"))
+        checkpoint["network_weights"][key] = _EDITED_AFFINES[case](checkpoint["network_weights"][key])
+        torch.save(checkpoint, path)
     elif case == "other_architecture":
         arch = json.loads(json.dumps(model["arch"]))
         arch["arch_kwargs"]["features_per_stage"] = [2 * f for f in arch["arch_kwargs"]["features_per_stage"]]
         cf.save_nnunet_v2_checkpoint(path, architecture=arch, num_classes=2)
     fragment = {"missing": "not found", "junk": "cannot load checkpoint", "nan": "NaN",
-                "other_architecture": "first mismatching key"}[case]
+                "other_architecture": "first mismatching key", "int_affine": "norm.bias' holds int32 values",
+                "inf_affine": "norm.bias' contains NaN or infinite", "huge_affine": "norm affine"}[case]
     results = tmp_path / "results"
     results.mkdir()
     _error_line(_train({**model["env"], "nnUNet_results": str(results)}, "-pretrained_weights", path), fragment)
