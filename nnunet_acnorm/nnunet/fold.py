@@ -67,11 +67,13 @@ def default_output_folder(model_folder: Path) -> Path:
 
 
 def _split_model_folder_name(model_folder: Path) -> tuple[str, str, str]:
-    parts = model_folder.name.split("__")
-    if len(parts) != 3:
+    from nnunet_acnorm.checkpoints.results_folder import split_model_folder_name
+
+    parts = split_model_folder_name(model_folder.name)
+    if parts is None:
         raise FoldError(f"{model_folder} is not an nnU-Net model folder (expected a name like "
                         "nnUNetTrainerACNorm__nnUNetPlans__3d_fullres)")
-    return parts[0], parts[1], parts[2]
+    return parts
 
 
 def _find_trainer_class(trainer_name: str):
@@ -178,17 +180,19 @@ def fold_model_folder(model_folder, output_folder=None, overwrite: bool = False,
                 "written before training started); folding with source = target")
         network.eval()
         fold_acnorm(network)
-        norm_types = {type(m) for m in network.modules()
-                      if type(m).__name__ in {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d",
-                                              "InstanceNorm2d", "InstanceNorm3d", "GroupNorm"}}
-        _set_norm_op(new_plans, configuration, configuration_manager, norm_types, network)
-        report.norm_op = new_plans["configurations"][configuration]["architecture"]["arch_kwargs"]["norm_op"]
+        norm_types = {type(m) for m in network.modules() if type(m).__name__ in NORM_TYPE_NAMES}
+        report.norm_op = _set_norm_op(new_plans, configuration, configuration_manager, norm_types, network)
 
         # the stock trainer must rebuild exactly this network from the new plans
         stock = nnUNetTrainer.build_network_architecture(
             PlansManager(copy.deepcopy(new_plans)), PlansManager(copy.deepcopy(new_plans)).get_configuration(configuration),
             n_in, n_out, enable_deep_supervision=False)
         folded_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        stock_norm_types = {type(m) for m in stock.modules() if type(m).__name__ in NORM_TYPE_NAMES}
+        if stock_norm_types != norm_types:
+            raise FoldError(f"{path}: stock nnUNetTrainer builds {configuration_manager.network_arch_class_name} "
+                            f"with norm layers {sorted(t.__name__ for t in stock_norm_types)}, the folded network "
+                            f"has {sorted(t.__name__ for t in norm_types)}; its plans cannot describe the folded model")
         try:
             stock.load_state_dict(folded_state, strict=True)
         except RuntimeError as e:
@@ -217,7 +221,14 @@ def fold_model_folder(model_folder, output_folder=None, overwrite: bool = False,
     return report
 
 
-def _set_norm_op(new_plans: dict, configuration: str, configuration_manager, norm_types: set, network) -> None:
+#: the plain norm layers AC-Norm folds into
+NORM_TYPE_NAMES = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d",
+                             "InstanceNorm3d", "GroupNorm"})
+
+
+def _set_norm_op(new_plans: dict, configuration: str, configuration_manager, norm_types: set, network) -> str:
+    """Make the plans' ``norm_op`` the folded network's norm type (where the network class takes one);
+    returns that type's dotted name."""
     if len(norm_types) != 1:
         raise FoldError(f"the folded network mixes norm types {sorted(t.__name__ for t in norm_types)}; a plans "
                         "file describes one norm_op, so stock nnU-Net cannot rebuild it")
@@ -228,13 +239,17 @@ def _set_norm_op(new_plans: dict, configuration: str, configuration_manager, nor
                                   "arch_kwargs": copy.deepcopy(configuration_manager.network_arch_init_kwargs),
                                   "_kw_requires_import": list(configuration_manager.network_arch_init_kwargs_req_import)}
     arch_kwargs = config["architecture"]["arch_kwargs"]
-    current = pydoc.locate(arch_kwargs.get("norm_op") or "")
+    dotted = arch_kwargs.get("norm_op")
+    if not dotted:  # a network class that builds its own norm layers (Genesis, MedicalNet): nothing to set; the
+        return _dotted(norm_type)  # stock build is checked against the folded network's norm types
+    current = pydoc.locate(dotted)
     if current is not norm_type:
         example = next(m for m in network.modules() if type(m) is norm_type)
         arch_kwargs["norm_op"] = _dotted(norm_type)
         arch_kwargs["norm_op_kwargs"] = {"eps": example.eps, "affine": True}
         if "norm_op" not in config["architecture"].get("_kw_requires_import", []):
             config["architecture"].setdefault("_kw_requires_import", []).append("norm_op")
+    return arch_kwargs["norm_op"]
 
 
 def _max_probability_difference(trainer_class, plans_manager, configuration_manager, n_in, n_out, weights,
