@@ -188,20 +188,6 @@ def test_stripped_checkpoint_refused_by_predict_and_fold(model, results_copy, tm
     assert not any(p.name.startswith(("nnUNetTrainer__", ".nnUNetTrainer__")) for p in folder.parent.iterdir())
 
 
-def test_safe_predict_and_folded_checkpoints_load_weights_only(model, results_copy, tmp_path):
-    """The safe paths the docs offer: nnUNetv2_acnorm_predict_from_modelfolder predicts an intact
-    AC-Norm model; the fold command writes checkpoints that torch.load(weights_only=True) reads
-    without any allow-list (so TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 works with stock nnU-Net)."""
-    env, folder, _ = results_copy
-    run_console("nnUNetv2_acnorm_predict_from_modelfolder", "-i", model["images"], "-o", tmp_path / "pred", "-m",
-                folder, "-f", 0, "-device", "cpu", env=env)
-    assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 1
-    run_console("nnUNetv2_acnorm_fold", "-i", folder, "-o", tmp_path / "folded", env=env)
-    for path in (tmp_path / "folded").rglob("checkpoint_*.pth"):
-        assert torch.load(path, map_location="cpu", weights_only=True)["trainer_name"] == "nnUNetTrainer"
-        assert _refused_by_torch_2_1_weights_only(path) == [], path  # also under torch < 2.4's weights-only load
-
-
 # == issue 11: no pickled code runs ================================================================
 def test_continue_does_not_run_pickled_code(results_copy, tmp_path):
     """issue 11: --c on a checkpoint_latest.pth whose pickle calls os.system: refused, nothing runs."""
@@ -881,13 +867,25 @@ def test_one_training_per_fold(model, tmp_path):
 
 
 def test_stock_predict_of_a_folded_model_loads_weights_only(model, folded, tmp_path):
-    """issue 31 (bad 8, item 6): stock nnUNetv2_predict unpickles checkpoints. For a folded model,
-    TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 makes stock nnU-Net predict with weights-only loads: it predicts, and
-    a folded checkpoint whose pickle calls os.system is refused without running it."""
+    """The safe paths the docs offer for untrusted models (issue 31 bad 8, item 6): the safe predict
+    (nnUNetv2_acnorm_predict_from_modelfolder) predicts an intact AC-Norm model; the fold command writes
+    checkpoints that torch.load(weights_only=True) reads without any allow-list, also torch < 2.4's (no
+    torch.device); TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 makes stock nnUNetv2_predict load the folded model
+    weights-only: it predicts, and a folded checkpoint whose pickle calls os.system is refused without
+    running it."""
+    args = ("-i", model["images"], "-f", 0, "-device", "cpu")
+    run_console("nnUNetv2_acnorm_predict_from_modelfolder", *args, "-o", tmp_path / "safe", "-m",
+                model["results"] / NAME / MODEL, env=model["env"])
+    assert len(list((tmp_path / "safe").glob("*.nii.gz"))) == 1
+    checkpoints = sorted(folded.rglob("checkpoint_*.pth"))
+    assert [p.name for p in checkpoints] == ["checkpoint_best.pth", "checkpoint_final.pth"]
+    for path in checkpoints:
+        assert torch.load(path, map_location="cpu", weights_only=True)["trainer_name"] == "nnUNetTrainer"
+        assert _refused_by_torch_2_1_weights_only(path) == [], path  # also under torch < 2.4's weights-only load
     folded_copy = tmp_path / folded.name
     shutil.copytree(folded, folded_copy)
     safe_env = {**model["env"], "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}
-    args = ("-i", model["images"], "-m", folded_copy, "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1)
+    args = (*args, "-m", folded_copy, "-npp", 1, "-nps", 1)
     run_console("nnUNetv2_predict_from_modelfolder", *args, "-o", tmp_path / "pred", env=safe_env)
     assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 1
     marker = tmp_path / "pwned"
