@@ -952,8 +952,10 @@ def test_train_command_line_mistakes_are_one_line(model, results_copy):
     # nnU-Net imports the plugin's trainer shims: -tr names the plugin's trainer, not a test trainer)
     results = Path(env["nnUNet_results"])
     before = _tree(results)
+    from nnunet_acnorm.nnunet.discovery import trainer_shim_folder
+
     proc = run_console("nnUNetv2_train", DATASET, CONFIG, 0, "-p", "NoSuchPlans", "-tr", "nnUNetTrainerACNorm",
-                       "-device", "cpu", env=env, check=False)
+                       "-device", "cpu", env={**env, "nnUNet_extTrainer": trainer_shim_folder()}, check=False)
     _error_line(proc, "-p NoSuchPlans", str(model["pre"] / "NoSuchPlans.json"), "does not exist",
                 "plans there: nnUNetPlans", "nnUNetv2_plan_and_preprocess")
     assert _tree(results) == before
