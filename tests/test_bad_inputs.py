@@ -5,8 +5,8 @@ Each case checks that the command gives one clear line naming the file, key or o
 cases of issue 11 ("Checkpoints you can trust") are marked ``issue 11``; the others were handled
 before and are kept here so that they stay handled.
 
-One module-scoped nnU-Net model: a tiny dataset, planned and preprocessed, fine-tuned for one
-epoch with ``nnUNetTrainerACNorm_tinyTest -pretrained_weights`` from a checkpoint in nnU-Net's
+One module-scoped nnU-Net model: the shared tiny dataset (planned and preprocessed once per test
+run, tests/factories/nnunet.py), fine-tuned for one epoch with ``nnUNetTrainerACNorm_tinyTest -pretrained_weights`` from a checkpoint in nnU-Net's
 format. Tests that change checkpoints work on their own copy of ``nnUNet_results``.
 """
 from __future__ import annotations
@@ -26,14 +26,12 @@ import pytest
 import torch
 
 from tests.factories import checkpoints as cf
-from tests.factories.nnunet import (acnorm_trainer_env, console_script, copy_test_images, make_tiny_dataset,
-                                    run_console)
+from tests.factories.nnunet import (TINY_CONFIG, TINY_ID, TINY_NAME, acnorm_trainer_env, console_script,
+                                    copy_planned, copy_test_images, planned_tiny_dataset, run_console)
 
 pytestmark = pytest.mark.integration
 
-DATASET = 931
-NAME = f"Dataset{DATASET}_TinyBad"
-CONFIG = "3d_fullres"
+DATASET, NAME, CONFIG = TINY_ID, TINY_NAME, TINY_CONFIG  # the shared planned dataset
 TRAINER = "nnUNetTrainerACNorm_tinyTest"
 MODEL = f"{TRAINER}__nnUNetPlans__{CONFIG}"
 SOURCE_KEYS = (".source_weight", ".source_bias")
@@ -105,9 +103,9 @@ def _load(path) -> dict:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     base = tmp_path_factory.mktemp("bad_inputs")
+    copy_planned(planned_tiny_dataset(tmp_path_factory), base)  # the shared planned dataset, a private copy
     env_plan = acnorm_trainer_env(base, training=False)
-    raw = make_tiny_dataset(env_plan["nnUNet_raw"], DATASET, n_cases=5, shape=(20, 20, 20), name="TinyBad")
-    run_console("nnUNetv2_plan_and_preprocess", "-d", DATASET, "-c", CONFIG, "-np", 1, "-npfp", 1, env=env_plan)
+    raw = Path(env_plan["nnUNet_raw"]) / NAME
     pre = Path(env_plan["nnUNet_preprocessed"]) / NAME
     arch = json.loads((pre / "nnUNetPlans.json").read_text())["configurations"][CONFIG]["architecture"]
     files = base / "files"
