@@ -5,8 +5,8 @@ Each case checks that the command gives one clear line naming the file, key or o
 cases of issue 11 ("Checkpoints you can trust") are marked ``issue 11``; the others were handled
 before and are kept here so that they stay handled.
 
-One module-scoped nnU-Net model: a tiny dataset, planned and preprocessed, fine-tuned for one
-epoch with ``nnUNetTrainerACNorm_tinyTest -pretrained_weights`` from a checkpoint in nnU-Net's
+One module-scoped nnU-Net model: the shared tiny dataset (planned and preprocessed once per test
+run, tests/factories/nnunet.py), fine-tuned for one epoch with ``nnUNetTrainerACNorm_tinyTest -pretrained_weights`` from a checkpoint in nnU-Net's
 format. Tests that change checkpoints work on their own copy of ``nnUNet_results``.
 """
 from __future__ import annotations
@@ -26,14 +26,12 @@ import pytest
 import torch
 
 from tests.factories import checkpoints as cf
-from tests.factories.nnunet import (acnorm_trainer_env, console_script, copy_test_images, make_tiny_dataset,
-                                    run_console)
+from tests.factories.nnunet import (TINY_CONFIG, TINY_ID, TINY_NAME, acnorm_trainer_env, console_script,
+                                    copy_planned, copy_test_images, planned_tiny_dataset, run_console)
 
 pytestmark = pytest.mark.integration
 
-DATASET = 931
-NAME = f"Dataset{DATASET}_TinyBad"
-CONFIG = "3d_fullres"
+DATASET, NAME, CONFIG = TINY_ID, TINY_NAME, TINY_CONFIG  # the shared planned dataset
 TRAINER = "nnUNetTrainerACNorm_tinyTest"
 MODEL = f"{TRAINER}__nnUNetPlans__{CONFIG}"
 SOURCE_KEYS = (".source_weight", ".source_bias")
@@ -71,6 +69,33 @@ def _error_line(proc, *fragments: str) -> str:
     return lines[-1]
 
 
+#: what the weights-only unpickler of torch < 2.4 rebuilds (torch 2.1.2's list; it has no allow-list to add to):
+#: containers, tensors, storages, dtypes; not torch.device (nor numpy scalars, sets, ...)
+_TORCH_2_1_WEIGHTS_ONLY = {"collections.OrderedDict", "torch.nn.parameter.Parameter", "torch.serialization._get_layout",
+                           "torch.Size", "torch.Tensor", "torch._tensor._rebuild_from_type_v2"} | {
+    f"torch._utils._rebuild_{name}" for name in ("parameter", "tensor", "tensor_v2", "sparse_tensor",
+                                                  "meta_tensor_no_storage", "nested_tensor")}
+
+
+def _refused_by_torch_2_1_weights_only(path) -> list[str]:
+    """The globals in a checkpoint's pickle that torch 2.1's ``torch.load(weights_only=True)`` refuses."""
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+    refused = []
+    for opcode, arg, _ in pickletools.genops(data):
+        assert opcode.name != "STACK_GLOBAL", "torch.save writes protocol 2 (GLOBAL) pickles"
+        if opcode.name == "GLOBAL":
+            name = arg.replace(" ", ".")
+            if name in _TORCH_2_1_WEIGHTS_ONLY or (name.startswith("torch.") and (
+                    name.endswith("Storage") or isinstance(getattr(torch, name[6:], None), torch.dtype))):
+                continue
+            refused.append(name)
+    return refused
+
+
 def _load(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -78,9 +103,9 @@ def _load(path) -> dict:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     base = tmp_path_factory.mktemp("bad_inputs")
+    copy_planned(planned_tiny_dataset(tmp_path_factory), base)  # the shared planned dataset, a private copy
     env_plan = acnorm_trainer_env(base, training=False)
-    raw = make_tiny_dataset(env_plan["nnUNet_raw"], DATASET, n_cases=5, shape=(20, 20, 20), name="TinyBad")
-    run_console("nnUNetv2_plan_and_preprocess", "-d", DATASET, "-c", CONFIG, "-np", 1, "-npfp", 1, env=env_plan)
+    raw = Path(env_plan["nnUNet_raw"]) / NAME
     pre = Path(env_plan["nnUNet_preprocessed"]) / NAME
     arch = json.loads((pre / "nnUNetPlans.json").read_text())["configurations"][CONFIG]["architecture"]
     files = base / "files"
@@ -159,19 +184,6 @@ def test_stripped_checkpoint_refused_by_predict_and_fold(model, results_copy, tm
     fold_cmd = run_console("nnUNetv2_acnorm_fold", "-i", folder, env=env, check=False)
     _error_line(fold_cmd, "checkpoint_final.pth", "holds no source affines")
     assert not any(p.name.startswith(("nnUNetTrainer__", ".nnUNetTrainer__")) for p in folder.parent.iterdir())
-
-
-def test_safe_predict_and_folded_checkpoints_load_weights_only(model, results_copy, tmp_path):
-    """The safe paths the docs offer: nnUNetv2_acnorm_predict_from_modelfolder predicts an intact
-    AC-Norm model; the fold command writes checkpoints that torch.load(weights_only=True) reads
-    without any allow-list (so TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 works with stock nnU-Net)."""
-    env, folder, _ = results_copy
-    run_console("nnUNetv2_acnorm_predict_from_modelfolder", "-i", model["images"], "-o", tmp_path / "pred", "-m",
-                folder, "-f", 0, "-device", "cpu", env=env)
-    assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 1
-    run_console("nnUNetv2_acnorm_fold", "-i", folder, "-o", tmp_path / "folded", env=env)
-    for path in (tmp_path / "folded").rglob("checkpoint_*.pth"):
-        assert torch.load(path, map_location="cpu", weights_only=True)["trainer_name"] == "nnUNetTrainer"
 
 
 # == issue 11: no pickled code runs ================================================================
@@ -425,7 +437,12 @@ def test_docs_install_from_a_clone():
 
 
 # == handled before: kept handled ===================================================================
-@pytest.mark.parametrize("case", ["missing", "junk", "nan", "other_architecture"])
+#: pretrained norm affines edited to ints, infinity, or a magnitude beyond float16 (1e30: issue 31 weak)
+_EDITED_AFFINES = {"int_affine": lambda w: w.round().to(torch.int32), "inf_affine": lambda w: w + float("inf"),
+                   "huge_affine": lambda w: torch.full_like(w, 1e30)}
+
+
+@pytest.mark.parametrize("case", ["missing", "junk", "nan", "other_architecture", *_EDITED_AFFINES])
 def test_pretrained_weights_misfits_are_one_line(model, tmp_path, case):
     path = tmp_path / f"{case}.pth"
     if case == "junk":
@@ -435,12 +452,18 @@ def test_pretrained_weights_misfits_are_one_line(model, tmp_path, case):
         key = next(k for k in checkpoint["network_weights"] if k.endswith("conv.weight"))
         checkpoint["network_weights"][key] = torch.full_like(checkpoint["network_weights"][key], float("nan"))
         torch.save(checkpoint, path)
+    elif case in _EDITED_AFFINES:
+        checkpoint = _load(model["source"])
+        key = next(k for k in checkpoint["network_weights"] if k.endswith("norm.bias"))
+        checkpoint["network_weights"][key] = _EDITED_AFFINES[case](checkpoint["network_weights"][key])
+        torch.save(checkpoint, path)
     elif case == "other_architecture":
         arch = json.loads(json.dumps(model["arch"]))
         arch["arch_kwargs"]["features_per_stage"] = [2 * f for f in arch["arch_kwargs"]["features_per_stage"]]
         cf.save_nnunet_v2_checkpoint(path, architecture=arch, num_classes=2)
     fragment = {"missing": "not found", "junk": "cannot load checkpoint", "nan": "NaN",
-                "other_architecture": "first mismatching key"}[case]
+                "other_architecture": "first mismatching key", "int_affine": "norm.bias' holds int32 values",
+                "inf_affine": "norm.bias' contains NaN or infinite", "huge_affine": "norm affine"}[case]
     results = tmp_path / "results"
     results.mkdir()
     _error_line(_train({**model["env"], "nnUNet_results": str(results)}, "-pretrained_weights", path), fragment)
@@ -619,6 +642,28 @@ def test_fold_overwrite_survives_a_kill_at_any_point(results_copy, folded):
     _assert_old_or_new(lines, old)
     new = next(line for line in lines if line.get("point") == "end")["tree"]
     assert "fold_0/checkpoint_best.pth" not in new and {"plans.json", "fold_0/checkpoint_final.pth"} <= set(new)
+
+
+def test_rank_overwrite_survives_a_kill_at_any_point(model, tmp_path):
+    """rank --overwrite wrote its result files in place (issue 31 bad 2, left open): killed before and after
+    every change it makes, -o holds the old or the new ranking, whole; a file of the user's in -o is never
+    replaced."""
+    env = model["env"]
+    out = tmp_path / "ranking"
+    args = ("-d", DATASET, "-c", CONFIG, "-i", model["source"], "-o", out, "-device", "cpu", "--no_progress",
+            "--estimators", "ac_corr")
+    run_console("nnUNetv2_acnorm_rank", *args, env=env)
+    old = _tree(out)
+    lines = _kill_points(env, out, "nnUNetv2_acnorm_rank", *args, "--seed", 1, "--overwrite",
+                         options=("--staging-once", "--record-only"))
+    _assert_old_or_new(lines, old)
+    new = next(line for line in lines if line.get("point") == "end")["tree"]
+    assert {"ranking.csv", "ranking.json"} <= set(new) and new["ranking.json"] != old["ranking.json"]
+    (out / "my_notes.txt").write_text("mine")
+    before = _tree(out)
+    _error_line(run_console("nnUNetv2_acnorm_rank", *args, "--overwrite", env=env, check=False), "my_notes.txt",
+                "nothing was replaced")
+    assert _tree(out) == before and not [p for p in out.parent.iterdir() if ".acnorm-" in p.name]
 
 
 @pytest.fixture(scope="module")
@@ -820,13 +865,25 @@ def test_one_training_per_fold(model, tmp_path):
 
 
 def test_stock_predict_of_a_folded_model_loads_weights_only(model, folded, tmp_path):
-    """issue 31 (bad 8, item 6): stock nnUNetv2_predict unpickles checkpoints. For a folded model,
-    TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 makes stock nnU-Net predict with weights-only loads: it predicts, and
-    a folded checkpoint whose pickle calls os.system is refused without running it."""
+    """The safe paths the docs offer for untrusted models (issue 31 bad 8, item 6): the safe predict
+    (nnUNetv2_acnorm_predict_from_modelfolder) predicts an intact AC-Norm model; the fold command writes
+    checkpoints that torch.load(weights_only=True) reads without any allow-list, also torch < 2.4's (no
+    torch.device); TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 makes stock nnUNetv2_predict load the folded model
+    weights-only: it predicts, and a folded checkpoint whose pickle calls os.system is refused without
+    running it."""
+    args = ("-i", model["images"], "-f", 0, "-device", "cpu")
+    run_console("nnUNetv2_acnorm_predict_from_modelfolder", *args, "-o", tmp_path / "safe", "-m",
+                model["results"] / NAME / MODEL, env=model["env"])
+    assert len(list((tmp_path / "safe").glob("*.nii.gz"))) == 1
+    checkpoints = sorted(folded.rglob("checkpoint_*.pth"))
+    assert [p.name for p in checkpoints] == ["checkpoint_best.pth", "checkpoint_final.pth"]
+    for path in checkpoints:
+        assert torch.load(path, map_location="cpu", weights_only=True)["trainer_name"] == "nnUNetTrainer"
+        assert _refused_by_torch_2_1_weights_only(path) == [], path  # also under torch < 2.4's weights-only load
     folded_copy = tmp_path / folded.name
     shutil.copytree(folded, folded_copy)
     safe_env = {**model["env"], "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}
-    args = ("-i", model["images"], "-m", folded_copy, "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1)
+    args = (*args, "-m", folded_copy, "-npp", 1, "-nps", 1)
     run_console("nnUNetv2_predict_from_modelfolder", *args, "-o", tmp_path / "pred", env=safe_env)
     assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 1
     marker = tmp_path / "pwned"
@@ -889,6 +946,17 @@ def test_train_command_line_mistakes_are_one_line(model, results_copy):
     _error_line(_train(env, "--c", ACNORM_TEST_EPOCHS="2"), "checkpoint_final.pth is not a checkpoint file",
                 "a directory", "move it away")
     assert _logs(fold) == logs and not (fold / "acnorm_train.lock").exists()
+    # -p naming plans the dataset does not have: nnU-Net's FileNotFoundError traceback before (checked where
+    # nnU-Net imports the plugin's trainer shims: -tr names the plugin's trainer, not a test trainer)
+    results = Path(env["nnUNet_results"])
+    before = _tree(results)
+    from nnunet_acnorm.nnunet.discovery import trainer_shim_folder
+
+    proc = run_console("nnUNetv2_train", DATASET, CONFIG, 0, "-p", "NoSuchPlans", "-tr", "nnUNetTrainerACNorm",
+                       "-device", "cpu", env={**env, "nnUNet_extTrainer": trainer_shim_folder()}, check=False)
+    _error_line(proc, "-p NoSuchPlans", str(model["pre"] / "NoSuchPlans.json"), "does not exist",
+                "plans there: nnUNetPlans", "nnUNetv2_plan_and_preprocess")
+    assert _tree(results) == before
 
 
 def test_text_file_as_pretrained_weights_is_not_called_pickled(model, tmp_path):

@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 
 from tests.factories.checkpoints import save_nnunet_v2_checkpoint
-from tests.factories.nnunet import acnorm_trainer_env, make_tiny_dataset, run_console
+from tests.factories.nnunet import (TINY_CONFIG, TINY_ID, TINY_NAME, acnorm_trainer_env, copy_planned,
+                                    planned_tiny_dataset, run_console)
 
 pytestmark = pytest.mark.integration
 SCRIPT = "nnUNetv2_acnorm_benchmark"
-DATASET_ID, CONFIG = 931, "3d_fullres"
+DATASET_ID, CONFIG = TINY_ID, TINY_CONFIG
 VANILLA, ACNORM = "nnUNetTrainerFinetune_tinyTest", "nnUNetTrainerACNorm_tinyTest"
 STOCK = "nnUNetTrainer_acnormTinyValTest"  # nnU-Net's own trainer class, as a user's method
 #: the run that fails while the fail file lists it (tests/nnunet_ext_test_trainers)
@@ -36,10 +37,9 @@ REQUIRE_SLURM = "NNUNET_ACNORM_REQUIRE_SLURM"
 def data(tmp_path_factory):
     """A planned and preprocessed 5-case dataset, a checkpoint of its planned network, the environment."""
     base = tmp_path_factory.mktemp("benchmark")
+    copy_planned(planned_tiny_dataset(tmp_path_factory), base)  # the shared planned dataset, a private copy
     env_plan = acnorm_trainer_env(base, training=False)
-    make_tiny_dataset(env_plan["nnUNet_raw"], DATASET_ID, n_cases=5, name="BenchTiny", seed=0)
-    run_console("nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", CONFIG, "-np", 1, "-npfp", 1, env=env_plan)
-    plans = json.loads((Path(env_plan["nnUNet_preprocessed"]) / "Dataset931_BenchTiny" / "nnUNetPlans.json").read_text())
+    plans = json.loads((Path(env_plan["nnUNet_preprocessed"]) / TINY_NAME / "nnUNetPlans.json").read_text())
     checkpoint = save_nnunet_v2_checkpoint(base / "pretrained.pth",
                                            architecture=plans["configurations"][CONFIG]["architecture"], num_classes=2)
     fail_file = base / "fail_these_runs.txt"
@@ -104,7 +104,7 @@ def test_first_call_runs_every_run_and_reports_the_failure(failed_benchmark, dat
     assert f"nnUNet_results={out / 'runs' / 'seed0' / ACNORM}" in log and "nnUNet_acnorm_seed=0" in log
     assert "OMP_NUM_THREADS=1" in log and "nnUNet_n_proc_DA=0" in log
     assert {s["slot"] for s in states.values()} <= {"CPUs 0", "CPUs 1"}
-    debug = json.loads((out / "runs/seed0" / ACNORM / "Dataset931_BenchTiny" / f"{ACNORM}__nnUNetPlans__{CONFIG}"
+    debug = json.loads((out / "runs/seed0" / ACNORM / TINY_NAME / f"{ACNORM}__nnUNetPlans__{CONFIG}"
                         / "fold_0" / "debug.json").read_text())
     assert debug["seed"] == "0"
     # the failure: on the console with the last lines of its log, and in the report
@@ -146,7 +146,7 @@ def test_print_executor_prints_the_runs_left_and_runs_nothing(failed_benchmark, 
     command = lines[0]
     assert command.startswith("env ") and f"nnUNet_results={out / 'runs' / 'seed0' / ACNORM}" in command
     assert "nnUNet_acnorm_seed=0" in command and "nnUNet_n_proc_DA=0" in command
-    assert command.endswith(f"Dataset931_BenchTiny {CONFIG} 1 -tr {ACNORM} -p nnUNetPlans -device cpu "
+    assert command.endswith(f"{TINY_NAME} {CONFIG} 1 -tr {ACNORM} -p nnUNetPlans -device cpu "
                             f"-pretrained_weights {data['checkpoint']}")
     assert f"{Path(sys.executable).parent / 'nnUNetv2_train'} " in command
     assert sorted(p for p in out.rglob("*")) == before

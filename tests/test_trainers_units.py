@@ -303,3 +303,24 @@ def test_untrusted_checkpoint_is_not_executed(tmp_path):
     with pytest.raises(ValueError, match="cannot load checkpoint"):
         load_nnunet_checkpoint(str(tmp_path / "evil.pth"))
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("name", ["nnUNetTrainerL2SP", "nnUNetTrainerDELTA"])
+def test_only_rank_0_gathers_and_writes_the_method_state(name, tmp_path):
+    """issue 25 G3 for the baselines: save_checkpoint checks the rank before it gathers the method's
+    state (the anchor or frozen copy); a rank != 0 neither computes it nor writes anything."""
+    from nnunet_acnorm.nnunet.baseline_trainers import TRAINERS
+
+    cls = TRAINERS[name]
+    assert cls.method_has_state
+    gathered = []
+
+    class Rank1(cls):
+        def method_state(self):
+            gathered.append(self.local_rank)
+            return {"anchor": torch.zeros(1)}
+
+    trainer = object.__new__(Rank1)  # the attributes save_checkpoint reads; no training is set up
+    trainer.local_rank, trainer.disable_checkpointing = 1, False
+    trainer.save_checkpoint(str(tmp_path / "checkpoint_latest.pth"))
+    assert gathered == [] and list(tmp_path.iterdir()) == []

@@ -77,10 +77,20 @@ def locate_results_folder(path: str) -> ResultsFolder | None:
         model_folder, checkpoint = os.path.dirname(os.path.dirname(path)), path
     else:
         return None
-    parts = os.path.basename(model_folder).split("__")
-    trainer, configuration = (parts[0], parts[2]) if len(parts) == 3 else (None, None)
+    parts = split_model_folder_name(os.path.basename(model_folder))
+    trainer, configuration = (parts[0], parts[2]) if parts else (None, None)
     return ResultsFolder(model_folder, checkpoint, _read_json(os.path.join(model_folder, "plans.json")),
                          _read_json(os.path.join(model_folder, "dataset.json")), trainer, configuration)
+
+
+def split_model_folder_name(name: str) -> tuple[str, str, str] | None:
+    """(trainer, plans identifier, configuration) of a model folder named
+    ``<trainer>__<plans>__<configuration>``; the plans identifier may hold ``__`` itself (the plans
+    nnUNetv2_acnorm_import writes, ``nnUNetPlans__genesis``); None for another name."""
+    parts = name.split("__")
+    if len(parts) < 3 or not all(parts):
+        return None
+    return parts[0], "__".join(parts[1:-1]), parts[-1]
 
 
 def apply_results_folder(weights: PretrainedWeights, folder: ResultsFolder) -> None:

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         estimators.insert(0, args.rank_by)
 
     from nnunet_acnorm.ranking.nnunet_target import load_target
-    from nnunet_acnorm.ranking.rank import existing_results, rank_candidates, write_results
+    from nnunet_acnorm.ranking.rank import check_output_folder, rank_candidates, write_results
 
     target = load_target(args.dataset, args.configuration, args.plans, fold)
     output = args.output or _default_output(target.dataset_name, args.plans, args.configuration)
@@ -137,10 +137,10 @@ def main(argv: list[str] | None = None) -> None:
         raise InputError("nnUNet_results is not set (or empty): pass -o OUTDIR")
     check_output(output, "-o", reads={"candidate": args.candidates, "preprocessed dataset": target.preprocessed_folder})
     _check_layers(layers, target, args.seed)
-    present = existing_results(output) if os.path.isdir(output) else []
-    if present and not args.overwrite:  # checked before the work, not after
-        raise InputError(f"{output} already holds results of an earlier ranking ({', '.join(present)}); pass "
-                         "--overwrite to replace them or -o for another folder")
+    try:  # checked before the work, not after
+        check_output_folder(output, args.overwrite)
+    except FileExistsError as e:
+        raise InputError(str(e)) from None
 
     logs: dict[str, str] = {}
     ranking = rank_candidates(args.candidates, target, steps="epoch" if args.epoch else args.steps, layers=layers,
@@ -148,12 +148,10 @@ def main(argv: list[str] | None = None) -> None:
                               rank_by=args.rank_by,
                               family=args.family, trust_pickle=args.trust_pickle,
                               adapt_input_channels=args.adapt_input_channels, progress=not args.no_progress, logs=logs)
-    written = write_results(ranking, output, overwrite=args.overwrite)
-    os.makedirs(os.path.join(output, "logs"), exist_ok=True)
-    for name, text in logs.items():
-        if text:
-            with open(os.path.join(output, "logs", name.replace(os.sep, "_") + ".txt"), "w") as f:
-                f.write(text)
+    try:
+        written = write_results(ranking, output, overwrite=args.overwrite, logs=logs)
+    except FileExistsError as e:  # appeared while the candidates were ranked
+        raise InputError(str(e)) from None
     _print_ranking(ranking, target, args)
     print(f"Results: {', '.join(written)}")
     if not ranking.ranked:

@@ -327,10 +327,12 @@ def _fold_folders(model_folder: str, folds: list | None) -> list:
 
 
 def _val_command(model_folder: str, fold: str) -> str:
-    parts = os.path.basename(model_folder).split("__")
+    from nnunet_acnorm.checkpoints.results_folder import split_model_folder_name
+
+    parts = split_model_folder_name(os.path.basename(model_folder))
     dataset = os.path.basename(os.path.dirname(model_folder))
     m = re.match(r"Dataset(\d+)_", dataset)
-    if len(parts) == 3:
+    if parts:
         trainer, plans, configuration = parts
         return f"nnUNetv2_train {m.group(1) if m else dataset} {configuration} {fold} -tr {trainer} -p {plans} --val"
     return "nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER -p PLANS --val"

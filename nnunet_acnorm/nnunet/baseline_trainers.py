@@ -143,8 +143,10 @@ class _FinetuningMethodMixin:
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint dict plus ``finetuning_state``, written atomically as
         :meth:`nnUNetTrainerFinetune.save_checkpoint` does."""
-        state = self.method_state() if self.method_has_state else {}
-        if not state or self.local_rank != 0 or self.disable_checkpointing:
+        if self.local_rank != 0 or self.disable_checkpointing or not self.method_has_state:
+            return super().save_checkpoint(filename)  # only rank 0 writes: the others gather no state either
+        state = self.method_state()
+        if not state:
             return super().save_checkpoint(filename)
         mod = self._plain_network()
         checkpoint = {

@@ -67,11 +67,13 @@ def default_output_folder(model_folder: Path) -> Path:
 
 
 def _split_model_folder_name(model_folder: Path) -> tuple[str, str, str]:
-    parts = model_folder.name.split("__")
-    if len(parts) != 3:
+    from nnunet_acnorm.checkpoints.results_folder import split_model_folder_name
+
+    parts = split_model_folder_name(model_folder.name)
+    if parts is None:
         raise FoldError(f"{model_folder} is not an nnU-Net model folder (expected a name like "
                         "nnUNetTrainerACNorm__nnUNetPlans__3d_fullres)")
-    return parts[0], parts[1], parts[2]
+    return parts
 
 
 def _find_trainer_class(trainer_name: str):
@@ -170,13 +172,10 @@ def _fold_checkpoint(path: Path, source: _FoldSource, report: FoldReport) -> tup
     network, n_layers = _acnorm_network(path, checkpoint, trainer_class, source, configuration_manager, n_in, n_out)
     network.eval()
     fold_acnorm(network)
-    norm_types = {type(m) for m in network.modules()
-                  if type(m).__name__ in {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d",
-                                          "InstanceNorm2d", "InstanceNorm3d", "GroupNorm"}}
-    _set_norm_op(source.new_plans, configuration, configuration_manager, norm_types, network)
-    report.norm_op = source.new_plans["configurations"][configuration]["architecture"]["arch_kwargs"]["norm_op"]
+    norm_types = {type(m) for m in network.modules() if type(m).__name__ in NORM_TYPE_NAMES}
+    report.norm_op = _set_norm_op(source.new_plans, configuration, configuration_manager, norm_types, network)
     folded_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
-    stock = _stock_network(path, source.new_plans, configuration, n_in, n_out, folded_state)
+    stock = _stock_network(path, source.new_plans, configuration, n_in, n_out, folded_state, norm_types)
     difference = _max_probability_difference(trainer_class, source.plans_manager, configuration_manager, n_in, n_out,
                                              checkpoint["network_weights"], stock, source.generator)
     report.max_probability_difference = max(report.max_probability_difference, difference)
@@ -240,14 +239,22 @@ def _acnorm_network(path: Path, checkpoint: dict, trainer_class, source: _FoldSo
     return network, len(layers)
 
 
-def _stock_network(path: Path, new_plans: dict, configuration: str, n_in: int, n_out: int, folded_state: dict):
-    """The network stock ``nnUNetTrainer`` builds from the folded plans, with the folded weights (strictly)."""
+def _stock_network(path: Path, new_plans: dict, configuration: str, n_in: int, n_out: int, folded_state: dict,
+                   norm_types: set):
+    """The network stock ``nnUNetTrainer`` builds from the folded plans, with the folded weights (strictly;
+    its norm types must be the folded network's ``norm_types``)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    stock = nnUNetTrainer.build_network_architecture(
-        PlansManager(copy.deepcopy(new_plans)), PlansManager(copy.deepcopy(new_plans)).get_configuration(configuration),
-        n_in, n_out, enable_deep_supervision=False)
+    plans_manager = PlansManager(copy.deepcopy(new_plans))
+    configuration_manager = plans_manager.get_configuration(configuration)
+    stock = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, n_in, n_out,
+                                                     enable_deep_supervision=False)
+    stock_norm_types = {type(m) for m in stock.modules() if type(m).__name__ in NORM_TYPE_NAMES}
+    if stock_norm_types != norm_types:
+        raise FoldError(f"{path}: stock nnUNetTrainer builds {configuration_manager.network_arch_class_name} "
+                        f"with norm layers {sorted(t.__name__ for t in stock_norm_types)}, the folded network "
+                        f"has {sorted(t.__name__ for t in norm_types)}; its plans cannot describe the folded model")
     try:
         stock.load_state_dict(folded_state, strict=True)
     except RuntimeError as e:
@@ -258,6 +265,8 @@ def _stock_network(path: Path, new_plans: dict, configuration: str, n_in: int, n
 
 def _folded_checkpoint(checkpoint: dict, folded_state: dict, new_plans: dict) -> dict:
     """The checkpoint for stock ``nnUNetTrainer``: folded weights, its trainer name, the folded plans."""
+    import torch
+
     from nnunet_acnorm.checkpoints.io import plain_python
 
     new_checkpoint = plain_python(dict(checkpoint))  # no numpy scalars: loads with weights_only=True as it is
@@ -266,11 +275,20 @@ def _folded_checkpoint(checkpoint: dict, folded_state: dict, new_plans: dict) ->
     init_args = dict(checkpoint.get("init_args", {}))
     if "plans" in init_args:
         init_args["plans"] = copy.deepcopy(new_plans)
-    new_checkpoint["init_args"] = init_args
+    # nnU-Net stores the trainer's torch.device: as a string, the folded checkpoint loads with the
+    # weights-only loading of torch < 2.4 too, which has no torch.device (stock nnU-Net never reads it)
+    new_checkpoint["init_args"] = {k: str(v) if isinstance(v, torch.device) else v for k, v in init_args.items()}
     return new_checkpoint
 
 
-def _set_norm_op(new_plans: dict, configuration: str, configuration_manager, norm_types: set, network) -> None:
+#: the plain norm layers AC-Norm folds into
+NORM_TYPE_NAMES = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d",
+                             "InstanceNorm3d", "GroupNorm"})
+
+
+def _set_norm_op(new_plans: dict, configuration: str, configuration_manager, norm_types: set, network) -> str:
+    """Make the plans' ``norm_op`` the folded network's norm type (where the network class takes one);
+    returns that type's dotted name."""
     if len(norm_types) != 1:
         raise FoldError(f"the folded network mixes norm types {sorted(t.__name__ for t in norm_types)}; a plans "
                         "file describes one norm_op, so stock nnU-Net cannot rebuild it")
@@ -281,13 +299,17 @@ def _set_norm_op(new_plans: dict, configuration: str, configuration_manager, nor
                                   "arch_kwargs": copy.deepcopy(configuration_manager.network_arch_init_kwargs),
                                   "_kw_requires_import": list(configuration_manager.network_arch_init_kwargs_req_import)}
     arch_kwargs = config["architecture"]["arch_kwargs"]
-    current = pydoc.locate(arch_kwargs.get("norm_op") or "")
+    dotted = arch_kwargs.get("norm_op")
+    if not dotted:  # a network class that builds its own norm layers (Genesis, MedicalNet): nothing to set; the
+        return _dotted(norm_type)  # stock build is checked against the folded network's norm types
+    current = pydoc.locate(dotted)
     if current is not norm_type:
         example = next(m for m in network.modules() if type(m) is norm_type)
         arch_kwargs["norm_op"] = _dotted(norm_type)
         arch_kwargs["norm_op_kwargs"] = {"eps": example.eps, "affine": True}
         if "norm_op" not in config["architecture"].get("_kw_requires_import", []):
             config["architecture"].setdefault("_kw_requires_import", []).append("norm_op")
+    return arch_kwargs["norm_op"]
 
 
 def _max_probability_difference(trainer_class, plans_manager, configuration_manager, n_in, n_out, weights,

@@ -40,6 +40,9 @@ from nnunet_acnorm.networks.parts import NoEncoderError, encoder_prefixes, is_en
 
 #: what a trainer loads from -pretrained_weights (its class attribute ``pretrained_parts``)
 PRETRAINED_PARTS = ("all", "encoder")
+#: the largest magnitude of a pretrained norm affine that is accepted: float16's largest finite value
+#: (a larger one overflows under nnU-Net's mixed precision; trained norm affines are orders smaller)
+MAX_NORM_AFFINE = 65504.0
 
 class PretrainedWeightsError(InputError):
     """The pretrained checkpoint cannot initialise this network."""
@@ -175,6 +178,7 @@ def read_pretrained_weights(network: nn.Module, fname: str, plans_name: str | No
     own = network.state_dict()
     load = PretrainedLoad(os.path.abspath(fname), parts)
     keys = _keys_to_load(network, parts)
+    affine_keys = norm_affine_keys(network)
     for key in keys:
         if key in pretrained and not isinstance(pretrained[key], torch.Tensor):
             raise PretrainedWeightsError(f"{fname}: network_weights['{key}'] is a {type(pretrained[key]).__name__}, "
@@ -183,9 +187,18 @@ def read_pretrained_weights(network: nn.Module, fname: str, plans_name: str | No
         if fitted is None:
             _refuse_misfit(fname, checkpoint, pretrained, key, own[key].shape, plans_name, parts)
         value, done = fitted
+        if own[key].is_floating_point() and not value.is_floating_point():
+            raise PretrainedWeightsError(f"{fname}: key '{key}' holds {str(value.dtype).removeprefix('torch.')} values "
+                                         f"where the network has {str(own[key].dtype).removeprefix('torch.')}; the "
+                                         "checkpoint was edited or is not a trained network's")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise PretrainedWeightsError(f"{fname}: key '{key}' contains NaN or infinite values; the checkpoint is "
                                          "corrupted or comes from a diverged run")
+        if key in affine_keys and value.is_floating_point() and value.abs().max() > MAX_NORM_AFFINE:
+            raise PretrainedWeightsError(f"{fname}: the norm affine '{key}' holds {float(value.abs().max()):.3g}, more "
+                                         f"than {MAX_NORM_AFFINE:g} in magnitude (float16's largest value): under "
+                                         "nnU-Net's mixed precision it overflows; the checkpoint is corrupted or "
+                                         "comes from a diverged run")
         load.state[key] = value
         if done and not is_alias(key):
             load.bridged.append(f"{key}: {done}")
@@ -193,6 +206,18 @@ def read_pretrained_weights(network: nn.Module, fname: str, plans_name: str | No
     load.fresh = [k for k in canonical_keys(own) if k not in chosen]
     load.unpretrained_norms = _unpretrained_norms(network, checkpoint, chosen)
     return load
+
+
+def norm_affine_keys(network: nn.Module) -> set[str]:
+    """The state-dict keys of the norm layers' affines (weight, bias) in ``network``."""
+    from nnunet_acnorm.norms import acnorm_modules
+
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    acnorm = {id(m) for m in acnorm_modules(network).values()}
+    names = {name for name, m in network.named_modules(remove_duplicate=False)  # aliases too
+             if isinstance(m, norms) or id(m) in acnorm}
+    state = network.state_dict()
+    return {f"{name}.{part}" if name else part for name in names for part in ("weight", "bias")} & set(state)
 
 
 def _unpretrained_norms(network: nn.Module, checkpoint: dict, loaded: set) -> list[str]:

@@ -35,8 +35,10 @@ def folder_trainer(checkpoint_path) -> str | None:
     path = Path(os.path.abspath(os.fspath(checkpoint_path)))
     if not path.parent.name.startswith("fold_"):
         return None
-    parts = path.parent.parent.name.split("__")
-    return parts[0] if len(parts) == 3 and all(parts) else None
+    from nnunet_acnorm.checkpoints.results_folder import split_model_folder_name
+
+    parts = split_model_folder_name(path.parent.parent.name)
+    return parts[0] if parts else None
 
 
 def check_trained_checkpoint(path, checkpoint, trainer: str | None = None, trainer_source: str = "its model folder",

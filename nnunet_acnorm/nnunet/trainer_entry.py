@@ -44,3 +44,14 @@ def install_entry_boundary(cls: type) -> type:
         if method is not None and not getattr(method, "input_error_boundary", False):
             setattr(cls, name, exits_on_input_error(method))
     return cls
+
+
+def check_plans_at_import() -> None:
+    """The boundary of the trainer shims (``nnunet_ext/``), which ``nnUNetv2_train`` imports before it
+    reads the plans: a missing ``-p`` plans file ends the process with one line."""
+    from nnunet_acnorm.nnunet.training_guards import TrainingStartError, check_plans_file
+
+    try:
+        check_plans_file()
+    except TrainingStartError as e:
+        raise SystemExit(f"nnUNetv2_train: error: {e}") from None

@@ -6,6 +6,8 @@ with a traceback or two runs would mix one fold.
 - :func:`check_command_line`: ``--c`` with ``-pretrained_weights`` (nnU-Net raises a
   ``RuntimeError``), ``--val`` without ``checkpoint_final.pth``, a ``checkpoint_*.pth`` that is
   not a file (a directory of that name makes the final save fail after the whole training).
+- :func:`check_plans_file`: ``-p`` naming a plans file the dataset does not have (nnU-Net raises a
+  ``FileNotFoundError``); checked when nnU-Net imports the trainer shims, before it reads the plans.
 - :func:`acquire_fold_lock`: one run per fold at a time (:class:`nnunet_acnorm.outputs.RunLock`,
   taken by rank 0 only, released when the process ends, also in DDP's worker processes).
 - :func:`non_finite_state`: the line that stops a training whose loss or weights became NaN or
@@ -74,6 +76,46 @@ def check_command_line(output_folder: str, argv: list[str] | None = None) -> Non
         raise TrainingStartError(f"--val validates the finished training, but {final} does not exist"
                                  + (f" (the fold holds {', '.join(latest)}: continue the training with --c)" if latest
                                     else ": train this fold first"))
+
+
+def _option_value(args: list[str], name: str, default: str) -> str:
+    value = default
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg[len(name) + 1:]
+    return value
+
+
+def check_plans_file(argv: list[str] | None = None) -> None:
+    """TrainingStartError when ``argv`` is a ``nnUNetv2_train`` command line whose plans file (``-p``,
+    default nnUNetPlans) is not in the dataset's preprocessed folder: nnU-Net would end with a
+    ``FileNotFoundError`` traceback. Runs where nnU-Net imports our trainer shims, before it loads
+    the plans; a dataset nnU-Net cannot resolve is left to nnU-Net's own message."""
+    argv = sys.argv if argv is None else argv
+    if not argv or os.path.basename(argv[0]) != "nnUNetv2_train" or len(argv) < 2 or argv[1].startswith("-"):
+        return
+    preprocessed = os.environ.get("nnUNet_preprocessed")
+    if not preprocessed:
+        return
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        dataset = maybe_convert_to_dataset_name(argv[1] if argv[1].startswith("Dataset") else int(argv[1]))
+    except (RuntimeError, ValueError):
+        return
+    plans = _option_value(argv[1:], "-p", "nnUNetPlans")
+    folder = os.path.join(preprocessed, dataset)
+    plans_file = os.path.join(folder, plans + ".json")
+    if os.path.isfile(plans_file):
+        return
+    others = sorted(n[:-5] for n in os.listdir(folder) if n.endswith(".json") and n not in (
+        "dataset.json", "dataset_fingerprint.json", "splits_final.json")) if os.path.isdir(folder) else []
+    raise TrainingStartError(f"-p {plans}: the plans file {plans_file} does not exist ("
+                             + (f"plans there: {', '.join(others)}; " if others else "")
+                             + f"plan the dataset with nnUNetv2_plan_and_preprocess -d {argv[1]}, import pretrained "
+                             "plans with nnUNetv2_acnorm_import, or give an existing plans identifier with -p)")
 
 
 def acquire_fold_lock(output_folder: str, fold_name: str, log) -> RunLock:

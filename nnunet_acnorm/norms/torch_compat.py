@@ -11,7 +11,7 @@ elsewhere calls these helpers instead of the newest torch API:
 - :func:`has_float64`: whether tensors of a device type can be float64 (mps cannot).
 - :func:`grad_scaler`: ``torch.amp.GradScaler("cuda")`` (torch >= 2.3), else
   ``torch.cuda.amp.GradScaler()``.
-- :data:`RMS_NORM`: ``nn.RMSNorm`` (torch >= 2.4) or None.
+- :data:`RMS_NORM`: ``nn.RMSNorm`` (torch >= 2.4) or None; :data:`TORCH_VERSION`: (major, minor).
 - :func:`weights_only_load`: ``torch.load(weights_only=True)`` with extra allowed globals:
   ``torch.serialization.safe_globals`` (torch >= 2.5), ``add_safe_globals`` (2.4), else
   :func:`restricted_load`, torch's file readers with a restricted unpickler that allows the
@@ -29,6 +29,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+
+#: (major, minor) of the running torch
+TORCH_VERSION: tuple[int, int] = tuple(int(part) for part in torch.__version__.split(".")[:2])
 
 #: nn.RMSNorm where torch has it (2.4), else None
 RMS_NORM: type[nn.Module] | None = getattr(nn, "RMSNorm", None)

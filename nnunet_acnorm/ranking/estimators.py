@@ -16,6 +16,7 @@ from torch import nn
 from nnunet_acnorm.norms.ac_corr import ACCorr, LayerSelection, select_layers
 from nnunet_acnorm.norms import acnorm_modules
 from nnunet_acnorm.norms.functional import domain_indicator
+from nnunet_acnorm.nnunet.training_step import deterministic_float32
 from nnunet_acnorm.ranking.logme import logme
 
 
@@ -127,7 +128,8 @@ def norm_features_at_labels(model: nn.Module, layer: str, batches: Sequence[dict
     try:
         for batch in batches:
             captured.clear()
-            model(batch["data"].to(device))
+            with deterministic_float32():  # the same float32 settings as the ranking's steps (no TF32)
+                model(batch["data"].to(device))
             fmap = captured[0]  # (B, C, *spatial)
             seg = _segmentation(batch)[:, 0].long().cpu()  # (B, *spatial)
             index = [torch.clamp(((torch.arange(f) + 0.5) * s / f).long(), max=s - 1)

@@ -25,6 +25,7 @@ import torch
 
 from nnunet_acnorm.norms.ac_corr import LayerSelection, select_layers
 from nnunet_acnorm.norms import acnorm_modules
+from nnunet_acnorm.outputs import check_replaceable, replace_folder
 from nnunet_acnorm.ranking.direction import (DIRECTION, ESTIMATORS, direction_statement,  # noqa: F401
                                              parse_estimators, reliable)
 from nnunet_acnorm.ranking.estimators import (_near_constant_source, ac_corr_after_steps, ac_corr_in_float64,
@@ -343,16 +344,49 @@ def existing_results(folder: str) -> list[str]:
     return [f for f in RESULT_FILES if os.path.exists(os.path.join(folder, f))]
 
 
-def write_results(ranking: Ranking, folder: str, overwrite: bool = False) -> list[str]:
-    """CSV, JSON, S matrices (npz) and plots in ``folder``; refuses to replace earlier results
-    unless ``overwrite``."""
-    from nnunet_acnorm.ranking.plots import plot_scores, plot_sparse_correlations
+#: the folder of per-candidate logs in a ranking's output
+LOGS_FOLDER = "logs"
 
-    os.makedirs(folder, exist_ok=True)
-    present = existing_results(folder)
+
+def _owned(relative: str) -> bool:
+    """Whether ``relative`` (a path in the output folder) is a file a ranking writes."""
+    folder, _, name = relative.rpartition("/")
+    return relative in RESULT_FILES or (folder == LOGS_FOLDER and name.endswith(".txt"))
+
+
+def check_output_folder(folder: str, overwrite: bool) -> None:
+    """FileExistsError if ``folder`` holds results of an earlier ranking and not ``overwrite``;
+    :class:`~nnunet_acnorm.outputs.OutputError` unless it is new, empty or (``overwrite``) holds only
+    what a ranking writes (:func:`~nnunet_acnorm.outputs.check_replaceable`)."""
+    present = existing_results(folder) if os.path.isdir(folder) else []
     if present and not overwrite:
         raise FileExistsError(f"{folder} already holds results of an earlier ranking ({', '.join(present)}); "
                               "pass --overwrite to replace them or -o for another folder")
+    check_replaceable(folder, "-o", overwrite, _owned, f"the results nnUNetv2_acnorm_rank writes "
+                      f"({', '.join(RESULT_FILES)}, {LOGS_FOLDER}/*.txt)", empty_ok=True)
+
+
+def write_results(ranking: Ranking, folder: str, overwrite: bool = False, logs: dict[str, str] | None = None
+                  ) -> list[str]:
+    """CSV, JSON, S matrices (npz), plots and the candidates' ``logs`` (name -> text) in ``folder``,
+    written beside it and swapped in atomically (:func:`~nnunet_acnorm.outputs.replace_folder`: a
+    kill at any point leaves the old or the new results whole); refuses to replace earlier results
+    unless ``overwrite`` (:func:`check_output_folder`). Returns the paths of the result files."""
+    check_output_folder(folder, overwrite)
+    written: list[str] = []
+
+    def write(staging) -> None:
+        written[:] = [os.path.join(folder, os.path.relpath(path, staging))
+                      for path in _write_files(ranking, str(staging), logs or {})]
+        check_output_folder(folder, overwrite)  # again: it may have changed meanwhile
+
+    replace_folder(folder, write)
+    return written
+
+
+def _write_files(ranking: Ranking, folder: str, logs: dict[str, str]) -> list[str]:
+    from nnunet_acnorm.ranking.plots import plot_scores, plot_sparse_correlations
+
     written = []
     csv_file = os.path.join(folder, "ranking.csv")
     layer_names = sorted({n for c in ranking.measured for n in c.per_layer})
@@ -380,6 +414,11 @@ def write_results(ranking: Ranking, folder: str, overwrite: bool = False) -> lis
         np.savez_compressed(npz_file, **matrices)
         written.append(npz_file)
         written.append(plot_sparse_correlations(ranking, os.path.join(folder, "sparse_correlations.png")))
+    os.makedirs(os.path.join(folder, LOGS_FOLDER), exist_ok=True)
+    for name, text in logs.items():
+        if text:
+            with open(os.path.join(folder, LOGS_FOLDER, name.replace(os.sep, "_") + ".txt"), "w") as f:
+                f.write(text)
     return written
 
 

@@ -5,9 +5,13 @@
 - :func:`nnunet_env` gives an environment with ``nnUNet_raw/preprocessed/results`` in a tmp dir.
 - :func:`run_console` runs an installed console script (next to ``sys.executable``) in a
   subprocess, as a user would, and fails the test with its output when it fails.
+- :func:`build_once` builds an expensive input once per test run, shared by the pytest-xdist
+  workers; :func:`planned_tiny_dataset` is such an input (a dataset planned and preprocessed by
+  nnU-Net), :func:`copy_planned` puts a private copy of it under a test's folder.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -118,10 +122,14 @@ def console_script(name: str) -> str:
 
 def run_console(script: str, *args, env: dict | None = None, timeout: float = 600, check: bool = True,
                 cwd=None) -> subprocess.CompletedProcess:
-    """Run console script ``script`` with ``args``; with ``check``, fail the test (showing stdout and
-    stderr) on a non-zero exit. Returns the CompletedProcess (text output)."""
+    """Run console script ``script`` with ``args`` in a process of its own (a fork of a preloaded
+    interpreter, :mod:`tests.console_server`; ``ACNORM_TEST_FRESH_PROCESSES=1``: a fresh one); with
+    ``check``, fail the test (showing stdout and stderr) on a non-zero exit. Returns the
+    CompletedProcess (text output)."""
+    from tests import console_server
+
     cmd = [console_script(script), *[str(a) for a in args]]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    proc = console_server.run(cmd, env=env, timeout=timeout, cwd=cwd)
     if check and proc.returncode != 0:
         import pytest
 
@@ -141,3 +149,49 @@ def acnorm_trainer_env(base_dir, training: bool = True, **extra) -> dict:
         parts.append(trainer_shim_folder())
     env["nnUNet_extTrainer"] = os.pathsep.join(parts)
     return env
+
+
+def build_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder ``name`` built by ``build(folder)`` once per test run: in the run's temporary folder
+    (under pytest-xdist the parent of each worker's ``basetemp``, which the workers share), under a
+    file lock, so that a second worker waits for the first one's build instead of building it again.
+    Treat it as read-only (copy what a test changes)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".complete").is_file():
+            staging = root / f"{name}.building"
+            for old in (folder, staging):
+                if old.exists():
+                    shutil.rmtree(old)
+            staging.mkdir()
+            build(staging)
+            staging.rename(folder)
+            (folder / ".complete").touch()
+    return folder
+
+
+#: the shared planned dataset: nnU-Net id, name, configuration
+TINY_ID, TINY_NAME, TINY_CONFIG = 931, "Dataset931_Tiny", "3d_fullres"
+
+
+def planned_tiny_dataset(tmp_path_factory) -> Path:
+    """``Dataset931_Tiny`` (:func:`make_tiny_dataset`: 5 cases of 24^3, 2 labels, seed 0) planned and
+    preprocessed for 3d_fullres by ``nnUNetv2_plan_and_preprocess``, once per test run
+    (:func:`build_once`); the folder holds ``raw/`` and ``preprocessed/``."""
+    def build(folder: Path) -> None:
+        env = acnorm_trainer_env(folder, training=False)
+        make_tiny_dataset(env["nnUNet_raw"], TINY_ID, n_cases=5, name=TINY_NAME.split("_", 1)[1], seed=0)
+        run_console("nnUNetv2_plan_and_preprocess", "-d", TINY_ID, "-c", TINY_CONFIG, "-np", 1, "-npfp", 1, env=env)
+
+    return build_once(tmp_path_factory, "planned_" + TINY_NAME, build)
+
+
+def copy_planned(shared, base) -> None:
+    """Copy the ``raw/`` and ``preprocessed/`` folders of a :func:`build_once` dataset into ``base``
+    (the folders :func:`nnunet_env` points nnU-Net to)."""
+    for sub in ("raw", "preprocessed"):
+        shutil.copytree(Path(shared) / sub, Path(base) / sub, dirs_exist_ok=True)
