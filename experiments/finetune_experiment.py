@@ -37,8 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnunet_acnorm.demo.datasets import (CT_ORGANS, CT_PELVIS, MR_ORGANS, SlabTask, write_holdout_split,
-                                         write_raw_dataset)
+from nnunet_acnorm.demo.datasets import (CT_ORGANS, CT_ORGANS_UNSEEN, CT_PELVIS, MR_ORGANS, SlabTask,
+                                         write_holdout_split, write_raw_dataset)
 from nnunet_acnorm.demo.pipeline import DEMO_TRAINER_FOLDER
 from nnunet_acnorm.nnunet.discovery import trainer_shim_folder, with_trainer_folder
 from nnunet_acnorm.nnunet.seeding import SEED_ENV
@@ -57,6 +57,8 @@ class Transfer:
 
 
 TRANSFERS = {t.key: t for t in (
+    # held out: another patient's CT (another scanner), fetched from PyPI (nnunet_acnorm/demo/totalseg_sdist.py)
+    Transfer("mr_to_ct_unseen_patient", MR_ORGANS, CT_ORGANS_UNSEEN, "DemoUnseenCTPlansForMR", "liver"),
     Transfer("ct_to_mr", CT_ORGANS, MR_ORGANS, "DemoMRPlansForCT", "liver"),
     Transfer("ct_abdomen_to_pelvis", CT_ORGANS, CT_PELVIS, "DemoPelvisPlansForCT", "hips"),
 )}

@@ -1,9 +1,13 @@
 """nnU-Net raw datasets cut from the bundled real CT/MR volumes (for the demo and the experiments).
 
 Each bundled volume (TotalSegmentator examples, Apache-2.0, see ``data/README.md``) is one
-patient; a dataset cuts it along z into slabs (the nnU-Net "cases"), remaps TotalSegmentator's
-label ids to a few consecutive labels and resamples to :data:`DEMO_INPLANE_SPACING` in-plane.
-A :class:`SlabTask` describes one such dataset; :data:`TASKS` lists the bundled ones.
+patient; a dataset reorients it to LPS, resamples it to :data:`DEMO_SPACING` (isotropic), cuts it
+along z into slabs (the nnU-Net "cases") and remaps TotalSegmentator's label ids to a few
+consecutive labels. Isotropic spacing keeps nnU-Net's planner from transposing the slabs: its "2d"
+configuration trains on axial slices (tests/test_demo_plans.py checks the plans).
+A :class:`SlabTask` describes one such dataset; :data:`TASKS` lists them. A task with
+``unseen_patient_held_out`` also gets a held-out case from another patient, the DICOM CT fetched
+from PyPI at run time (:mod:`nnunet_acnorm.demo.totalseg_sdist`).
 """
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-#: in-plane spacing (mm) the datasets are resampled to: 2x coarser than the data, 4x cheaper training
-DEMO_INPLANE_SPACING = 6.0
+#: isotropic spacing (mm) the datasets are resampled to (that of the bundled volumes), in LPS orientation
+DEMO_SPACING = 3.0
+DEMO_ORIENTATION = "LPS"
 DATA_NOTE = "bundled TotalSegmentator example (Apache-2.0), see nnunet_acnorm/demo/data/README.md"
 
 
@@ -30,6 +35,8 @@ class SlabTask:
     totalseg_to_label: dict[int, int]  #: TotalSegmentator id -> label id (others: background)
     n_slabs: int = 5
     held_out: tuple[int, ...] = field(default=(2,))  #: slab indices not used for training
+    #: a held-out case from another patient: the DICOM CT of TotalSegmentator's sdist (totalseg_sdist.py)
+    unseen_patient_held_out: bool = False
 
     @property
     def folder_name(self) -> str:
@@ -43,8 +50,12 @@ class SlabTask:
         return [self.case_id(i) for i in range(self.n_slabs) if i not in self.held_out]
 
     @property
+    def unseen_case(self) -> str:
+        return f"{self.name.lower()}_unseenpatient"
+
+    @property
     def held_out_cases(self) -> list[str]:
-        return [self.case_id(i) for i in self.held_out]
+        return [self.case_id(i) for i in self.held_out] + ([self.unseen_case] if self.unseen_patient_held_out else [])
 
 
 ORGANS = {"background": 0, "liver": 1, "spleen": 2, "kidneys": 3, "stomach": 4}
@@ -60,7 +71,13 @@ MR_ORGANS = SlabTask(982, "DemoMROrgans", "mr_abdomen.nii.gz", "mr_abdomen_seg.n
                      ORGANS_FROM_TOTALSEG)
 CT_PELVIS = SlabTask(983, "DemoCTPelvis", "ct_pelvis.nii.gz", "ct_pelvis_seg.nii.gz", "CT", PELVIS,
                      PELVIS_FROM_TOTALSEG)
-TASKS = {task.name: task for task in (CT_ORGANS, MR_ORGANS, CT_PELVIS)}
+#: the organs present in both CT patients (the bundled one and the fetched DICOM one; it has no kidneys)
+CT_ORGANS3 = {"background": 0, "liver": 1, "spleen": 2, "stomach": 3}
+CT_ORGANS3_FROM_TOTALSEG = {5: 1, 1: 2, 6: 3}
+#: trains on the bundled CT patient's abdomen (all slabs), evaluates on another patient's CT
+CT_ORGANS_UNSEEN = SlabTask(984, "DemoCTOrgansUnseenPatient", "ct_abdomen.nii.gz", "ct_abdomen_seg.nii.gz", "CT",
+                            CT_ORGANS3, CT_ORGANS3_FROM_TOTALSEG, held_out=(), unseen_patient_held_out=True)
+TASKS = {task.name: task for task in (CT_ORGANS, MR_ORGANS, CT_PELVIS, CT_ORGANS_UNSEEN)}
 
 
 def _remap(seg, mapping: dict[int, int]):
@@ -77,15 +94,25 @@ def slab_edges(n_slices: int, n: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _resample_inplane(image, is_label: bool):
+def resample_isotropic(image, is_label: bool):
+    """``image`` in LPS orientation at :data:`DEMO_SPACING` isotropic (nearest neighbour for labels)."""
     import SimpleITK as sitk
 
+    image = sitk.DICOMOrient(image, DEMO_ORIENTATION)
     spacing = image.GetSpacing()
-    new_spacing = (DEMO_INPLANE_SPACING, DEMO_INPLANE_SPACING, spacing[2])
+    new_spacing = (DEMO_SPACING,) * 3
     size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), spacing, new_spacing)]
     interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
     return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), new_spacing,
                          image.GetDirection(), 0, image.GetPixelID())
+
+
+def _labels(seg, mapping: dict[int, int]):
+    import SimpleITK as sitk
+
+    labels = sitk.GetImageFromArray(_remap(sitk.GetArrayFromImage(seg), mapping))
+    labels.CopyInformation(seg)
+    return labels
 
 
 def write_raw_dataset(raw: Path, task: SlabTask, held_out_dir: Path | None = None) -> Path:
@@ -99,10 +126,8 @@ def write_raw_dataset(raw: Path, task: SlabTask, held_out_dir: Path | None = Non
     import SimpleITK as sitk
 
     image = sitk.ReadImage(str(DATA_DIR / task.image_file))
-    seg = sitk.ReadImage(str(DATA_DIR / task.seg_file))
-    labels = sitk.GetImageFromArray(_remap(sitk.GetArrayFromImage(seg), task.totalseg_to_label))
-    labels.CopyInformation(seg)
-    image, labels = _resample_inplane(image, False), _resample_inplane(labels, True)
+    labels = _labels(sitk.ReadImage(str(DATA_DIR / task.seg_file)), task.totalseg_to_label)
+    image, labels = resample_isotropic(image, False), resample_isotropic(labels, True)
     folder = Path(raw) / task.folder_name
     for sub in ("imagesTr", "labelsTr"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -118,6 +143,21 @@ def write_raw_dataset(raw: Path, task: SlabTask, held_out_dir: Path | None = Non
         segs.mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(image[:, :, z0:z1], str(images / f"{case}_0000.nii.gz"))
         sitk.WriteImage(labels[:, :, z0:z1], str(segs / f"{case}.nii.gz"))
+    if task.unseen_patient_held_out:
+        from nnunet_acnorm.demo.totalseg_sdist import dicom_ct
+
+        other, other_seg = dicom_ct()
+        other = resample_isotropic(sitk.Cast(other, image.GetPixelID()), False)
+        other_labels = resample_isotropic(_labels(other_seg, task.totalseg_to_label), True)
+        if held_out_dir is not None:
+            images, segs = Path(held_out_dir) / "imagesTs", Path(held_out_dir) / "labelsTs"
+        else:
+            images, segs = folder / "imagesTr", folder / "labelsTr"
+            n_train += 1
+        images.mkdir(parents=True, exist_ok=True)
+        segs.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(other, str(images / f"{task.unseen_case}_0000.nii.gz"))
+        sitk.WriteImage(other_labels, str(segs / f"{task.unseen_case}.nii.gz"))
     (folder / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": task.channel}, "labels": task.labels, "numTraining": n_train,
         "file_ending": ".nii.gz", "description": DATA_NOTE}, indent=2))
