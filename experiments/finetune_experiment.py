@@ -67,6 +67,7 @@ TRANSFERS = {t.key: t for t in (
 METHODS = {
     "scratch": ("nnUNetTrainerScratch_acnormDemo", None),
     "vanilla": ("nnUNetTrainerFinetune_acnormDemo", "IN"),
+    "acnorm": ("nnUNetTrainerACNorm_acnormDemo", "IN"),  # the default temperature
     "acnorm_tau1": ("nnUNetTrainerACNorm_tau1_acnormDemo", "IN"),
     "acnorm_tauAuto": ("nnUNetTrainerACNorm_tauAuto_acnormDemo", "IN"),
     "vanilla_BN": ("nnUNetTrainerFinetuneBN_acnormDemo", "BN"),
@@ -239,7 +240,7 @@ class Experiment:
 
 
 #: comparison groups: (name, methods, baseline); each group's methods share a source checkpoint
-GROUPS = [("IN", ["scratch", "vanilla", "acnorm_tau1", "acnorm_tauAuto", "l2sp", "acnorm_l2sp", "delta", "bss", "lpft",
+GROUPS = [("IN", ["scratch", "vanilla", "acnorm", "acnorm_tau1", "acnorm_tauAuto", "l2sp", "acnorm_l2sp", "delta", "bss", "lpft",
                   "dlr"], "vanilla"),
           ("BN", ["vanilla_BN", "acnorm_BN_tau1", "acnorm_BN_tauAuto", "stochnorm_BN"], "vanilla_BN")]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nnunet_acnorm.demo import pipeline
-from nnunet_acnorm.demo.datasets import TASKS, write_raw_dataset
+from nnunet_acnorm.demo.datasets import DEMO_SPACING, TASKS, write_raw_dataset
 from tests.factories.nnunet import TESTS_DIR, nnunet_env, run_console
 
 
@@ -49,7 +49,7 @@ def test_every_target_is_planned_as_axial_slices(plans):
         assert plan["transpose_forward"] == [0, 1, 2], name
         assert min(config["patch_size"]) >= 64, (name, config["patch_size"])
         assert kernels[0] == [3, 3], (name, kernels[0])
-        assert config["spacing"] == [3.0, 3.0], (name, config["spacing"])
+        assert config["spacing"] == [DEMO_SPACING] * 2, (name, config["spacing"])
 
 
 def test_unseen_patient_is_held_out(tmp_path):
