@@ -67,19 +67,26 @@ TRANSFERS = {t.key: t for t in (
 METHODS = {
     "scratch": ("nnUNetTrainerScratch_acnormDemo", None),
     "vanilla": ("nnUNetTrainerFinetune_acnormDemo", "IN"),
-    "acnorm": ("nnUNetTrainerACNorm_acnormDemo", "IN"),  # the default temperature
+    "acnorm": ("nnUNetTrainerACNorm_acnormDemo", "IN"),  # the default (calibrated) temperature
     "acnorm_tau1": ("nnUNetTrainerACNorm_tau1_acnormDemo", "IN"),
-    "acnorm_tauAuto": ("nnUNetTrainerACNorm_tauAuto_acnormDemo", "IN"),
-    "vanilla_BN": ("nnUNetTrainerFinetuneBN_acnormDemo", "BN"),
-    "acnorm_BN_tau1": ("nnUNetTrainerACNormBN_tau1_acnormDemo", "BN"),
-    "acnorm_BN_tauAuto": ("nnUNetTrainerACNormBN_tauAuto_acnormDemo", "BN"),
+    # nnU-Net master's PretrainedTrainer recipe and its --from_scratch twin (docs/baselines.md)
+    "nnunet_recipe": ("nnUNetTrainerPretrainedRecipe_acnormDemo", "IN"),
+    "nnunet_recipe_scratch": ("nnUNetTrainerPretrainedRecipe_fromScratch_acnormDemo", None),
     # the fine-tuning baselines (docs/baselines.md)
     "l2sp": ("nnUNetTrainerL2SP_acnormDemo", "IN"),
     "acnorm_l2sp": ("nnUNetTrainerACNorm_L2SP_acnormDemo", "IN"),
+    "spd": ("nnUNetTrainerSPD_acnormDemo", "IN"),
+    "acnorm_spd": ("nnUNetTrainerACNorm_SPD_acnormDemo", "IN"),
+    "lpft": ("nnUNetTrainerLPFT_acnormDemo", "IN"),
     "delta": ("nnUNetTrainerDELTA_acnormDemo", "IN"),
     "bss": ("nnUNetTrainerBSS_acnormDemo", "IN"),
-    "lpft": ("nnUNetTrainerLPFT_acnormDemo", "IN"),
     "dlr": ("nnUNetTrainerDiscriminativeLR_acnormDemo", "IN"),
+    # BatchNorm networks (the paper's setting)
+    "vanilla_BN": ("nnUNetTrainerFinetuneBN_acnormDemo", "BN"),
+    "acnorm_BN": ("nnUNetTrainerACNormBN_acnormDemo", "BN"),  # the default (calibrated) temperature
+    "acnorm_BN_tau1": ("nnUNetTrainerACNormBN_tau1_acnormDemo", "BN"),
+    "nnunet_recipe_BN": ("nnUNetTrainerPretrainedRecipeBN_acnormDemo", "BN"),
+    "spd_BN": ("nnUNetTrainerSPDBN_acnormDemo", "BN"),
     "stochnorm_BN": ("nnUNetTrainerStochNormBN_acnormDemo", "BN"),
 }
 PRETRAIN_TRAINERS = {"IN": "nnUNetTrainerScratch_acnormDemo", "BN": "nnUNetTrainerScratchBN_acnormDemo"}
@@ -240,9 +247,12 @@ class Experiment:
 
 
 #: comparison groups: (name, methods, baseline); each group's methods share a source checkpoint
-GROUPS = [("IN", ["scratch", "vanilla", "acnorm", "acnorm_tau1", "acnorm_tauAuto", "l2sp", "acnorm_l2sp", "delta", "bss", "lpft",
-                  "dlr"], "vanilla"),
-          ("BN", ["vanilla_BN", "acnorm_BN_tau1", "acnorm_BN_tauAuto", "stochnorm_BN"], "vanilla_BN")]
+GROUPS = [("IN", ["scratch", "nnunet_recipe_scratch", "vanilla", "nnunet_recipe", "acnorm", "acnorm_tau1", "l2sp",
+                  "acnorm_l2sp", "spd", "acnorm_spd", "lpft", "delta", "bss", "dlr"], "vanilla"),
+          ("BN", ["vanilla_BN", "nnunet_recipe_BN", "acnorm_BN", "acnorm_BN_tau1", "spd_BN", "stochnorm_BN"],
+           "vanilla_BN")]
+#: the full matrix this script is meant to fill (every transfer x every method, this many seeds)
+FULL_SEEDS = 5
 
 
 def results_markdown(results: dict) -> str:
@@ -323,6 +333,10 @@ def main(argv: list[str] | None = None, methods_table: dict[str, tuple[str, str 
 def publish(out: Path, folder: Path, results: dict) -> None:
     """Copy the results (tables, JSON, plots) into ``folder`` (e.g. experiments/results/finetune)."""
     folder.mkdir(parents=True, exist_ok=True)
+    current = {Path(comp["folder"]).name for res in results["transfers"].values() for comp in res["comparisons"]}
+    for stale in folder.glob("compare_*"):  # results of earlier runs are replaced, not kept beside
+        if stale.is_dir() and stale.name not in current:
+            shutil.rmtree(stale)
     shutil.copy(out / "results.json", folder / "results.json")
     shutil.copy(out / "results.md", folder / "results.md")
     for res in results["transfers"].values():
@@ -344,8 +358,12 @@ README_START, README_END = "<!-- results table: experiments/finetune_experiment.
 
 
 def readme_table(summary: dict, results: dict) -> str:
-    """The README's results table: every comparison row with its seeds, spread and paired interval."""
-    lines = ["| transfer | method | seeds | mean Dice ± sd (all labels, over seeds) | success label: Dice ± sd, "
+    """The README's results table: every comparison row with its seeds, spread and paired interval,
+    then every cell of the full matrix (TRANSFERS x METHODS, FULL_SEEDS seeds) that has not run."""
+    lines = [f"Budget: {results['epochs']} fine-tuning epochs x {results['iterations']} iterations (source models: "
+             f"{results['pretrain_epochs']} epochs), nnU-Net's 2d configuration (axial slices, 4 mm); made by "
+             "`experiments/finetune_experiment.py --publish`.", "",
+             "| transfer | method | seeds | mean Dice ± sd (all labels, over seeds) | success label: Dice ± sd, "
              "runs > 0.5 | Δ mean Dice vs baseline [95 % CI] | p (Wilcoxon) |", "|---|---|---|---|---|---|---|"]
     for key, transfer in summary["transfers"].items():
         for row in transfer["rows"]:
@@ -355,7 +373,26 @@ def readme_table(summary: dict, results: dict) -> str:
             lines.append(f"| {key} | {row['method']} | {row['seeds']} | {row['mean_dice']:.3f} ± {row['sd']:.3f} | "
                          f"{transfer['success_label']}: {row['label_dice']:.3f} ± {row['label_sd']:.3f}, "
                          f"{row['segmented']}/{row['seeds']} | {delta} | {p} |")
+    missing = not_run(summary)
+    if missing:
+        lines += ["", f"**Not run yet** (fewer than {FULL_SEEDS} seeds; the script runs them, "
+                      "`--transfers T --methods M --seeds 0-4`, finished runs are skipped):", ""]
+        lines += [f"- {key}: {', '.join(methods)}" for key, methods in missing.items()]
     return "\n".join(lines) + "\n"
+
+
+def not_run(summary: dict) -> dict[str, list[str]]:
+    """Per transfer, the methods of METHODS without a comparison row of FULL_SEEDS or more seeds
+    (with the number of seeds that did run, where some did)."""
+    missing = {}
+    for key in TRANSFERS:
+        rows = summary["transfers"].get(key, {}).get("rows", [])
+        runs = summary["transfers"].get(key, {}).get("success", {})
+        done = {r["method"] for r in rows if r["seeds"] >= FULL_SEEDS}
+        cells = [m + (f" ({runs[m]['runs']} seeds)" if m in runs else "") for m in METHODS if m not in done]
+        if cells:
+            missing[key] = cells
+    return missing
 
 
 #: what nnUNetv2_acnorm_demo prints after its own single run: the experiment's numbers

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ def _experiment_targets() -> set[str]:
     spec = importlib.util.spec_from_file_location("finetune_experiment",
                                                   TESTS_DIR.parent / "experiments" / "finetune_experiment.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return {t.target.name for t in module.TRANSFERS.values()}
 
