@@ -289,9 +289,9 @@ def main(argv: list[str] | None = None, methods_table: dict[str, tuple[str, str 
     parser.add_argument("--transfers", default=",".join(TRANSFERS))
     parser.add_argument("--methods", default=",".join(methods_table))
     parser.add_argument("--seeds", default="0-4", help="e.g. 0-4 or 0,1,7")
-    parser.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs (the demo's budget)")
-    parser.add_argument("--pretrain-epochs", type=int, default=25)
-    parser.add_argument("--iterations", type=int, default=40, help="iterations per epoch")
+    parser.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs (the demo's budget)")
+    parser.add_argument("--pretrain-epochs", type=int, default=12)
+    parser.add_argument("--iterations", type=int, default=25, help="iterations per epoch")
     parser.add_argument("--jobs", type=int, default=2, help="trainings at a time (one CPU thread each)")
     parser.add_argument("--no-compare", action="store_true", help="train only")
     parser.add_argument("--compare-only", action="store_true",
