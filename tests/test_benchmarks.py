@@ -1,4 +1,4 @@
-"""The benchmark scripts run and print their tables (quick settings; figures are in the README)."""
+"""The benchmark scripts run and print their tables (quick settings; figures are in docs/performance.md)."""
 import importlib.util
 import json
 import math

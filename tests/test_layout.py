@@ -1,4 +1,4 @@
-"""The package layout the README's "Where things are" describes: imports run one way, library code
+"""The package layout docs/development.md ("Where things are") describes: imports run one way, library code
 never imports a command module, and nothing silences another module's output."""
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ def resolve_seed(class_seed: int | None) -> int | None:
 def apply_cpu_thread_limit() -> int | None:
     """Honour ``OMP_NUM_THREADS`` on CPU: ``nnUNetv2_train -device cpu`` sets torch's thread count
     to every core, overriding it. Two trainings on two cores then run 2 threads each and spin in
-    OpenMP: measured 50 s instead of 1 s per 20-iteration epoch of the demo's 2D network. Returns
+    OpenMP (measured: docs/trainers.md, "CPU threads"; benchmarks/benchmark_cpu_threads.py). Returns
     the thread count set, or None when the variable is unset."""
     value = os.environ.get("OMP_NUM_THREADS", "").strip()
     if not value.isdigit() or int(value) < 1:

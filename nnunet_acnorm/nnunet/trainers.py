@@ -48,10 +48,10 @@ from nnunet_acnorm.nnunet.seeding import (SEED_ENV, apply_cpu_thread_limit, ddp_
 
 
 #: default temperature of nnUNetTrainerACNorm / nnUNetTrainerACNormBN: calibrated per layer from the
-#: pretrained affines (norms.functional.calibrated_tau). Chosen over the paper's fixed 1.0 on the bundled
-#: CT -> MR transfer (5 seeds: mean Dice +0.043 [+0.017, +0.060] over vanilla, tau = 1: +0.011
-#: [-0.019, +0.028]); docs/experiments.md has the numbers, including the second transfer that was not
-#: used for the choice. The _tau1 / _tauAuto trainers fix it; other values: a subclass with
+#: pretrained affines (norms.functional.calibrated_tau). Chosen over the paper's fixed 1.0 on the
+#: bundled CT -> MR transfer by experiments/finetune_experiment.py; docs/experiments.md ("The
+#: temperature", "Results") has the numbers, including the second transfer that was not used for the
+#: choice. The _tau1 / _tauAuto trainers fix it; other values: a subclass with
 #: build_network_architecture = _acnorm_builder(..., tau)
 ACNORM_TAU = AUTO_TAU
 
@@ -68,10 +68,9 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
       poly decay to 0 over ``finetune_num_epochs`` = 250 epochs;
     - ``finetune_oversample_foreground`` = 1.0: every patch of a batch is centred on a foreground
       voxel (nnU-Net: a third of them). From a checkpoint of another task the fresh head first
-      predicts background everywhere; with few foreground patches the fine-tuning stayed in that
-      state for most of the schedule (peak lr 1e-3 and nnU-Net's 0.33 oversampling: 0 of 2 seeded
-      demo fine-tunings reached liver Dice 0.5; with this recipe see the success counts in
-      docs/experiments.md).
+      predicts background everywhere; with few foreground patches the fine-tuning stays in that
+      state for most of the schedule (with peak lr 1e-3 and nnU-Net's 0.33 oversampling, and the
+      success counts of this recipe: docs/experiments.md, "The recipe").
 
     ``iterations_per_epoch`` / ``val_iterations_per_epoch`` (None: nnU-Net's 250 / 50) exist for
     short demos and tests.

@@ -1,15 +1,16 @@
 """The sorted O(C log C) path of ``functional.recalibrated_affine`` in NumPy, for CPU tensors.
 
-The same algorithm and the same exact kept-set rule as the torch implementation in
-``functional`` (read the comment block there); NumPy's per-call overhead is a few times smaller
-than torch's on CPU, which is what a layer of a few hundred channels pays. float64 throughout.
-Differences to the torch version: the queries of the searchsorted are sorted first (a merge is
-about 4x faster than random look-ups), and the decay table is built from the consecutive gaps by
-products (one exp per channel instead of one per table entry). Tests compare both implementations
-with the dense float64 oracle. The exact kept-set rule itself (TwoSum mirror point, interval ends)
-and the scan are one code for both: ``functional._mirror_point``, ``functional._split_and_ends``
-and ``functional._laplace_scan_`` work on arrays as on tensors. This module is a second
-implementation for speed, not an independent oracle (the tests' oracle is the dense formula).
+The same algorithm and the same exact kept-set rule as the torch implementation in ``functional``
+(read the comment block there); NumPy's per-call overhead is a few times smaller than torch's on
+CPU, which is what a layer of a few hundred channels pays. float64 throughout. Differences to the
+torch version: the queries of the searchsorted are sorted first on large segments (a merge beats
+random look-ups there: ``SORTED_QUERIES_FROM``), and the decay table is built from the consecutive
+gaps by products (one exp per channel instead of one per table entry). Tests compare both
+implementations with the dense float64 oracle. The exact kept-set rule itself (TwoSum mirror point,
+interval ends) and the scan are one code for both: ``functional._mirror_point``,
+``functional._split_and_ends`` and ``functional._laplace_scan_`` work on arrays as on tensors. This
+module is a second implementation for speed, not an independent oracle (the tests' oracle is the
+dense formula).
 
 **Segments.** Every function here works on the channels of several layers at once, concatenated
 into flat arrays of length N: layer k owns the segment [offsets[k], offsets[k + 1]) and its
@@ -31,8 +32,7 @@ from nnunet_acnorm.norms.functional import _laplace_scan_, _mirror_point, _split
 
 
 #: segments of at least this many channels sort their queries before the searchsorted (a merge):
-#: faster from about 2048 channels on, slower below (measured: 2048 channels 158 vs 262 us, 1024
-#: channels 76 vs 35 us)
+#: where sorting first pays for itself (measured: docs/performance.md, "Constants of the sorted path")
 SORTED_QUERIES_FROM = 2048
 
 
@@ -112,8 +112,8 @@ def kept_intervals(ys: np.ndarray, yt: np.ndarray, layout: tuple | None = None):
 
 
 #: the share of queries whose first guess may be wrong for the guesses to be used (else the full
-#: search: on ResNet-50's 53 layers one searchsorted per segment costs about as much as checking
-#: every guess and bisecting 40 % of the queries again)
+#: search, one searchsorted per segment, is cheaper: docs/performance.md, "Constants of the sorted
+#: path")
 GUESS_MAX_MISSES = 0.25
 #: a wrong guess is first corrected within this many positions of it (most are off by a few)
 GUESS_WINDOW = 16

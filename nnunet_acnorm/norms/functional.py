@@ -133,16 +133,16 @@ def _bisect_tau(source_weight: Tensor, source_bias: Tensor, diagonal: float, rel
 
 
 #: the smallest channel count for which ``recalibrated_affine(method="auto")`` takes the sorted
-#: O(C log C) path, per device type; below it the dense C x C path is faster. CPU: the crossover
-#: of forward + backward of the affine alone in an AC-Norm layer (CPU time, one thread, 2-core
-#: machine): dense 0.33 ms vs sorted 0.35 ms at C = 256, 0.45 vs 0.38 at 320, 2.1 vs 0.46 at 512
-#: (``benchmarks/benchmark_norm_layers.py --affine`` prints the table). With several torch threads
-#: on a machine whose cores are busy, every small dense op opens a parallel region that waits for
-#: a core (a 32 x 32 softmax took 6 ms with 2 threads, 15 us with one); the sorted path runs
-#: single-threaded in NumPy. The rule does not depend on the thread count, so that results do not
-#: either. CUDA: not measured (no GPU was available); the dense path is a few large kernels and the
-#: sorted one about a hundred small ones, so the dense one is kept up to 8192 channels (its saved S
-#: is then 256 MiB). Other devices: dense. Change these if you measure otherwise.
+#: O(C log C) path, per device type; below it the dense C x C path is faster. CPU: where the
+#: forward + backward times of the two paths cross for the affine alone of one AC-Norm layer (CPU
+#: time, one thread): ``benchmarks/benchmark_norm_layers.py --affine-only`` measures it, the figures
+#: are in docs/performance.md ("The recalibrated affine alone"). With several torch threads on a
+#: machine whose cores are busy, every small dense op opens a parallel region that waits for a core
+#: (same page; hence _DenseOneThread); the sorted path runs single-threaded in NumPy. The rule does
+#: not depend on the thread count, so that results do not either. CUDA: not measured (nothing has
+#: run on a GPU: docs/performance.md); the dense path is a few large kernels and the sorted one
+#: about a hundred small ones, so the dense one is kept up to 8192 channels (its saved S is then
+#: 256 MiB). Other devices: dense. Change these where that benchmark shows otherwise.
 SORTED_MIN_CHANNELS = {"cpu": 300, "cuda": 8192}
 
 
@@ -207,8 +207,8 @@ class _DenseOneThread(torch.autograd.Function):
     """The dense path on a CPU with several torch threads, computed with one thread.
 
     Its ops are tiny (C <= SORTED_MIN_CHANNELS["cpu"] in auto mode), so splitting them gains nothing,
-    but each opens a parallel region that waits for a busy core on a shared machine (a 32 x 32
-    softmax took 6 ms with 2 threads there, 15 us with one). The same ops as the plain dense
+    but each opens a parallel region that waits for a busy core on a shared machine (measured:
+    docs/performance.md, "The recalibrated affine alone"). The same ops as the plain dense
     formula (S by sparse_correlation, addmv; backward g + S^T g as autograd forms it), so the
     result is that of a one-thread run."""
 
