@@ -73,13 +73,16 @@ MR_ORGANS = SlabTask(982, "DemoMROrgans", "mr_abdomen.nii.gz", "mr_abdomen_seg.n
                      ORGANS_FROM_TOTALSEG)
 CT_PELVIS = SlabTask(983, "DemoCTPelvis", "ct_pelvis.nii.gz", "ct_pelvis_seg.nii.gz", "CT", PELVIS,
                      PELVIS_FROM_TOTALSEG)
-#: the organs present in both CT patients (the bundled one and the fetched DICOM one; it has no kidneys)
-CT_ORGANS3 = {"background": 0, "liver": 1, "spleen": 2, "stomach": 3}
-CT_ORGANS3_FROM_TOTALSEG = {5: 1, 1: 2, 6: 3}
+#: structures in both CT patients (the bundled one and the fetched DICOM one) whose intensity does not
+#: depend on the contrast agent: the bundled CT is native (aorta 41 HU), the DICOM one contrast-enhanced
+#: (aorta 177 HU), so its organs are brighter than any the fine-tuning sees
+SPINE = {"background": 0, "vertebrae": 1, "back_muscles": 2}
+#: TotalSegmentator v2 ids: vertebrae S1..C1 26-50, autochthon (erector spinae) left/right 86/87
+SPINE_FROM_TOTALSEG = {**{i: 1 for i in range(26, 51)}, 86: 2, 87: 2}
 #: trains on the bundled CT patient's abdomen (all slabs), evaluates on another patient's CT
-CT_ORGANS_UNSEEN = SlabTask(984, "DemoCTOrgansUnseenPatient", "ct_abdomen.nii.gz", "ct_abdomen_seg.nii.gz", "CT",
-                            CT_ORGANS3, CT_ORGANS3_FROM_TOTALSEG, held_out=(), unseen_patient_held_out=True)
-TASKS = {task.name: task for task in (CT_ORGANS, MR_ORGANS, CT_PELVIS, CT_ORGANS_UNSEEN)}
+CT_SPINE_UNSEEN = SlabTask(984, "DemoCTSpineUnseenPatient", "ct_abdomen.nii.gz", "ct_abdomen_seg.nii.gz", "CT",
+                           SPINE, SPINE_FROM_TOTALSEG, held_out=(), unseen_patient_held_out=True)
+TASKS = {task.name: task for task in (CT_ORGANS, MR_ORGANS, CT_PELVIS, CT_SPINE_UNSEEN)}
 
 
 def _remap(seg, mapping: dict[int, int]):
@@ -107,6 +110,19 @@ def resample_isotropic(image, is_label: bool):
     interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
     return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), new_spacing,
                          image.GetDirection(), 0, image.GetPixelID())
+
+
+def _crop_to_body(image, reference=None, threshold: float = -500.0, margin: int = 2):
+    """``image`` cropped in-plane to the box of ``reference`` (default: itself) above ``threshold``
+    HU: the DICOM series' 50 cm field of view is mostly air."""
+    import SimpleITK as sitk
+    import numpy as np
+
+    body = sitk.GetArrayFromImage(reference if reference is not None else image) > threshold  # z, y, x
+    ys, xs = np.nonzero(body.any(axis=0))
+    x0, x1 = max(0, xs.min() - margin), min(body.shape[2], xs.max() + 1 + margin)
+    y0, y1 = max(0, ys.min() - margin), min(body.shape[1], ys.max() + 1 + margin)
+    return image[int(x0):int(x1), int(y0):int(y1), :]
 
 
 def _labels(seg, mapping: dict[int, int]):
@@ -151,6 +167,7 @@ def write_raw_dataset(raw: Path, task: SlabTask, held_out_dir: Path | None = Non
         other, other_seg = dicom_ct()
         other = resample_isotropic(sitk.Cast(other, image.GetPixelID()), False)
         other_labels = resample_isotropic(_labels(other_seg, task.totalseg_to_label), True)
+        other, other_labels = _crop_to_body(other), _crop_to_body(other_labels, other)
         if held_out_dir is not None:
             images, segs = Path(held_out_dir) / "imagesTs", Path(held_out_dir) / "labelsTs"
         else:
