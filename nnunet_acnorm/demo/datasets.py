@@ -74,8 +74,8 @@ MR_ORGANS = SlabTask(982, "DemoMROrgans", "mr_abdomen.nii.gz", "mr_abdomen_seg.n
 CT_PELVIS = SlabTask(983, "DemoCTPelvis", "ct_pelvis.nii.gz", "ct_pelvis_seg.nii.gz", "CT", PELVIS,
                      PELVIS_FROM_TOTALSEG)
 #: structures in both CT patients (the bundled one and the fetched DICOM one) whose intensity does not
-#: depend on the contrast agent: the bundled CT is native (aorta 41 HU), the DICOM one contrast-enhanced
-#: (aorta 177 HU), so its organs are brighter than any the fine-tuning sees
+#: depend on the contrast agent: the bundled CT is native, the DICOM one contrast-enhanced, so its organs
+#: are brighter than any the fine-tuning sees (data/README.md)
 SPINE = {"background": 0, "vertebrae": 1, "back_muscles": 2}
 #: TotalSegmentator v2 ids: vertebrae S1..C1 26-50, autochthon (erector spinae) left/right 86/87
 SPINE_FROM_TOTALSEG = {**{i: 1 for i in range(26, 51)}, 86: 2, 87: 2}
