@@ -3,15 +3,16 @@ one interleaved run on the same plans and batch (ratios).
 
 Each method is set up as its nnU-Net trainer does it (nnunet_acnorm.nnunet.baseline_trainers): the
 trainer's own ``build_network_architecture``, the pieces of :mod:`nnunet_acnorm.finetuning`, the
-penalty added through the trainers' loss wrapper; the step is nnU-Net's (deep-supervision Dice+CE,
-SGD with Nesterov momentum, gradient clipping at 12; see benchmark_trainer.py). LP-FT is measured
+penalty added through the trainers' loss wrapper, SPD's projection hooked to the optimizer's step;
+the step is nnU-Net's (deep-supervision Dice+CE, SGD with Nesterov momentum, gradient clipping at
+12; see benchmark_trainer.py). LP-FT is measured
 in its frozen phase (afterwards it is vanilla); StochNorm against vanilla fine-tuning of the same
 BatchNorm network. Repetitions are interleaved (vanilla, L2-SP, ..., vanilla, ...) so that machine
 load hits every method alike; medians.
 
 Memory: "step peak" is the peak allocated during one training step above what was allocated before
 it (CPU: from the profiler's allocation events; CUDA: max_memory_allocated); "state" is what the
-method keeps besides the network and the optimizer (L2-SP's anchor, DELTA's frozen copy of the
+method keeps besides the network and the optimizer (L2-SP's and SPD's anchor, DELTA's frozen copy of the
 encoder), in MiB and relative to the network's parameters.
 
     python benchmarks/benchmark_finetuning_methods.py                     # small CPU default
@@ -50,8 +51,8 @@ def _bytes(tensors) -> int:
 
 def build(name: str, plans, configuration, classes, device, pretrained_in: dict, pretrained_bn: dict):
     """(setup, state bytes) of method ``name``, set up as its trainer does."""
-    from nnunet_acnorm.finetuning import (DELTARegulariser, FeatureRecorder, L2SPRegulariser, bss_penalty,
-                                          discriminative_param_groups, set_frozen, stage_modules)
+    from nnunet_acnorm.finetuning import (DELTARegulariser, FeatureRecorder, L2SPRegulariser, SelectiveProjectionDecay,
+                                          bss_penalty, discriminative_param_groups, set_frozen, stage_modules)
     from nnunet_acnorm.nnunet import baseline_trainers as bt
     from nnunet_acnorm.nnunet.trainers import (nnUNetTrainerACNorm, nnUNetTrainerFinetune,
                                                         nnUNetTrainerFinetuneBN)
@@ -60,7 +61,7 @@ def build(name: str, plans, configuration, classes, device, pretrained_in: dict,
                "AC-Norm + L2-SP": bt.nnUNetTrainerACNorm_L2SP, "L2-SP": bt.nnUNetTrainerL2SP,
                "DELTA": bt.nnUNetTrainerDELTA, "BSS": bt.nnUNetTrainerBSS, "LP-FT (frozen phase)": bt.nnUNetTrainerLPFT,
                "discriminative lr": bt.nnUNetTrainerDiscriminativeLR, "vanilla (BN)": nnUNetTrainerFinetuneBN,
-               "StochNorm (BN)": bt.nnUNetTrainerStochNormBN}[name]
+               "StochNorm (BN)": bt.nnUNetTrainerStochNormBN, "SPD": bt.nnUNetTrainerSPD}[name]
     pretrained = pretrained_bn if "BN" in name else pretrained_in
     setup = Setup(trainer, plans, configuration, classes, device, pretrained_state=pretrained)
     net, state = setup.network, 0  # the optimizer has the trainer's weight decay (0 where a penalty replaces it)
@@ -79,6 +80,10 @@ def build(name: str, plans, configuration, classes, device, pretrained_in: dict,
         penalty = lambda: bss_penalty(rec.features.pop(stage))  # noqa: E731
     elif name.startswith("LP-FT"):
         set_frozen(net.encoder, True)
+    elif name == "SPD":  # after each optimizer step, as the trainer hooks it
+        spd = SelectiveProjectionDecay.from_network(net)
+        spd.attach(setup.optimizer)
+        state = _bytes(spd.anchor.values())
     elif name == "discriminative lr":
         groups = discriminative_param_groups(net, bt.is_encoder_parameter)
         setup.optimizer = torch.optim.SGD(groups, 1e-3, weight_decay=setup.trainer.weight_decay, momentum=0.99,
@@ -88,7 +93,7 @@ def build(name: str, plans, configuration, classes, device, pretrained_in: dict,
     return setup, state
 
 
-METHODS = ("vanilla", "L2-SP", "DELTA", "BSS", "LP-FT (frozen phase)", "discriminative lr", "AC-Norm",
+METHODS = ("vanilla", "L2-SP", "SPD", "DELTA", "BSS", "LP-FT (frozen phase)", "discriminative lr", "AC-Norm",
            "AC-Norm + L2-SP", "vanilla (BN)", "StochNorm (BN)")
 
 

@@ -1,9 +1,9 @@
 """The fine-tuning baselines end to end through nnU-Net's console scripts, on tiny generated data.
 
 One module-scoped pipeline: plan and preprocess two tiny datasets, pretrain an InstanceNorm and a
-BatchNorm source model (stock nnU-Net trainers, 1 epoch), then for every baseline trainer
-``nnUNetv2_train -tr <trainer> -pretrained_weights`` (1 epoch of 2 iterations), ``--c`` (one more
-epoch) and ``nnUNetv2_predict``. The tests check what each method must keep: its state (anchor,
+BatchNorm source model (stock nnU-Net trainers, 1 epoch), then for every baseline trainer (nnU-Net's
+own recipe included) ``nnUNetv2_train -tr <trainer> -pretrained_weights`` (1 epoch of 2 iterations),
+``--c`` (one more epoch) and ``nnUNetv2_predict``. The tests check what each method must keep: its state (anchor,
 frozen copy) equal to the pretrained weights after ``--c``, plain network keys, and so on.
 """
 from __future__ import annotations
@@ -27,13 +27,19 @@ SOURCES = {"IN": "nnUNetTrainer_acnormTinyTest", "BN": "nnUNetTrainerBN_acnormTi
 #: trainer -> network type of its source checkpoint
 METHODS = {"nnUNetTrainerL2SP": "IN", "nnUNetTrainerACNorm_L2SP": "IN", "nnUNetTrainerDELTA": "IN",
            "nnUNetTrainerBSS": "IN", "nnUNetTrainerLPFT": "IN", "nnUNetTrainerDiscriminativeLR": "IN",
-           "nnUNetTrainerStochNormBN": "BN"}
+           "nnUNetTrainerStochNormBN": "BN", "nnUNetTrainerSPD": "IN", "nnUNetTrainerACNorm_SPD": "IN",
+           "nnUNetTrainerPretrainedRecipe": "IN"}
 #: the suite's time budget: --c for the methods with state to restore (the anchor, the frozen copy, the
 #: phase, the parameter groups), nnUNetv2_predict for one method of each checkpoint kind (an extra
 #: checkpoint entry; a network of other modules); BSS and StochNorm have nothing for --c to restore
 CONTINUED = ("nnUNetTrainerL2SP", "nnUNetTrainerACNorm_L2SP", "nnUNetTrainerDELTA", "nnUNetTrainerLPFT",
-             "nnUNetTrainerDiscriminativeLR")
-PREDICTED = ("nnUNetTrainerL2SP", "nnUNetTrainerDELTA", "nnUNetTrainerStochNormBN")
+             "nnUNetTrainerDiscriminativeLR", "nnUNetTrainerSPD", "nnUNetTrainerPretrainedRecipe")
+PREDICTED = ("nnUNetTrainerL2SP", "nnUNetTrainerDELTA", "nnUNetTrainerStochNormBN", "nnUNetTrainerSPD",
+             "nnUNetTrainerPretrainedRecipe")
+#: trainers that load only the encoder and its stem (nnU-Net's PretrainedTrainer recipe)
+ENCODER_ONLY = ("nnUNetTrainerPretrainedRecipe",)
+#: run once, not as a chain: -pretrained_weights must be refused by the from-scratch twin
+SCRATCH_TWIN = "nnUNetTrainerPretrainedRecipe_fromScratch"
 
 # test-only subclasses: 2 iterations per epoch, epochs from ACNORM_TEST_EPOCHS, no final validation
 TINY_TRAINERS = '''
@@ -60,7 +66,7 @@ class _Tiny:
 
 for _name in %r:
     globals()[_name + "_tinyTest"] = type(_name + "_tinyTest", (_Tiny, _TRAINERS[_name]), {})
-''' % (list(METHODS),)
+''' % (list(METHODS) + [SCRATCH_TWIN],)
 
 
 def _load(path) -> dict:
@@ -108,9 +114,16 @@ def runs(tmp_path_factory):
         return method, {"first": first, "cont": cont, "epoch1": _load(epoch1),
                         "final": _load(folder / "checkpoint_final.pth"), "pred": pred}
 
+    def refused_scratch_twin():
+        trainer = f"{SCRATCH_TWIN}_tinyTest"
+        proc = run_console("nnUNetv2_train", TARGET_ID, CONFIG, 0, "-tr", trainer, "-device", "cpu",
+                           "-pretrained_weights", sources["IN"], env=env, check=False)
+        folder = results / "Dataset932_BaseTarget" / f"{trainer}__nnUNetPlans__{CONFIG}"
+        return SCRATCH_TWIN, {"refused": proc, "left_behind": folder.exists()}
+
     # two chains side by side, one thread each (as nnU-Net's own tests of this project do on 2 cores)
     with ThreadPoolExecutor(2) as pool:
-        out = dict(pool.map(chain, METHODS))
+        out = dict(pool.map(lambda job: job() if callable(job) else chain(job), [*METHODS, refused_scratch_twin]))
     print(f"baseline pipeline: {time.time() - start:.0f} s")
     return {"sources": {k: _load(v) for k, v in sources.items()}, "methods": out}
 
@@ -126,7 +139,8 @@ def _n_stages(weights: dict) -> int:
 @pytest.mark.parametrize("method", list(METHODS))
 def test_train_continue_predict_and_plain_network_keys(runs, method):
     r = runs["methods"][method]
-    assert "(read once, weights_only=True; parts: all)" in r["first"].stdout and r["epoch1"]["current_epoch"] == 1
+    parts = "encoder" if method in ENCODER_ONLY else "all"
+    assert f"(read once, weights_only=True; parts: {parts})" in r["first"].stdout and r["epoch1"]["current_epoch"] == 1
     if method in CONTINUED:
         assert r["final"]["current_epoch"] == 2 and "Epoch 1" in r["cont"].stdout
     if method in PREDICTED:
@@ -163,6 +177,53 @@ def test_l2sp_anchor_is_the_pretrained_weights_and_survives_continue(runs, metho
         w = r["final"]["network_weights"]
         prefix = "encoder.stages.0.0.convs.0.norm"
         assert torch.equal(w[f"{prefix}.source_weight"], source[f"{prefix}.weight"])
+
+
+@pytest.mark.parametrize("method", ["nnUNetTrainerSPD", "nnUNetTrainerACNorm_SPD"])
+def test_spd_anchor_is_the_start_of_finetuning_and_survives_continue(runs, method):
+    r, source = runs["methods"][method], _source_of(runs, method)
+    # the network's parameters: nnU-Net's state dicts alias each conv and norm under all_modules, and the
+    # encoder under decoder.encoder
+    parameters = {k for k in r["final"]["network_weights"] if k.endswith((".weight", ".bias"))
+                  and ".all_modules." not in k and not k.startswith("decoder.encoder.")}
+    for ckpt in (r["epoch1"], r["final"]):
+        state = ckpt["finetuning_state"]["spd"]
+        anchor = state["anchor"]
+        assert state["strength"] == 1.0
+        assert set(anchor) == parameters, "every trainable parameter is anchored, the fresh seg layers included"
+        for k, v in anchor.items():
+            if ".seg_layers." not in k:
+                assert torch.equal(v, source[k]), k
+        assert all(g["weight_decay"] == 0 for g in ckpt["optimizer_state"]["param_groups"])
+    for k, v in r["epoch1"]["finetuning_state"]["spd"]["anchor"].items():  # the fresh seg layers' anchor too
+        assert torch.equal(v, r["final"]["finetuning_state"]["spd"]["anchor"][k]), k
+    n_anchored = len(parameters)
+    assert f"SPD: lambda 1.0 on {n_anchored} parameter tensors" in r["first"].stdout
+    assert "SPD: projected " in r["first"].stdout and "parameter-tensor updates this epoch" in r["first"].stdout
+    if method in CONTINUED:
+        assert "state restored from the checkpoint" in r["cont"].stdout
+
+
+def test_pretrained_recipe_schedule_batch_encoder_only_and_scratch_twin(runs):
+    r, source = runs["methods"]["nnUNetTrainerPretrainedRecipe"], _source_of(runs, "nnUNetTrainerPretrainedRecipe")
+    # 1 epoch (then 2 with --c): the 5 % warm-up rounds to 0 epochs; nnU-Net master's poly curve after it
+    assert ("nnU-Net's PretrainedTrainer recipe: linear warm-up over 0 epoch(s) to lr 0.001, then poly decay over "
+            "1 epochs; batch size 2, deep supervision off, pretrained parts: encoder") in r["first"].stdout
+    assert r["epoch1"]["logging"]["lrs"] == pytest.approx([1e-3])
+    assert r["final"]["logging"]["lrs"] == pytest.approx([1e-3, 1e-3 * 0.5 ** 0.9])
+    assert all(g["weight_decay"] == 3e-5 for g in r["final"]["optimizer_state"]["param_groups"])
+    assert r["epoch1"]["init_args"]["plans"]["configurations"][CONFIG]["batch_size"] == 2
+    # encoder (with its stem) from the source, the decoder and the seg layers fresh (the seeded fresh decoder
+    # draws the same values as the seeded source's initialisation did, so the log's counts tell them apart)
+    keys = [k for k in source if ".all_modules." not in k and not k.startswith("decoder.encoder.")]
+    n_encoder = sum(k.startswith("encoder.") for k in keys)
+    assert 0 < n_encoder < len(keys)
+    assert (f"{n_encoder} tensors from " in r["first"].stdout
+            and f"(read once, weights_only=True; parts: encoder); {len(keys) - n_encoder} start fresh" in r["first"].stdout)
+    twin = runs["methods"][SCRATCH_TWIN]
+    assert twin["refused"].returncode != 0 and not twin["left_behind"]
+    assert f"{SCRATCH_TWIN}_tinyTest: error: it trains from a random start (nnU-Net's --from_scratch): drop " \
+           "-pretrained_weights" in twin["refused"].stdout + twin["refused"].stderr
 
 
 def test_delta_frozen_copy_is_the_pretrained_encoder_after_continue(runs):

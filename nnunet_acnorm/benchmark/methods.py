@@ -15,11 +15,15 @@ trainer                         alias                              pretrained we
 ``nnUNetTrainerFinetune_100epochs``  ``vanilla_100epochs``         yes
 ``nnUNetTrainerFinetune``       ``scratch`` (every ``vanilla*``    no: the same recipe and budget
                                 alias has a ``scratch*`` twin)     from a random start
+``nnUNetTrainerSPD``            ``spd``                            yes
+``nnUNetTrainerPretrainedRecipe``  ``nnunet_recipe``               yes
+``..PretrainedRecipe_fromScratch``  ``nnunet_recipe_scratch``      no: the class trains from a
+                                                                   random start (``from_scratch``)
 ==============================  =================================  ==============================
 
 Any other name is taken as an nnU-Net trainer class, found the way ``nnUNetv2_train`` finds it
 (nnU-Net's own trainers, then the folders of ``nnUNet_extTrainer``), and trained with the
-pretrained weights. :func:`alias_table` lists every alias.
+pretrained weights (except this package's ``from_scratch`` trainers). :func:`alias_table` lists every alias.
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ from nnunet_acnorm.errors import InputError
 
 #: the part of a trainer name that names a method -> its alias (the rest of the name is kept)
 METHOD_WORDS = {"Finetune": "vanilla", "ACNorm": "acnorm", "L2SP": "l2sp", "DELTA": "delta", "BSS": "bss",
-                "LPFT": "lpft", "DiscriminativeLR": "dlr", "StochNorm": "stochnorm"}
+                "LPFT": "lpft", "DiscriminativeLR": "dlr", "StochNorm": "stochnorm", "SPD": "spd",
+                "PretrainedRecipe": "nnunet_recipe", "fromScratch": "scratch"}
 TRAINER_PREFIX = "nnUNetTrainer"
 #: aliases of the vanilla recipe have a twin that trains without pretrained weights
 SCRATCH = ("vanilla", "scratch")
@@ -88,11 +93,19 @@ def alias_table() -> dict[str, Method]:
         alias = alias_of(trainer)
         if alias is None:
             continue
-        table[alias] = Method(alias, trainer, pretrained=True)
+        table[alias] = Method(alias, trainer, pretrained=takes_pretrained_weights(trainer))
         if alias.startswith(SCRATCH[0]):
             twin = SCRATCH[1] + alias[len(SCRATCH[0]):]
             table[twin] = Method(twin, trainer, pretrained=False)
     return dict(sorted(table.items()))
+
+
+def takes_pretrained_weights(trainer: str) -> bool:
+    """Whether a run of ``trainer`` gets ``-pretrained_weights``: yes, except this package's trainers that
+    train from a random start by design (``from_scratch``, e.g. ``nnUNetTrainerPretrainedRecipe_fromScratch``,
+    which refuse the option)."""
+    cls = _registry().get(trainer)
+    return not getattr(cls, "from_scratch", False)
 
 
 def find_trainer_class(name: str, ext_trainer_path: str | None = None):
@@ -143,7 +156,7 @@ def resolve_method(token, ext_trainer_path: str | None = None, aliases: dict | N
     if name in aliases:
         return aliases[name]
     if trainer_exists(name, ext_trainer_path):
-        return Method(name, name, pretrained=True)
+        return Method(name, name, pretrained=takes_pretrained_weights(name))
     shown = f"-tr {token}" + (f" with --epochs {epochs}: no alias or trainer {name}" if epochs is not None else
                               ": no such alias, and nnU-Net finds no trainer class of that name")
     close = difflib.get_close_matches(name, list(aliases), n=4, cutoff=0.6)

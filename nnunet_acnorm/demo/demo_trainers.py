@@ -80,7 +80,10 @@ class nnUNetTrainerACNormBN_tauAuto_acnormDemo(_DemoSchedule, nnUNetTrainerACNor
 from nnunet_acnorm.nnunet import baseline_trainers as _baselines  # noqa: E402
 
 for _name in ("nnUNetTrainerL2SP", "nnUNetTrainerACNorm_L2SP", "nnUNetTrainerDELTA", "nnUNetTrainerBSS",
-              "nnUNetTrainerLPFT", "nnUNetTrainerDiscriminativeLR", "nnUNetTrainerStochNormBN"):
+              "nnUNetTrainerLPFT", "nnUNetTrainerDiscriminativeLR", "nnUNetTrainerStochNormBN",
+              "nnUNetTrainerSPD", "nnUNetTrainerACNorm_SPD", "nnUNetTrainerSPDBN", "nnUNetTrainerPretrainedRecipe",
+              "nnUNetTrainerPretrainedRecipe_fromScratch", "nnUNetTrainerPretrainedRecipeBN",
+              "nnUNetTrainerPretrainedRecipeBN_fromScratch"):
     globals()[f"{_name}_acnormDemo"] = type(f"{_name}_acnormDemo", (_DemoSchedule, _baselines.TRAINERS[_name]),
                                             {"__doc__": f"{_name}, short."})
 

@@ -1,4 +1,6 @@
-"""Learning-rate schedule of the fine-tuning trainers: linear warm-up, then nnU-Net's poly decay."""
+"""Learning-rate schedules of the fine-tuning trainers: linear warm-up, then nnU-Net's poly decay
+(:class:`WarmupPolyLRScheduler`), and the same curve as nnU-Net master's ``PretrainedTrainer``
+(:class:`PretrainedTrainerLRScheduler`)."""
 from __future__ import annotations
 
 from torch.optim.lr_scheduler import _LRScheduler
@@ -44,3 +46,19 @@ class WarmupPolyLRScheduler(_LRScheduler):
 
     def get_last_lr(self):
         return self._last_lr
+
+
+class PretrainedTrainerLRScheduler(WarmupPolyLRScheduler):
+    """The learning rate of nnU-Net master's ``PretrainedTrainer`` (``nnunetv2/training/lr_scheduler/
+    warmup.py``: ``Lin_incr_LRScheduler`` over the warm-up, then ``PolyLRScheduler_offset``), as one
+    scheduler stepped with the epoch index.
+
+    Epoch ``e`` of the warm-up uses ``peak_lr * (e + 1) / warmup_epochs`` (the peak is reached in
+    its last epoch, as nnU-Net's); afterwards the poly decay of :class:`WarmupPolyLRScheduler`,
+    ``peak_lr * (1 - (e - warmup_epochs) / (max_epochs - warmup_epochs)) ** exponent``.
+    """
+
+    def lr_at(self, epoch: int) -> float:
+        if epoch < self.warmup_epochs:
+            return self.peak_lr * (epoch + 1) / self.warmup_epochs
+        return super().lr_at(epoch)

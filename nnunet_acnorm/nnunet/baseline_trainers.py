@@ -13,7 +13,11 @@ trainer                             method (class attributes = hyperparameters)
 ``nnUNetTrainerStochNormBN``        StochNorm on the BatchNorm network: ``stochnorm_p`` = 0.5
 ``nnUNetTrainerLPFT``               encoder frozen for ``lpft_frozen_fraction`` = 10 % of the epochs
 ``nnUNetTrainerDiscriminativeLR``   encoder lr = ``encoder_lr_factor`` (0.1) x decoder lr
-``nnUNetTrainerACNorm_<method>``    the same on top of AC-Norm (L2SP, BSS, LPFT, DiscriminativeLR)
+``nnUNetTrainerSPD``                SPD: ``spd_lambda`` = 1 after each optimiser step, weight decay 0
+``nnUNetTrainerPretrainedRecipe``   nnU-Net master's ``PretrainedTrainer`` recipe (lr 1e-3, 5 % warm-up,
+                                    1000 epochs, batch 2, no deep supervision, encoder loaded);
+                                    ``..._fromScratch``: the same at lr 1e-2 without pretrained weights
+``nnUNetTrainerACNorm_<method>``    the same on top of AC-Norm (L2SP, SPD, BSS, LPFT, DiscriminativeLR)
 ``nnUNetTrainer<method>BN``         the same on the BatchNorm network (as ``nnUNetTrainerBN``)
 ==================================  ==============================================================
 
@@ -30,6 +34,9 @@ the keys of the plain (or AC-Norm) network.
 """
 from __future__ import annotations
 
+import copy
+import re
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -40,8 +47,9 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_acnorm.checkpoints.io import atomic_torch_save
 from nnunet_acnorm.finetuning import (BSS_ETA, BSS_K, DELTA_ALPHA, DELTA_BETA, ENCODER_LR_FACTOR, L2SP_ALPHA,
-                                      L2SP_BETA, LPFT_FROZEN_FRACTION, STOCHNORM_P, DELTARegulariser,
-                                      FeatureRecorder, L2SPRegulariser, ScaledWarmupPolyLRScheduler, bss_penalty,
+                                      L2SP_BETA, LPFT_FROZEN_FRACTION, SPD_LAMBDA, STOCHNORM_P, DELTARegulariser,
+                                      FeatureRecorder, L2SPRegulariser, PretrainedTrainerLRScheduler,
+                                      ScaledWarmupPolyLRScheduler, SelectiveProjectionDecay, bss_penalty,
                                       convert_to_stochnorm, discriminative_param_groups, frozen_epochs, set_frozen,
                                       new_weights_penalty, stage_modules)
 from nnunet_acnorm.finetuning.lpft import rewrap_ddp
@@ -413,6 +421,154 @@ class nnUNetTrainerACNorm_LPFT(_LPFTMixin, nnUNetTrainerACNorm):
 
 class nnUNetTrainerACNorm_DiscriminativeLR(_DiscriminativeLRMixin, nnUNetTrainerACNorm):
     """AC-Norm with the encoder at a tenth of the decoder's learning rate."""
+
+
+# -- SPD ----------------------------------------------------------------------------------------------
+class _SPDMixin(_FinetuningMethodMixin):
+    """SPD (Tian et al. 2024): after each optimiser step, the parameter tensors whose gradient points
+    along their displacement from the pretrained weights are pulled back toward them
+    (finetuning/spd.py); strength ``spd_lambda`` = 1, weight decay 0 (SPD replaces it)."""
+
+    spd_lambda: float = SPD_LAMBDA
+    method_has_state = True
+    method_weight_decay = 0.0
+
+    def setup_method(self, state):
+        network = self._plain_network()
+        if state is not None:
+            self.spd = SelectiveProjectionDecay.from_state(network, state["spd"], strength=self.spd_lambda)
+        else:
+            self.spd = SelectiveProjectionDecay.from_network(network, strength=self.spd_lambda)
+        self.spd.attach(self.optimizer)
+
+    def method_state(self):
+        return {"spd": self.spd.state()}
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        projected, seen = self.spd.take_counts()
+        self.print_to_log_file(f"SPD: projected {projected} of {seen} parameter-tensor updates this epoch")
+        super().on_train_epoch_end(train_outputs)
+
+    def describe_method(self):
+        return (f"SPD: lambda {self.spd_lambda} on {len(self.spd.anchored_names)} parameter tensors (anchored at "
+                f"the start of fine-tuning); weight decay {self.weight_decay}")
+
+
+class nnUNetTrainerSPD(_SPDMixin, nnUNetTrainerFinetune):
+    """SPD fine-tuning of the planned network."""
+
+
+class nnUNetTrainerSPDBN(_SPDMixin, nnUNetTrainerFinetune):
+    build_network_architecture = staticmethod(_bn_builder)
+
+
+class nnUNetTrainerACNorm_SPD(_SPDMixin, nnUNetTrainerACNorm):
+    """AC-Norm and SPD: the anchor holds the pretrained target affines too (the source affines are
+    buffers, frozen anyway)."""
+
+
+# -- nnU-Net's own fine-tuning recipe (nnU-Net master's PretrainedTrainer) ------------------------------
+class _PretrainedRecipeMixin:
+    """The numbers of ``PretrainedTrainer`` (nnU-Net master, ``nnunetv2/training/nnUNetTrainer/
+    pretraining/pretrainedTrainer.py``; not in a release up to 2.8.1) on our fine-tuning trainer:
+    SGD (Nesterov, momentum 0.99, nnU-Net's weight decay 3e-5), peak lr 1e-3 (1e-2 for the
+    from-scratch twin), linear warm-up of the whole network over ``warmup_fraction`` = 5 % of the
+    epochs (nnU-Net's 50 of 1000) then poly decay, 1000 epochs, batch size 2, no deep supervision,
+    nnU-Net's one-third foreground oversampling, encoder and stem loaded, decoder and heads fresh.
+    docs/baselines.md says where ours differs from nnU-Net's code."""
+
+    finetune_num_epochs = 1000
+    finetune_initial_lr = 1e-3
+    warmup_fraction = 0.05
+    finetune_oversample_foreground = 0.33
+    pretrained_parts = "encoder"
+    #: the configuration's batch size for this trainer (PretrainedTrainer: 2; None: the plans')
+    recipe_batch_size: int | None = 2
+    #: PretrainedTrainer trains without deep supervision
+    recipe_deep_supervision: bool = False
+    #: nnU-Net's --from_scratch: the same recipe from a random start; -pretrained_weights is refused
+    from_scratch: bool = False
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        if self.recipe_batch_size is not None:  # as PretrainedTrainer, in the plans the trainer is built from
+            plans = copy.deepcopy(plans)
+            plans["configurations"][configuration]["batch_size"] = self.recipe_batch_size
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.enable_deep_supervision = self.recipe_deep_supervision
+
+    def initialize(self):
+        if self.from_scratch and pretrained_weights_from_argv() is not None:
+            self._refuse(f"it trains from a random start (nnU-Net's --from_scratch): drop -pretrained_weights, "
+                         f"or fine-tune with {type(self).__name__.replace('_fromScratch', '')}")
+        super().initialize()
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        # nnU-Net turns deep supervision back on after the final validation; this recipe has none
+        super().set_deep_supervision_enabled(enabled and self.enable_deep_supervision)
+
+    def on_train_start(self):
+        super().on_train_start()
+        if not self.from_scratch and pretrained_weights_from_argv() is None and not continue_training_from_argv():
+            twin = re.sub(r"(PretrainedRecipe(BN)?)", r"\1_fromScratch", type(self).__name__, count=1)
+            self.print_to_log_file(f"WARNING: {type(self).__name__} was started without -pretrained_weights: it trains "
+                                   f"from a random start at the fine-tuning lr {self.initial_lr}; nnU-Net's recipe from "
+                                   f"scratch is {twin} (lr 1e-2)")
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,
+                                    momentum=0.99, nesterov=True)
+        lr_scheduler = PretrainedTrainerLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs)
+        self.print_to_log_file(f"nnU-Net's PretrainedTrainer recipe: linear warm-up over {self.warmup_epochs} "
+                               f"epoch(s) to lr {self.initial_lr}, then poly decay over {self.num_epochs} epochs; "
+                               f"batch size {self.configuration_manager.batch_size}, deep supervision "
+                               f"{'on' if self.enable_deep_supervision else 'off'}, pretrained parts: "
+                               f"{'none (from scratch)' if self.from_scratch else self.pretrained_parts}")
+        return optimizer, lr_scheduler
+
+
+class nnUNetTrainerPretrainedRecipe(_PretrainedRecipeMixin, nnUNetTrainerFinetune):
+    """nnU-Net's PretrainedTrainer recipe on the planned network (fine-tuning: lr 1e-3)."""
+
+
+class nnUNetTrainerPretrainedRecipe_fromScratch(_PretrainedRecipeMixin, nnUNetTrainerFinetune):
+    """nnU-Net's PretrainedTrainer recipe from a random start (``--from_scratch``: lr 1e-2)."""
+
+    finetune_initial_lr = 1e-2
+    from_scratch = True
+
+
+class nnUNetTrainerPretrainedRecipeBN(_PretrainedRecipeMixin, nnUNetTrainerFinetune):
+    """The same on the BatchNorm network (as ``nnUNetTrainerBN``)."""
+
+    build_network_architecture = staticmethod(_bn_builder)
+
+
+class nnUNetTrainerPretrainedRecipeBN_fromScratch(nnUNetTrainerPretrainedRecipeBN):
+    finetune_initial_lr = 1e-2
+    from_scratch = True
+
+
+# PretrainedTrainer_150ep: 150 epochs with a 15-epoch warm-up (10 %; the schedule variants of
+# schedule_trainers.py keep the 5 % of the 1000-epoch recipe)
+class nnUNetTrainerPretrainedRecipe_150epochs(nnUNetTrainerPretrainedRecipe):
+    finetune_num_epochs = 150
+    warmup_fraction = 0.1
+
+
+class nnUNetTrainerPretrainedRecipe_fromScratch_150epochs(nnUNetTrainerPretrainedRecipe_fromScratch):
+    finetune_num_epochs = 150
+    warmup_fraction = 0.1
+
+
+class nnUNetTrainerPretrainedRecipeBN_150epochs(nnUNetTrainerPretrainedRecipeBN):
+    finetune_num_epochs = 150
+    warmup_fraction = 0.1
+
+
+class nnUNetTrainerPretrainedRecipeBN_fromScratch_150epochs(nnUNetTrainerPretrainedRecipeBN_fromScratch):
+    finetune_num_epochs = 150
+    warmup_fraction = 0.1
 
 
 #: every trainer of this module, by name; also added to ``trainers.TRAINERS`` (fold, discovery)
