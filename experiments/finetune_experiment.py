@@ -37,8 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnunet_acnorm.demo.datasets import (CT_ORGANS, CT_PELVIS, MR_ORGANS, SlabTask, write_holdout_split,
-                                         write_raw_dataset)
+from nnunet_acnorm.demo.datasets import (CT_ORGANS, CT_SPINE_UNSEEN, CT_PELVIS, MR_ORGANS, SlabTask,
+                                         write_holdout_split, write_raw_dataset)
 from nnunet_acnorm.demo.pipeline import DEMO_TRAINER_FOLDER
 from nnunet_acnorm.nnunet.discovery import trainer_shim_folder, with_trainer_folder
 from nnunet_acnorm.nnunet.seeding import SEED_ENV
@@ -57,6 +57,8 @@ class Transfer:
 
 
 TRANSFERS = {t.key: t for t in (
+    # held out: another patient's CT (another scanner), fetched from PyPI (nnunet_acnorm/demo/totalseg_sdist.py)
+    Transfer("mr_to_ct_unseen_patient", MR_ORGANS, CT_SPINE_UNSEEN, "DemoUnseenCTPlansForMR", "vertebrae"),
     Transfer("ct_to_mr", CT_ORGANS, MR_ORGANS, "DemoMRPlansForCT", "liver"),
     Transfer("ct_abdomen_to_pelvis", CT_ORGANS, CT_PELVIS, "DemoPelvisPlansForCT", "hips"),
 )}
@@ -65,18 +67,26 @@ TRANSFERS = {t.key: t for t in (
 METHODS = {
     "scratch": ("nnUNetTrainerScratch_acnormDemo", None),
     "vanilla": ("nnUNetTrainerFinetune_acnormDemo", "IN"),
+    "acnorm": ("nnUNetTrainerACNorm_acnormDemo", "IN"),  # the default (calibrated) temperature
     "acnorm_tau1": ("nnUNetTrainerACNorm_tau1_acnormDemo", "IN"),
-    "acnorm_tauAuto": ("nnUNetTrainerACNorm_tauAuto_acnormDemo", "IN"),
-    "vanilla_BN": ("nnUNetTrainerFinetuneBN_acnormDemo", "BN"),
-    "acnorm_BN_tau1": ("nnUNetTrainerACNormBN_tau1_acnormDemo", "BN"),
-    "acnorm_BN_tauAuto": ("nnUNetTrainerACNormBN_tauAuto_acnormDemo", "BN"),
+    # nnU-Net master's PretrainedTrainer recipe and its --from_scratch twin (docs/baselines.md)
+    "nnunet_recipe": ("nnUNetTrainerPretrainedRecipe_acnormDemo", "IN"),
+    "nnunet_recipe_scratch": ("nnUNetTrainerPretrainedRecipe_fromScratch_acnormDemo", None),
     # the fine-tuning baselines (docs/baselines.md)
     "l2sp": ("nnUNetTrainerL2SP_acnormDemo", "IN"),
     "acnorm_l2sp": ("nnUNetTrainerACNorm_L2SP_acnormDemo", "IN"),
+    "spd": ("nnUNetTrainerSPD_acnormDemo", "IN"),
+    "acnorm_spd": ("nnUNetTrainerACNorm_SPD_acnormDemo", "IN"),
+    "lpft": ("nnUNetTrainerLPFT_acnormDemo", "IN"),
     "delta": ("nnUNetTrainerDELTA_acnormDemo", "IN"),
     "bss": ("nnUNetTrainerBSS_acnormDemo", "IN"),
-    "lpft": ("nnUNetTrainerLPFT_acnormDemo", "IN"),
     "dlr": ("nnUNetTrainerDiscriminativeLR_acnormDemo", "IN"),
+    # BatchNorm networks (the paper's setting)
+    "vanilla_BN": ("nnUNetTrainerFinetuneBN_acnormDemo", "BN"),
+    "acnorm_BN": ("nnUNetTrainerACNormBN_acnormDemo", "BN"),  # the default (calibrated) temperature
+    "acnorm_BN_tau1": ("nnUNetTrainerACNormBN_tau1_acnormDemo", "BN"),
+    "nnunet_recipe_BN": ("nnUNetTrainerPretrainedRecipeBN_acnormDemo", "BN"),
+    "spd_BN": ("nnUNetTrainerSPDBN_acnormDemo", "BN"),
     "stochnorm_BN": ("nnUNetTrainerStochNormBN_acnormDemo", "BN"),
 }
 PRETRAIN_TRAINERS = {"IN": "nnUNetTrainerScratch_acnormDemo", "BN": "nnUNetTrainerScratchBN_acnormDemo"}
@@ -237,9 +247,12 @@ class Experiment:
 
 
 #: comparison groups: (name, methods, baseline); each group's methods share a source checkpoint
-GROUPS = [("IN", ["scratch", "vanilla", "acnorm_tau1", "acnorm_tauAuto", "l2sp", "acnorm_l2sp", "delta", "bss", "lpft",
-                  "dlr"], "vanilla"),
-          ("BN", ["vanilla_BN", "acnorm_BN_tau1", "acnorm_BN_tauAuto", "stochnorm_BN"], "vanilla_BN")]
+GROUPS = [("IN", ["scratch", "nnunet_recipe_scratch", "vanilla", "nnunet_recipe", "acnorm", "acnorm_tau1", "l2sp",
+                  "acnorm_l2sp", "spd", "acnorm_spd", "lpft", "delta", "bss", "dlr"], "vanilla"),
+          ("BN", ["vanilla_BN", "nnunet_recipe_BN", "acnorm_BN", "acnorm_BN_tau1", "spd_BN", "stochnorm_BN"],
+           "vanilla_BN")]
+#: the full matrix this script is meant to fill (every transfer x every method, this many seeds)
+FULL_SEEDS = 5
 
 
 def results_markdown(results: dict) -> str:
@@ -276,9 +289,9 @@ def main(argv: list[str] | None = None, methods_table: dict[str, tuple[str, str 
     parser.add_argument("--transfers", default=",".join(TRANSFERS))
     parser.add_argument("--methods", default=",".join(methods_table))
     parser.add_argument("--seeds", default="0-4", help="e.g. 0-4 or 0,1,7")
-    parser.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs (the demo's budget)")
-    parser.add_argument("--pretrain-epochs", type=int, default=25)
-    parser.add_argument("--iterations", type=int, default=40, help="iterations per epoch")
+    parser.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs (the demo's budget)")
+    parser.add_argument("--pretrain-epochs", type=int, default=8)
+    parser.add_argument("--iterations", type=int, default=25, help="iterations per epoch")
     parser.add_argument("--jobs", type=int, default=2, help="trainings at a time (one CPU thread each)")
     parser.add_argument("--no-compare", action="store_true", help="train only")
     parser.add_argument("--compare-only", action="store_true",
@@ -320,6 +333,10 @@ def main(argv: list[str] | None = None, methods_table: dict[str, tuple[str, str 
 def publish(out: Path, folder: Path, results: dict) -> None:
     """Copy the results (tables, JSON, plots) into ``folder`` (e.g. experiments/results/finetune)."""
     folder.mkdir(parents=True, exist_ok=True)
+    current = {Path(comp["folder"]).name for res in results["transfers"].values() for comp in res["comparisons"]}
+    for stale in folder.glob("compare_*"):  # results of earlier runs are replaced, not kept beside
+        if stale.is_dir() and stale.name not in current:
+            shutil.rmtree(stale)
     shutil.copy(out / "results.json", folder / "results.json")
     shutil.copy(out / "results.md", folder / "results.md")
     for res in results["transfers"].values():
@@ -341,18 +358,43 @@ README_START, README_END = "<!-- results table: experiments/finetune_experiment.
 
 
 def readme_table(summary: dict, results: dict) -> str:
-    """The README's results table: every comparison row with its seeds, spread and paired interval."""
-    lines = ["| transfer | method | seeds | mean Dice ± sd (all labels, over seeds) | success label: Dice ± sd, "
-             "runs > 0.5 | Δ mean Dice vs baseline [95 % CI] | p (Wilcoxon) |", "|---|---|---|---|---|---|---|"]
+    """The README's results block (kept short: the README has a line budget): one row per method
+    that ran, its seeds, mean Dice and paired difference to the baseline; the cells of the full
+    matrix (TRANSFERS x METHODS, FULL_SEEDS seeds) that have not run; then the reading, copied from
+    ``READING`` (written by hand from the tables, committed beside them)."""
+    lines = ["| transfer | method | seeds | mean Dice ± sd | Δ vs baseline [95 % CI], wins/losses |", "|---|---|---|---|---|"]
     for key, transfer in summary["transfers"].items():
         for row in transfer["rows"]:
-            delta = (f"{row['delta']:+.3f} [{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}]" if "delta" in row
-                     else "baseline")
-            p = f"{row['p']:.2g}" if row.get("p") is not None else "–"
+            delta = (f"{row['delta']:+.3f} [{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}], {row['wins']}/{row['losses']}"
+                     if "delta" in row else "baseline")
             lines.append(f"| {key} | {row['method']} | {row['seeds']} | {row['mean_dice']:.3f} ± {row['sd']:.3f} | "
-                         f"{transfer['success_label']}: {row['label_dice']:.3f} ± {row['label_sd']:.3f}, "
-                         f"{row['segmented']}/{row['seeds']} | {delta} | {p} |")
+                         f"{delta} |")
+    missing = not_run(summary)
+    if missing:
+        lines += ["", f"Not run yet (fewer than {FULL_SEEDS} seeds; CPU time): " + "; ".join(
+            f"{key}: {'every method' if all(' seeds)' not in m for m in cells) and len(cells) == len(METHODS) else ', '.join(cells)}"
+            for key, cells in missing.items()) + "."]
+    if READING.is_file():
+        lines += ["", READING.read_text().strip()]
     return "\n".join(lines) + "\n"
+
+
+#: the reading of the published tables (hand-written), appended to the README block by --publish
+READING = Path(__file__).resolve().parent / "results" / "finetune" / "reading.md"
+
+
+def not_run(summary: dict) -> dict[str, list[str]]:
+    """Per transfer, the methods of METHODS without a comparison row of FULL_SEEDS or more seeds
+    (with the number of seeds that did run, where some did)."""
+    missing = {}
+    for key in TRANSFERS:
+        rows = summary["transfers"].get(key, {}).get("rows", [])
+        runs = summary["transfers"].get(key, {}).get("success", {})
+        done = {r["method"] for r in rows if r["seeds"] >= FULL_SEEDS}
+        cells = [m + (f" ({runs[m]['runs']} seeds)" if m in runs else "") for m in METHODS if m not in done]
+        if cells:
+            missing[key] = cells
+    return missing
 
 
 #: what nnUNetv2_acnorm_demo prints after its own single run: the experiment's numbers

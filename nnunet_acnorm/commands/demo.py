@@ -21,9 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the AC-Norm workflow on the bundled real CT/MR example: pretrain on CT with stock nnU-Net, "
                     "fine-tune on MR with AC-Norm and vanilla fine-tuning, print the Dice of both.")
     parser.add_argument("--output", default="acnorm_demo_output", help="output folder (default: ./acnorm_demo_output)")
-    parser.add_argument("--pretrain-epochs", type=int, default=25)
-    parser.add_argument("--finetune-epochs", type=int, default=20)
-    parser.add_argument("--iterations", type=int, default=40, help="training iterations per epoch")
+    parser.add_argument("--pretrain-epochs", type=int, default=12)
+    parser.add_argument("--finetune-epochs", type=int, default=6)
+    parser.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pretraining and both fine-tunings "
                         "(nnUNet_acnorm_seed); the two fine-tunings differ only by method")
     parser.add_argument("--overwrite", action="store_true",

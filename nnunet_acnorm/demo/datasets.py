@@ -1,9 +1,13 @@
 """nnU-Net raw datasets cut from the bundled real CT/MR volumes (for the demo and the experiments).
 
 Each bundled volume (TotalSegmentator examples, Apache-2.0, see ``data/README.md``) is one
-patient; a dataset cuts it along z into slabs (the nnU-Net "cases"), remaps TotalSegmentator's
-label ids to a few consecutive labels and resamples to :data:`DEMO_INPLANE_SPACING` in-plane.
-A :class:`SlabTask` describes one such dataset; :data:`TASKS` lists the bundled ones.
+patient; a dataset reorients it to LPS, resamples it to :data:`DEMO_SPACING` (isotropic), cuts it
+along z into slabs (the nnU-Net "cases") and remaps TotalSegmentator's label ids to a few
+consecutive labels. Isotropic spacing keeps nnU-Net's planner from transposing the slabs: its "2d"
+configuration trains on axial slices (tests/test_demo_plans.py checks the plans).
+A :class:`SlabTask` describes one such dataset; :data:`TASKS` lists them. A task with
+``unseen_patient_held_out`` also gets a held-out case from another patient, the DICOM CT fetched
+from PyPI at run time (:mod:`nnunet_acnorm.demo.totalseg_sdist`).
 """
 from __future__ import annotations
 
@@ -12,8 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-#: in-plane spacing (mm) the datasets are resampled to: 2x coarser than the data, 4x cheaper training
-DEMO_INPLANE_SPACING = 6.0
+#: isotropic spacing (mm) the datasets are resampled to, in LPS orientation. The bundled volumes have 3 mm;
+#: at 4 mm nnU-Net plans 2D patches of 80 x 96, batch 2 (at 3 mm: 112 x 128, batch 3), which keeps the
+#: demo and the experiments within CPU minutes per training
+DEMO_SPACING = 4.0
+DEMO_ORIENTATION = "LPS"
 DATA_NOTE = "bundled TotalSegmentator example (Apache-2.0), see nnunet_acnorm/demo/data/README.md"
 
 
@@ -30,6 +37,8 @@ class SlabTask:
     totalseg_to_label: dict[int, int]  #: TotalSegmentator id -> label id (others: background)
     n_slabs: int = 5
     held_out: tuple[int, ...] = field(default=(2,))  #: slab indices not used for training
+    #: a held-out case from another patient: the DICOM CT of TotalSegmentator's sdist (totalseg_sdist.py)
+    unseen_patient_held_out: bool = False
 
     @property
     def folder_name(self) -> str:
@@ -43,8 +52,12 @@ class SlabTask:
         return [self.case_id(i) for i in range(self.n_slabs) if i not in self.held_out]
 
     @property
+    def unseen_case(self) -> str:
+        return f"{self.name.lower()}_unseenpatient"
+
+    @property
     def held_out_cases(self) -> list[str]:
-        return [self.case_id(i) for i in self.held_out]
+        return [self.case_id(i) for i in self.held_out] + ([self.unseen_case] if self.unseen_patient_held_out else [])
 
 
 ORGANS = {"background": 0, "liver": 1, "spleen": 2, "kidneys": 3, "stomach": 4}
@@ -60,7 +73,16 @@ MR_ORGANS = SlabTask(982, "DemoMROrgans", "mr_abdomen.nii.gz", "mr_abdomen_seg.n
                      ORGANS_FROM_TOTALSEG)
 CT_PELVIS = SlabTask(983, "DemoCTPelvis", "ct_pelvis.nii.gz", "ct_pelvis_seg.nii.gz", "CT", PELVIS,
                      PELVIS_FROM_TOTALSEG)
-TASKS = {task.name: task for task in (CT_ORGANS, MR_ORGANS, CT_PELVIS)}
+#: structures in both CT patients (the bundled one and the fetched DICOM one) whose intensity does not
+#: depend on the contrast agent: the bundled CT is native, the DICOM one contrast-enhanced, so its organs
+#: are brighter than any the fine-tuning sees (data/README.md)
+SPINE = {"background": 0, "vertebrae": 1, "back_muscles": 2}
+#: TotalSegmentator v2 ids: vertebrae S1..C1 26-50, autochthon (erector spinae) left/right 86/87
+SPINE_FROM_TOTALSEG = {**{i: 1 for i in range(26, 51)}, 86: 2, 87: 2}
+#: trains on the bundled CT patient's abdomen (all slabs), evaluates on another patient's CT
+CT_SPINE_UNSEEN = SlabTask(984, "DemoCTSpineUnseenPatient", "ct_abdomen.nii.gz", "ct_abdomen_seg.nii.gz", "CT",
+                           SPINE, SPINE_FROM_TOTALSEG, held_out=(), unseen_patient_held_out=True)
+TASKS = {task.name: task for task in (CT_ORGANS, MR_ORGANS, CT_PELVIS, CT_SPINE_UNSEEN)}
 
 
 def _remap(seg, mapping: dict[int, int]):
@@ -77,15 +99,38 @@ def slab_edges(n_slices: int, n: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _resample_inplane(image, is_label: bool):
+def resample_isotropic(image, is_label: bool):
+    """``image`` in LPS orientation at :data:`DEMO_SPACING` isotropic (nearest neighbour for labels)."""
     import SimpleITK as sitk
 
+    image = sitk.DICOMOrient(image, DEMO_ORIENTATION)
     spacing = image.GetSpacing()
-    new_spacing = (DEMO_INPLANE_SPACING, DEMO_INPLANE_SPACING, spacing[2])
+    new_spacing = (DEMO_SPACING,) * 3
     size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), spacing, new_spacing)]
     interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
     return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), new_spacing,
                          image.GetDirection(), 0, image.GetPixelID())
+
+
+def _crop_to_body(image, reference=None, threshold: float = -500.0, margin: int = 2):
+    """``image`` cropped in-plane to the box of ``reference`` (default: itself) above ``threshold``
+    HU: the DICOM series' 50 cm field of view is mostly air."""
+    import SimpleITK as sitk
+    import numpy as np
+
+    body = sitk.GetArrayFromImage(reference if reference is not None else image) > threshold  # z, y, x
+    ys, xs = np.nonzero(body.any(axis=0))
+    x0, x1 = max(0, xs.min() - margin), min(body.shape[2], xs.max() + 1 + margin)
+    y0, y1 = max(0, ys.min() - margin), min(body.shape[1], ys.max() + 1 + margin)
+    return image[int(x0):int(x1), int(y0):int(y1), :]
+
+
+def _labels(seg, mapping: dict[int, int]):
+    import SimpleITK as sitk
+
+    labels = sitk.GetImageFromArray(_remap(sitk.GetArrayFromImage(seg), mapping))
+    labels.CopyInformation(seg)
+    return labels
 
 
 def write_raw_dataset(raw: Path, task: SlabTask, held_out_dir: Path | None = None) -> Path:
@@ -99,10 +144,8 @@ def write_raw_dataset(raw: Path, task: SlabTask, held_out_dir: Path | None = Non
     import SimpleITK as sitk
 
     image = sitk.ReadImage(str(DATA_DIR / task.image_file))
-    seg = sitk.ReadImage(str(DATA_DIR / task.seg_file))
-    labels = sitk.GetImageFromArray(_remap(sitk.GetArrayFromImage(seg), task.totalseg_to_label))
-    labels.CopyInformation(seg)
-    image, labels = _resample_inplane(image, False), _resample_inplane(labels, True)
+    labels = _labels(sitk.ReadImage(str(DATA_DIR / task.seg_file)), task.totalseg_to_label)
+    image, labels = resample_isotropic(image, False), resample_isotropic(labels, True)
     folder = Path(raw) / task.folder_name
     for sub in ("imagesTr", "labelsTr"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -118,6 +161,22 @@ def write_raw_dataset(raw: Path, task: SlabTask, held_out_dir: Path | None = Non
         segs.mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(image[:, :, z0:z1], str(images / f"{case}_0000.nii.gz"))
         sitk.WriteImage(labels[:, :, z0:z1], str(segs / f"{case}.nii.gz"))
+    if task.unseen_patient_held_out:
+        from nnunet_acnorm.demo.totalseg_sdist import dicom_ct
+
+        other, other_seg = dicom_ct()
+        other = resample_isotropic(sitk.Cast(other, image.GetPixelID()), False)
+        other_labels = resample_isotropic(_labels(other_seg, task.totalseg_to_label), True)
+        other, other_labels = _crop_to_body(other), _crop_to_body(other_labels, other)
+        if held_out_dir is not None:
+            images, segs = Path(held_out_dir) / "imagesTs", Path(held_out_dir) / "labelsTs"
+        else:
+            images, segs = folder / "imagesTr", folder / "labelsTr"
+            n_train += 1
+        images.mkdir(parents=True, exist_ok=True)
+        segs.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(other, str(images / f"{task.unseen_case}_0000.nii.gz"))
+        sitk.WriteImage(other_labels, str(segs / f"{task.unseen_case}.nii.gz"))
     (folder / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": task.channel}, "labels": task.labels, "numTraining": n_train,
         "file_ending": ".nii.gz", "description": DATA_NOTE}, indent=2))

@@ -1,7 +1,7 @@
 """The whole AC-Norm workflow on bundled real CT and MR, on CPU (``nnUNetv2_acnorm_demo``).
 
 1. Build two nnU-Net raw datasets from the bundled TotalSegmentator examples (labels remapped to
-   0..4: background, liver, spleen, kidneys, stomach; resampled to 6 mm in-plane for speed):
+   0..4: background, liver, spleen, kidneys, stomach; resampled to 4 mm isotropic, axial 2D slices):
    source = abdominal CT cut into 5 slabs (the pretraining task),
    target = abdominal MR cut into 5 slabs, 4 for training and 1 held out for testing.
 2. nnU-Net's supervised-pretraining workflow: plan and preprocess the target, move its plans to

@@ -51,7 +51,7 @@ from nnunet_acnorm.nnunet.seeding import (SEED_ENV, apply_cpu_thread_limit, ddp_
 
 #: default temperature of nnUNetTrainerACNorm / nnUNetTrainerACNormBN: calibrated per layer from the
 #: pretrained affines (norms.functional.calibrated_tau). Chosen over the paper's fixed 1.0 on the
-#: bundled CT -> MR transfer by experiments/finetune_experiment.py; docs/experiments.md ("The
+#: bundled CT -> MR transfer of the earlier (strip) datasets by experiments/finetune_experiment.py; docs/experiments.md ("The
 #: temperature", "Results") has the numbers, including the second transfer that was not used for the
 #: choice. The _tau1 / _tauAuto trainers fix it; other values: a subclass with
 #: build_network_architecture = _acnorm_builder(..., tau)
