@@ -27,6 +27,21 @@ def new_weights_penalty(params, beta: float) -> Tensor | float:
     return 0.5 * beta * sum(p.float().pow(2).sum() for p in params)
 
 
+def checked_anchor_parameters(network: nn.Module, anchor: dict[str, Tensor], method: str) -> dict[str, Tensor]:
+    """The network's parameters by name, once ``anchor`` (pretrained values by parameter name) is
+    checked against them: every name a parameter, every shape its shape; ValueError naming ``method``."""
+    params = dict(network.named_parameters())
+    unknown = sorted(set(anchor) - set(params))
+    if unknown:
+        raise ValueError(f"{method} anchor names {len(unknown)} parameter(s) the network does not have "
+                         f"(first: '{unknown[0]}')")
+    for name, value in anchor.items():
+        if tuple(value.shape) != tuple(params[name].shape):
+            raise ValueError(f"{method} anchor of '{name}' has shape {tuple(value.shape)}, the parameter "
+                             f"{tuple(params[name].shape)}")
+    return params
+
+
 class L2SPRegulariser(nn.Module):
     """The L2-SP penalty of ``network``'s trainable parameters.
 
@@ -39,15 +54,7 @@ class L2SPRegulariser(nn.Module):
     def __init__(self, network: nn.Module, anchor: dict[str, Tensor], alpha: float = L2SP_ALPHA,
                  beta: float = L2SP_BETA):
         super().__init__()
-        params = dict(network.named_parameters())
-        unknown = sorted(set(anchor) - set(params))
-        if unknown:
-            raise ValueError(f"L2-SP anchor names {len(unknown)} parameter(s) the network does not have "
-                             f"(first: '{unknown[0]}')")
-        for name, value in anchor.items():
-            if tuple(value.shape) != tuple(params[name].shape):
-                raise ValueError(f"L2-SP anchor of '{name}' has shape {tuple(value.shape)}, the parameter "
-                                 f"{tuple(params[name].shape)}")
+        params = checked_anchor_parameters(network, anchor, "L2-SP")
         self.alpha, self.beta = float(alpha), float(beta)
         self._network = [network]  # not a submodule: the network's state stays its own
         self.anchored_names = [n for n in params if n in anchor]
