@@ -149,18 +149,11 @@ def write_raw_dataset(raw: Path, task: SlabTask, held_out_dir: Path | None = Non
     folder = Path(raw) / task.folder_name
     for sub in ("imagesTr", "labelsTr"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
+    held_out = None if held_out_dir is None else Path(held_out_dir)
     n_train = 0
     for i, (z0, z1) in enumerate(slab_edges(image.GetSize()[2], task.n_slabs)):
-        case = task.case_id(i)
-        if held_out_dir is not None and i in task.held_out:
-            images, segs = Path(held_out_dir) / "imagesTs", Path(held_out_dir) / "labelsTs"
-        else:
-            images, segs = folder / "imagesTr", folder / "labelsTr"
-            n_train += 1
-        images.mkdir(parents=True, exist_ok=True)
-        segs.mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(image[:, :, z0:z1], str(images / f"{case}_0000.nii.gz"))
-        sitk.WriteImage(labels[:, :, z0:z1], str(segs / f"{case}.nii.gz"))
+        n_train += _write_case(folder, held_out if i in task.held_out else None, task.case_id(i),
+                               image[:, :, z0:z1], labels[:, :, z0:z1])
     if task.unseen_patient_held_out:
         from nnunet_acnorm.demo.totalseg_sdist import dicom_ct
 
@@ -168,19 +161,25 @@ def write_raw_dataset(raw: Path, task: SlabTask, held_out_dir: Path | None = Non
         other = resample_isotropic(sitk.Cast(other, image.GetPixelID()), False)
         other_labels = resample_isotropic(_labels(other_seg, task.totalseg_to_label), True)
         other, other_labels = _crop_to_body(other), _crop_to_body(other_labels, other)
-        if held_out_dir is not None:
-            images, segs = Path(held_out_dir) / "imagesTs", Path(held_out_dir) / "labelsTs"
-        else:
-            images, segs = folder / "imagesTr", folder / "labelsTr"
-            n_train += 1
-        images.mkdir(parents=True, exist_ok=True)
-        segs.mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(other, str(images / f"{task.unseen_case}_0000.nii.gz"))
-        sitk.WriteImage(other_labels, str(segs / f"{task.unseen_case}.nii.gz"))
+        n_train += _write_case(folder, held_out, task.unseen_case, other, other_labels)
     (folder / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": task.channel}, "labels": task.labels, "numTraining": n_train,
         "file_ending": ".nii.gz", "description": DATA_NOTE}, indent=2))
     return folder
+
+
+def _write_case(folder: Path, held_out_dir: Path | None, case: str, image, labels) -> bool:
+    """Write one case: to ``held_out_dir``'s imagesTs/labelsTs where given, else to the dataset's
+    imagesTr/labelsTr; returns whether it is a training case."""
+    import SimpleITK as sitk
+
+    base, suffix = (held_out_dir, "Ts") if held_out_dir is not None else (folder, "Tr")
+    images, segs = base / f"images{suffix}", base / f"labels{suffix}"
+    images.mkdir(parents=True, exist_ok=True)
+    segs.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(images / f"{case}_0000.nii.gz"))
+    sitk.WriteImage(labels, str(segs / f"{case}.nii.gz"))
+    return held_out_dir is None
 
 
 def write_holdout_split(preprocessed: Path, task: SlabTask) -> Path:
