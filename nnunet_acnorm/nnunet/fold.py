@@ -25,6 +25,7 @@ folder whole).
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import pydoc
@@ -300,16 +301,24 @@ def _set_norm_op(new_plans: dict, configuration: str, configuration_manager, nor
                                   "_kw_requires_import": list(configuration_manager.network_arch_init_kwargs_req_import)}
     arch_kwargs = config["architecture"]["arch_kwargs"]
     dotted = arch_kwargs.get("norm_op")
-    if not dotted:  # a network class that builds its own norm layers (Genesis, MedicalNet): nothing to set; the
-        return _dotted(norm_type)  # stock build is checked against the folded network's norm types
-    current = pydoc.locate(dotted)
-    if current is not norm_type:
+    if not dotted and not _takes_norm_op(configuration_manager.network_arch_class_name):
+        # a network class that builds its own norm layers (Genesis, MedicalNet): nothing to set; the
+        # stock build is checked against the folded network's norm types
+        return _dotted(norm_type)
+    if (pydoc.locate(dotted) if dotted else None) is not norm_type:
         example = next(m for m in network.modules() if type(m) is norm_type)
         arch_kwargs["norm_op"] = _dotted(norm_type)
         arch_kwargs["norm_op_kwargs"] = {"eps": example.eps, "affine": True}
         if "norm_op" not in config["architecture"].get("_kw_requires_import", []):
             config["architecture"].setdefault("_kw_requires_import", []).append("norm_op")
     return arch_kwargs["norm_op"]
+
+
+def _takes_norm_op(network_class_name: str) -> bool:
+    """Whether the network class is built with a ``norm_op`` argument (STU-Net's default is used when
+    the plans leave it out; Genesis and MedicalNet have none)."""
+    network_class = pydoc.locate(network_class_name)
+    return network_class is not None and "norm_op" in inspect.signature(network_class).parameters
 
 
 def _max_probability_difference(trainer_class, plans_manager, configuration_manager, n_in, n_out, weights,
