@@ -9,7 +9,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "nnunet_acnorm"
 #: lowest first: a module may import from its own layer and from the layers before it
-LAYERS = ["errors", "outputs", "norms", "networks", "checkpoints", "finetuning", "nnunet", "compare", "demo",
+LAYERS = ["errors", "outputs", "inputs", "norms", "networks", "checkpoints", "finetuning", "nnunet", "compare", "demo",
           "ranking", "classification", "benchmark", "commands"]
 #: layers side by side (neither imports the other)
 PEERS = [{"demo", "ranking", "classification", "benchmark"}]

@@ -11,7 +11,6 @@ the runs, which a later call on the same folder must repeat (or omit).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -20,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 from nnunet_acnorm.benchmark.methods import Method, resolve_methods
 from nnunet_acnorm.errors import InputError
+from nnunet_acnorm.inputs import sha256_file
 
 PLAN_FORMAT = "nnunet_acnorm.benchmark/1"
 DEFAULT_FOLDS = ("0", "1", "2", "3", "4")
@@ -209,14 +209,6 @@ def _check_folds(folds: list[str], dataset_folder: str) -> int:
     return n
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_pretrained(path: str | None, methods: list[Method]) -> dict | None:
     """The checkpoint's identity (path, sha256), after nnU-Net-checkpoint checks; None without one."""
     needs = [m.name for m in methods if m.pretrained]
@@ -232,7 +224,7 @@ def _check_pretrained(path: str | None, methods: list[Method]) -> dict | None:
         load_network_weights(path)
     except PretrainedWeightsError as e:
         raise BenchmarkError(f"-pretrained_weights: {e}") from None
-    return {"path": path, "sha256": _sha256(path), "bytes": os.path.getsize(path)}
+    return {"path": path, "sha256": sha256_file(path), "bytes": os.path.getsize(path)}
 
 
 def _versions() -> dict:

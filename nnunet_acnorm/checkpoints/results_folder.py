@@ -12,12 +12,12 @@ weights' facts, so that the import builds the network of those plans.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 from nnunet_acnorm.checkpoints.family import PretrainedLoadError, PretrainedWeights
 from nnunet_acnorm.checkpoints.families.nnunet_v2 import configuration_architecture
+from nnunet_acnorm.inputs import read_json_object
 
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth")
 
@@ -52,17 +52,6 @@ def _checkpoint_of_model_folder(folder: str) -> str:
                               f"of one, e.g. -i {os.path.join(folder, folds[0], 'checkpoint_final.pth')}")
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise PretrainedLoadError(f"{path}: not readable JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise PretrainedLoadError(f"{path}: not an nnU-Net {os.path.basename(path)} (a JSON object is expected)")
-    return data
-
-
 def locate_results_folder(path: str) -> ResultsFolder | None:
     """The results folder ``path`` is or lies in (model folder, fold folder, checkpoint in a fold), or None."""
     path = os.path.abspath(path)
@@ -79,8 +68,8 @@ def locate_results_folder(path: str) -> ResultsFolder | None:
         return None
     parts = split_model_folder_name(os.path.basename(model_folder))
     trainer, configuration = (parts[0], parts[2]) if parts else (None, None)
-    return ResultsFolder(model_folder, checkpoint, _read_json(os.path.join(model_folder, "plans.json")),
-                         _read_json(os.path.join(model_folder, "dataset.json")), trainer, configuration)
+    return ResultsFolder(model_folder, checkpoint, read_json_object(os.path.join(model_folder, "plans.json"), PretrainedLoadError),
+                         read_json_object(os.path.join(model_folder, "dataset.json"), PretrainedLoadError), trainer, configuration)
 
 
 def split_model_folder_name(name: str) -> tuple[str, str, str] | None:

