@@ -358,43 +358,35 @@ README_START, README_END = "<!-- results table: experiments/finetune_experiment.
 
 
 def readme_table(summary: dict, results: dict) -> str:
-    """The README's results block (kept short: the README has a line budget): one row per method
-    that ran, its seeds, mean Dice and paired difference to the baseline; the cells of the full
-    matrix (TRANSFERS x METHODS, FULL_SEEDS seeds) that have not run; then the reading, copied from
+    """The README's results block: one row per method of METHODS, one column per transfer of
+    TRANSFERS, so every cell of the full matrix shows, run or not (issue 28: no silent gaps). A
+    baseline's cell is its mean Dice ± sd, every other cell the paired difference to its group's
+    baseline; a cell with fewer than FULL_SEEDS seeds says how many. Then the reading, copied from
     ``READING`` (written by hand from the tables, committed beside them)."""
-    lines = ["| transfer | method | seeds | mean Dice ± sd | Δ vs baseline [95 % CI], wins/losses |", "|---|---|---|---|---|"]
-    for key, transfer in summary["transfers"].items():
-        for row in transfer["rows"]:
-            delta = (f"{row['delta']:+.3f} [{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}], {row['wins']}/{row['losses']}"
-                     if "delta" in row else "baseline")
-            lines.append(f"| {key} | {row['method']} | {row['seeds']} | {row['mean_dice']:.3f} ± {row['sd']:.3f} | "
-                         f"{delta} |")
-    missing = not_run(summary)
-    if missing:
-        lines += ["", f"Not run yet (fewer than {FULL_SEEDS} seeds; CPU time): " + "; ".join(
-            f"{key}: {'every method' if all(' seeds)' not in m for m in cells) and len(cells) == len(METHODS) else ', '.join(cells)}"
-            for key, cells in missing.items()) + "."]
+    keys = list(TRANSFERS)
+    lines = [f"Cells: a baseline's mean Dice ± sd over the seeds; every other method: paired Δ vs its baseline "
+             f"(vanilla; `_BN` rows: vanilla_BN) [95 % CI], wins/losses; {FULL_SEEDS} seeds unless a cell says fewer.", "",
+             "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for method in METHODS:
+        lines.append(f"| {method} | " + " | ".join(_cell(summary, key, method) for key in keys) + " |")
     if READING.is_file():
         lines += ["", READING.read_text().strip()]
     return "\n".join(lines) + "\n"
 
 
+def _cell(summary: dict, key: str, method: str) -> str:
+    rows = [r for r in summary["transfers"].get(key, {}).get("rows", []) if r["method"] == method]
+    if not rows:
+        runs = summary["transfers"].get(key, {}).get("success", {}).get(method, {}).get("runs", 0)
+        return f"{runs} seed(s), not compared" if runs else "not run"
+    row = max(rows, key=lambda r: r["seeds"])
+    text = (f"{row['delta']:+.3f} [{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}] {row['wins']}/{row['losses']}"
+            if "delta" in row else f"{row['mean_dice']:.3f} ± {row['sd']:.3f}")
+    return text + (f" ({row['seeds']} seeds)" if row["seeds"] < FULL_SEEDS else "")
+
+
 #: the reading of the published tables (hand-written), appended to the README block by --publish
 READING = Path(__file__).resolve().parent / "results" / "finetune" / "reading.md"
-
-
-def not_run(summary: dict) -> dict[str, list[str]]:
-    """Per transfer, the methods of METHODS without a comparison row of FULL_SEEDS or more seeds
-    (with the number of seeds that did run, where some did)."""
-    missing = {}
-    for key in TRANSFERS:
-        rows = summary["transfers"].get(key, {}).get("rows", [])
-        runs = summary["transfers"].get(key, {}).get("success", {})
-        done = {r["method"] for r in rows if r["seeds"] >= FULL_SEEDS}
-        cells = [m + (f" ({runs[m]['runs']} seeds)" if m in runs else "") for m in METHODS if m not in done]
-        if cells:
-            missing[key] = cells
-    return missing
 
 
 #: what nnUNetv2_acnorm_demo prints after its own single run: the experiment's numbers

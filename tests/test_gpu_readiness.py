@@ -99,62 +99,59 @@ class _FlagRecorder(nn.Module):
         self.seen = []
 
     def forward(self, x):
-        cudnn = torch.backends.cudnn
-        self.seen.append((cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic,
-                          torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()))
+        self.seen.append(_float32_flags())
         return self.linear(x)
 
 
-def test_ranking_steps_run_without_tf32_and_with_fixed_kernels_and_restore_the_settings():
+def _float32_flags() -> tuple:
+    cudnn = torch.backends.cudnn
+    return (cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32,
+            torch.get_float32_matmul_precision())
+
+
+@pytest.fixture
+def fast_float32_flags():
+    """torch's flags as nnU-Net leaves them on a GPU (cuDNN benchmark and TF32 on); restored afterwards.
+    Yields the flags the code under test must find again when it returns."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = _float32_flags()
+    try:
+        torch.set_float32_matmul_precision("high")
+        cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic = True, True, False
+        yield _float32_flags()
+    finally:
+        torch.set_float32_matmul_precision(saved[4])
+        cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic = saved[:3]
+        matmul.allow_tf32 = saved[3]
+
+
+def test_ranking_steps_run_without_tf32_and_with_fixed_kernels_and_restore_the_settings(fast_float32_flags):
     """nnU-Net turns cudnn.benchmark on and cuDNN uses TF32 by default: the ranking's float32 steps
     were neither float32 nor reproducible on Ampere/Hopper GPUs. The flags are torch's, settable
     without a GPU: the step must see them off, and find them as they were afterwards."""
     from nnunet_acnorm.ranking.nnunet_target import nnunet_train_step
 
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    saved = (cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic, matmul.allow_tf32,
-             torch.get_float32_matmul_precision())
-    try:
-        torch.set_float32_matmul_precision("high")
-        cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic = True, True, False
-        before = (True, True, False, matmul.allow_tf32, "high")
-        network = _FlagRecorder()
-        step = nnunet_train_step(network, nn.MSELoss(), torch.optim.SGD(network.parameters(), lr=0.1),
-                                 torch.device("cpu"))
-        value = step({"data": torch.randn(3, 4), "target": torch.zeros(3, 2)})
-        assert math.isfinite(value)
-        assert network.seen == [(False, False, True, False, "highest")]
-        assert (cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic, matmul.allow_tf32,
-                torch.get_float32_matmul_precision()) == before
-    finally:
-        torch.set_float32_matmul_precision(saved[4])
-        cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic = saved[:3]
-        matmul.allow_tf32 = saved[3]
+    assert fast_float32_flags[:3] == (True, True, False) and fast_float32_flags[4] == "high"
+    network = _FlagRecorder()
+    step = nnunet_train_step(network, nn.MSELoss(), torch.optim.SGD(network.parameters(), lr=0.1),
+                             torch.device("cpu"))
+    value = step({"data": torch.randn(3, 4), "target": torch.zeros(3, 2)})
+    assert math.isfinite(value)
+    assert network.seen == [(False, False, True, False, "highest")]
+    assert _float32_flags() == fast_float32_flags
 
 
-def test_ranking_features_for_logme_run_without_tf32_and_restore_the_settings():
+def test_ranking_features_for_logme_run_without_tf32_and_restore_the_settings(fast_float32_flags):
     """LogME and H-score score the features of one forward pass: it runs under the same float32
     settings as the ranking's steps (TF32 off, fixed cuDNN kernels), and the flags are restored."""
     from nnunet_acnorm.ranking.estimators import norm_features_at_labels
 
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    saved = (cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic, matmul.allow_tf32,
-             torch.get_float32_matmul_precision())
-    try:
-        torch.set_float32_matmul_precision("high")
-        cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic = True, True, False
-        before = (True, True, False, matmul.allow_tf32, "high")
-        network = nn.Sequential(_FlagRecorder(), nn.BatchNorm1d(2))
-        features, labels = norm_features_at_labels(network, "1", [{"data": torch.randn(3, 4),
-                                                                    "target": torch.zeros(3, 1)}])
-        assert features.shape == (3, 2) and labels.tolist() == [0, 0, 0]
-        assert network[0].seen == [(False, False, True, False, "highest")]
-        assert (cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic, matmul.allow_tf32,
-                torch.get_float32_matmul_precision()) == before
-    finally:
-        torch.set_float32_matmul_precision(saved[4])
-        cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic = saved[:3]
-        matmul.allow_tf32 = saved[3]
+    network = nn.Sequential(_FlagRecorder(), nn.BatchNorm1d(2))
+    features, labels = norm_features_at_labels(network, "1", [{"data": torch.randn(3, 4),
+                                                                "target": torch.zeros(3, 1)}])
+    assert features.shape == (3, 2) and labels.tolist() == [0, 0, 0]
+    assert network[0].seen == [(False, False, True, False, "highest")]
+    assert _float32_flags() == fast_float32_flags
 
 
 # -- G10: the benchmarks run what nnUNetv2_train runs on the device, unless told otherwise ----------
