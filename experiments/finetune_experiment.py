@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from nnunet_acnorm.benchmark.plan import software_versions
 from nnunet_acnorm.demo.datasets import (CT_ORGANS, CT_SPINE_UNSEEN, CT_PELVIS, MR_ORGANS, SlabTask,
                                          write_holdout_split, write_raw_dataset)
 from nnunet_acnorm.demo.pipeline import DEMO_TRAINER_FOLDER
@@ -259,6 +260,9 @@ def results_markdown(results: dict) -> str:
     lines = [f"Budget: {results['epochs']} fine-tuning epochs x {results['iterations']} iterations "
              f"(source models: {results['pretrain_epochs']} epochs), seeds {results['seeds'][0]}-{results['seeds'][-1]} "
              "where run; made by experiments/finetune_experiment.py.", ""]
+    if results.get("software"):
+        versions = ", ".join(f"{k} {v}" for k, v in results["software"].items() if v and k != "platform")
+        lines += [f"Compared at commit {results.get('commit')} with {versions} (the runs' own versions: their logs).", ""]
     for key, res in results["transfers"].items():
         t = TRANSFERS[key]
         lines += [f"## {key}: {t.source.name} -> {t.target.name}", "",
@@ -272,6 +276,17 @@ def results_markdown(results: dict) -> str:
                       comp["report"].strip()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _commit() -> str | None:
+    """The checkout's commit (with "+changes" when its tracked files differ from it), or None outside git."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "-C", str(repo), "diff", "--quiet", "HEAD"]).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+changes" if dirty else "")
 
 
 def _label_dice(model_folder: Path, label: int) -> float:
@@ -319,7 +334,8 @@ def main(argv: list[str] | None = None, methods_table: dict[str, tuple[str, str 
     if args.no_compare:
         return
     results = {"epochs": args.epochs, "pretrain_epochs": args.pretrain_epochs, "iterations": args.iterations,
-               "seeds": seeds, "methods": {m: methods_table[m][0] for m in methods}, "transfers": {}}
+               "seeds": seeds, "methods": {m: methods_table[m][0] for m in methods}, "transfers": {},
+               "software": software_versions(), "commit": _commit()}
     for transfer in transfers:
         results["transfers"][transfer.key] = {"success": exp.success(transfer, methods, seeds),
                                               "comparisons": exp.comparisons(transfer, methods, seeds)}

@@ -46,3 +46,15 @@ def test_readme_block_shows_every_cell_of_the_matrix(tmp_path):
     assert cells["spd"][0] == "1 seed(s), not compared" and cells["scratch"][0] == "not run"
     assert all(row[1:] == ["not run"] * (len(exp.TRANSFERS) - 1) for row in cells.values())
     assert block.rstrip().endswith("The reading.")
+
+
+def test_results_name_the_commit_and_package_versions():
+    """The published tables say which code and packages compared them (runs of other commits differ)."""
+    exp = _experiment()
+    results = {"epochs": 6, "iterations": 25, "pretrain_epochs": 8, "seeds": [0, 4], "transfers": {},
+               "software": {"python": "3.11.7", "platform": "Linux", "torch": "2.14.1", "submitit": None},
+               "commit": exp._commit()}
+    text = exp.results_markdown(results)
+    assert f"Compared at commit {results['commit']} with python 3.11.7, torch 2.14.1 (" in text
+    assert "Linux" not in text and "submitit" not in text
+    assert results["commit"] is None or len(results["commit"].split("+")[0]) == 40

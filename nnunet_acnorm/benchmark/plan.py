@@ -227,11 +227,13 @@ def _check_pretrained(path: str | None, methods: list[Method]) -> dict | None:
     return {"path": path, "sha256": sha256_file(path), "bytes": os.path.getsize(path)}
 
 
-def _versions() -> dict:
+def software_versions() -> dict:
+    """Python, platform and the versions of the packages that decide a run's numbers (None: not installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in ("nnunet-acnorm", "nnunetv2", "torch", "dynamic-network-architectures", "submitit"):
+    for package in ("nnunet-acnorm", "nnunetv2", "torch", "dynamic-network-architectures", "batchgeneratorsv2",
+                    "numpy", "SimpleITK", "submitit"):
         try:
             out[package] = version(package)
         except PackageNotFoundError:
@@ -276,7 +278,7 @@ def make_plan(spec: BenchmarkSpec, out: str, environ=None) -> Plan:
     environment = {"nnUNet_preprocessed": os.path.dirname(os.path.abspath(ds.folder)), "nnUNet_extTrainer": ext,
                    "trainer_folders": [os.path.abspath(f) for f in spec.trainer_folders],
                    "python": sys.executable, "recorded": {k: environ.get(k) for k in RECORDED_ENV}}
-    return Plan(what, runs, environment, _versions(), datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    return Plan(what, runs, environment, software_versions(), datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 def expand_runs(what: dict, out: str) -> list[PlannedRun]:
