@@ -262,7 +262,8 @@ def results_markdown(results: dict) -> str:
              "where run; made by experiments/finetune_experiment.py.", ""]
     if results.get("software"):
         versions = ", ".join(f"{k} {v}" for k, v in results["software"].items() if v and k != "platform")
-        lines += [f"Compared at commit {results.get('commit')} with {versions} (the runs' own versions: their logs).", ""]
+        lines += [f"Compared at commit {results.get('commit')} with {versions} "
+                  "(the environment that compared the runs).", ""]
     for key, res in results["transfers"].items():
         t = TRANSFERS[key]
         lines += [f"## {key}: {t.source.name} -> {t.target.name}", "",

@@ -55,6 +55,6 @@ def test_results_name_the_commit_and_package_versions():
                "software": {"python": "3.11.7", "platform": "Linux", "torch": "2.14.1", "submitit": None},
                "commit": exp._commit()}
     text = exp.results_markdown(results)
-    assert f"Compared at commit {results['commit']} with python 3.11.7, torch 2.14.1 (" in text
+    assert f"Compared at commit {results['commit']} with python 3.11.7, torch 2.14.1 (the environment that compared the runs)." in text
     assert "Linux" not in text and "submitit" not in text
     assert results["commit"] is None or len(results["commit"].split("+")[0]) == 40
