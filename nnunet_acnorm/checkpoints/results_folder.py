@@ -68,8 +68,9 @@ def locate_results_folder(path: str) -> ResultsFolder | None:
         return None
     parts = split_model_folder_name(os.path.basename(model_folder))
     trainer, configuration = (parts[0], parts[2]) if parts else (None, None)
-    return ResultsFolder(model_folder, checkpoint, read_json_object(os.path.join(model_folder, "plans.json"), PretrainedLoadError),
-                         read_json_object(os.path.join(model_folder, "dataset.json"), PretrainedLoadError), trainer, configuration)
+    plans, dataset_json = (read_json_object(os.path.join(model_folder, name), PretrainedLoadError)
+                           for name in ("plans.json", "dataset.json"))
+    return ResultsFolder(model_folder, checkpoint, plans, dataset_json, trainer, configuration)
 
 
 def split_model_folder_name(name: str) -> tuple[str, str, str] | None:
