@@ -260,14 +260,14 @@ def results_markdown(results: dict) -> str:
     lines = [f"Budget: {results['epochs']} fine-tuning epochs x {results['iterations']} iterations "
              f"(source models: {results['pretrain_epochs']} epochs), seeds {results['seeds'][0]}-{results['seeds'][-1]} "
              "where run; made by experiments/finetune_experiment.py.", ""]
-    if results.get("software"):
-        versions = ", ".join(f"{k} {v}" for k, v in results["software"].items() if v and k != "platform")
-        lines += [f"Compared at commit {results.get('commit')} with {versions} "
-                  "(the environment that compared the runs).", ""]
     for key, res in results["transfers"].items():
         t = TRANSFERS[key]
-        lines += [f"## {key}: {t.source.name} -> {t.target.name}", "",
-                  f"| method | trainer | runs | {t.success_label} Dice > 0.5 | {t.success_label} Dice mean ± sd |",
+        lines += [f"## {key}: {t.source.name} -> {t.target.name}", ""]
+        if res.get("software"):
+            versions = ", ".join(f"{k} {v}" for k, v in res["software"].items() if v and k != "platform")
+            lines += [f"Compared at commit {res.get('commit')} with {versions} "
+                      "(the environment that compared these runs).", ""]
+        lines += [f"| method | trainer | runs | {t.success_label} Dice > 0.5 | {t.success_label} Dice mean ± sd |",
                   "|---|---|---|---|---|"]
         for m, s in res["success"].items():
             lines.append(f"| {m} | `{s['trainer']}` | {s['runs']} | {s['segmented']}/{s['runs']} | "
@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None, methods_table: dict[str, tuple[str, str 
     parser.add_argument("--no-compare", action="store_true", help="train only")
     parser.add_argument("--compare-only", action="store_true",
                         help="no training: compare the runs that exist (missing method x seed runs are left out)")
-    parser.add_argument("--publish", type=Path, help="copy the results into this folder (experiments/results/...)")
+    parser.add_argument("--publish", type=Path, help="publish this run's transfers into this folder "
+                        "(experiments/results/...), keeping the other transfers published there")
     args = parser.parse_args(argv)
     transfers = [TRANSFERS[k] for k in args.transfers.split(",")]
     methods = args.methods.split(",")
@@ -320,6 +321,9 @@ def main(argv: list[str] | None = None, methods_table: dict[str, tuple[str, str 
     if unknown:
         parser.error(f"unknown method(s) {unknown}; known: {', '.join(methods_table)}")
     seeds = _parse_seeds(args.seeds)
+    budget = {"epochs": args.epochs, "pretrain_epochs": args.pretrain_epochs, "iterations": args.iterations}
+    if args.publish and (conflict := publish_conflict(args.publish, budget)):
+        parser.error(conflict)  # before any training: the published tables hold one budget
     exp = Experiment(args.output, args.epochs, args.pretrain_epochs, args.iterations, methods_table, trainer_folders)
     t0 = time.time()
     for transfer in transfers:
@@ -334,12 +338,11 @@ def main(argv: list[str] | None = None, methods_table: dict[str, tuple[str, str 
         print(f"training done in {(time.time() - t0) / 60:.1f} min", flush=True)
     if args.no_compare:
         return
-    results = {"epochs": args.epochs, "pretrain_epochs": args.pretrain_epochs, "iterations": args.iterations,
-               "seeds": seeds, "methods": {m: methods_table[m][0] for m in methods}, "transfers": {},
-               "software": software_versions(), "commit": _commit()}
+    results = dict(budget, seeds=seeds, methods={m: methods_table[m][0] for m in methods}, transfers={})
+    environment = {"software": software_versions(), "commit": _commit()}
     for transfer in transfers:
         results["transfers"][transfer.key] = {"success": exp.success(transfer, methods, seeds),
-                                              "comparisons": exp.comparisons(transfer, methods, seeds)}
+                                              "comparisons": exp.comparisons(transfer, methods, seeds), **environment}
     (exp.out / "results.json").write_text(json.dumps(results, indent=2))
     (exp.out / "results.md").write_text(results_markdown(results))
     print(results_markdown(results))
@@ -348,26 +351,57 @@ def main(argv: list[str] | None = None, methods_table: dict[str, tuple[str, str 
 
 
 def publish(out: Path, folder: Path, results: dict) -> None:
-    """Copy the results (tables, JSON, plots) into ``folder`` (e.g. experiments/results/finetune)."""
+    """Publish the transfers of ``results`` into ``folder`` (e.g. experiments/results/finetune): their
+    comparison folders (tables, JSON, plots) replace the earlier ones of the same transfers; the other
+    transfers already published there stay, each with the commit and packages that compared it. Then
+    the results table of the README and the demo's summary, from all published transfers."""
     folder.mkdir(parents=True, exist_ok=True)
-    current = {Path(comp["folder"]).name for res in results["transfers"].values() for comp in res["comparisons"]}
+    merged = merged_results(results, folder / "results.json")
+    current = {Path(comp["folder"]).name for res in merged["transfers"].values() for comp in res["comparisons"]}
     for stale in folder.glob("compare_*"):  # results of earlier runs are replaced, not kept beside
         if stale.is_dir() and stale.name not in current:
             shutil.rmtree(stale)
-    shutil.copy(out / "results.json", folder / "results.json")
-    shutil.copy(out / "results.md", folder / "results.md")
     for res in results["transfers"].values():
         for comp in res["comparisons"]:
             target = folder / Path(comp["folder"]).name
             target.mkdir(exist_ok=True)
             for name in ("comparison.md", "comparison.csv", "comparison.json", "paired_differences.png"):
                 shutil.copy(Path(comp["folder"]) / name, target / name)
-    summary = demo_summary(results)
+    (folder / "results.json").write_text(json.dumps(merged, indent=2))
+    (folder / "results.md").write_text(results_markdown(merged))
+    summary = demo_summary(merged)
     DEMO_SUMMARY.write_text(json.dumps(summary, indent=2) + "\n")
     readme = README.read_text()
     start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
-    README.write_text(readme[:start] + "\n" + readme_table(summary, results) + readme[end:])
+    README.write_text(readme[:start] + "\n" + readme_table(summary, merged) + readme[end:])
     print(f"published to {folder}, {DEMO_SUMMARY} and the results table of {README}")
+
+
+def publish_conflict(folder: Path, budget: dict) -> str | None:
+    """Why the results of ``budget`` cannot join those published in ``folder`` (None if they can)."""
+    published = folder / "results.json"
+    if not published.is_file():
+        return None
+    earlier = json.loads(published.read_text())
+    differ = [f"{key} {earlier.get(key)} there, {value} here"
+              for key, value in budget.items() if earlier.get(key) != value]
+    if differ:
+        return (f"{published} holds results of another budget ({'; '.join(differ)}): run with its budget, "
+                "or publish into another folder")
+    return None
+
+
+def merged_results(results: dict, published: Path) -> dict:
+    """``results`` plus the transfers of an earlier ``published`` results.json that it does not hold, in
+    the order of TRANSFERS; an earlier transfer keeps the commit and packages that compared it."""
+    if not published.is_file():
+        return results
+    earlier = json.loads(published.read_text())
+    environment = {k: earlier[k] for k in ("software", "commit") if k in earlier}  # files of one environment
+    transfers = {**{k: {**environment, **v} for k, v in earlier["transfers"].items()}, **results["transfers"]}
+    return dict(results, seeds=sorted(set(earlier["seeds"]) | set(results["seeds"])),
+                methods={**earlier["methods"], **results["methods"]},
+                transfers={k: transfers[k] for k in TRANSFERS if k in transfers})
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"
