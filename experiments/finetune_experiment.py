@@ -90,6 +90,11 @@ METHODS = {
     "spd_BN": ("nnUNetTrainerSPDBN_acnormDemo", "BN"),
     "stochnorm_BN": ("nnUNetTrainerStochNormBN_acnormDemo", "BN"),
 }
+#: comparison groups: (name, methods, baseline); each group's methods share a source checkpoint
+GROUPS = [("IN", ["scratch", "nnunet_recipe_scratch", "vanilla", "nnunet_recipe", "acnorm", "acnorm_tau1", "l2sp",
+                  "acnorm_l2sp", "spd", "acnorm_spd", "lpft", "delta", "bss", "dlr"], "vanilla"),
+          ("BN", ["vanilla_BN", "nnunet_recipe_BN", "acnorm_BN", "acnorm_BN_tau1", "spd_BN", "stochnorm_BN"],
+           "vanilla_BN")]
 PRETRAIN_TRAINERS = {"IN": "nnUNetTrainerScratch_acnormDemo", "BN": "nnUNetTrainerScratchBN_acnormDemo"}
 PRETRAIN_SEED = 0
 
@@ -107,8 +112,9 @@ def _parse_seeds(text: str) -> list[int]:
 
 class Experiment:
     def __init__(self, out: Path, epochs: int, pretrain_epochs: int, iterations: int,
-                 methods: dict[str, tuple[str, str | None]] = METHODS, trainer_folders: tuple[str, ...] = ()):
-        self.methods = methods
+                 methods: dict[str, tuple[str, str | None]] = METHODS, trainer_folders: tuple[str, ...] = (),
+                 groups: list[tuple[str, list[str], str]] = GROUPS):
+        self.methods, self.groups = methods, groups
         self.out = out.resolve()
         self.raw, self.pre = self.out / "nnUNet_raw", self.out / "nnUNet_preprocessed"
         self.epochs, self.pretrain_epochs, self.iterations = epochs, pretrain_epochs, iterations
@@ -218,7 +224,7 @@ class Experiment:
         """Per group of methods (IN, BN networks): all its methods on their common seeds; and, where some
         methods have more seeds, those methods on theirs."""
         results = []
-        for group, members, baseline in GROUPS:
+        for group, members, baseline in self.groups:
             done = {m: self.done_seeds(transfer, m, seeds) for m in members if m in methods}
             done = {m: d for m, d in done.items() if len(d) >= 2}
             if baseline not in done or len(done) < 2:
@@ -247,11 +253,6 @@ class Experiment:
         return out
 
 
-#: comparison groups: (name, methods, baseline); each group's methods share a source checkpoint
-GROUPS = [("IN", ["scratch", "nnunet_recipe_scratch", "vanilla", "nnunet_recipe", "acnorm", "acnorm_tau1", "l2sp",
-                  "acnorm_l2sp", "spd", "acnorm_spd", "lpft", "delta", "bss", "dlr"], "vanilla"),
-          ("BN", ["vanilla_BN", "nnunet_recipe_BN", "acnorm_BN", "acnorm_BN_tau1", "spd_BN", "stochnorm_BN"],
-           "vanilla_BN")]
 #: the full matrix this script is meant to fill (every transfer x every method, this many seeds)
 FULL_SEEDS = 5
 
@@ -299,7 +300,10 @@ def _label_dice(model_folder: Path, label: int) -> float:
 
 
 def main(argv: list[str] | None = None, methods_table: dict[str, tuple[str, str | None]] = METHODS,
-         trainer_folders: tuple[str, ...] = (), description: str = __doc__.split("\n\n")[0]) -> None:
+         trainer_folders: tuple[str, ...] = (), description: str = __doc__.split("\n\n")[0],
+         groups: list[tuple[str, list[str], str]] = GROUPS, readme: bool = True) -> None:
+    """The experiment over ``methods_table``, compared per group of ``groups``; ``readme``: whether
+    --publish also writes the README's results block and the demo's summary (this script's methods)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--transfers", default=",".join(TRANSFERS))
@@ -324,7 +328,8 @@ def main(argv: list[str] | None = None, methods_table: dict[str, tuple[str, str 
     budget = {"epochs": args.epochs, "pretrain_epochs": args.pretrain_epochs, "iterations": args.iterations}
     if args.publish and (conflict := publish_conflict(args.publish, budget)):
         parser.error(conflict)  # before any training: the published tables hold one budget
-    exp = Experiment(args.output, args.epochs, args.pretrain_epochs, args.iterations, methods_table, trainer_folders)
+    exp = Experiment(args.output, args.epochs, args.pretrain_epochs, args.iterations, methods_table, trainer_folders,
+                     groups)
     t0 = time.time()
     for transfer in transfers:
         exp.prepare(transfer)
@@ -347,14 +352,14 @@ def main(argv: list[str] | None = None, methods_table: dict[str, tuple[str, str 
     (exp.out / "results.md").write_text(results_markdown(results))
     print(results_markdown(results))
     if args.publish:
-        publish(exp.out, args.publish, results)
+        publish(exp.out, args.publish, results, readme)
 
 
-def publish(out: Path, folder: Path, results: dict) -> None:
+def publish(out: Path, folder: Path, results: dict, readme: bool = True) -> None:
     """Publish the transfers of ``results`` into ``folder`` (e.g. experiments/results/finetune): their
     comparison folders (tables, JSON, plots) replace the earlier ones of the same transfers; the other
-    transfers already published there stay, each with the commit and packages that compared it. Then
-    the results table of the README and the demo's summary, from all published transfers."""
+    transfers already published there stay, each with the commit and packages that compared it. With
+    ``readme``, then the README's results table and the demo's summary, from all published transfers."""
     folder.mkdir(parents=True, exist_ok=True)
     merged = merged_results(results, folder / "results.json")
     current = {Path(comp["folder"]).name for res in merged["transfers"].values() for comp in res["comparisons"]}
@@ -369,12 +374,15 @@ def publish(out: Path, folder: Path, results: dict) -> None:
                 shutil.copy(Path(comp["folder"]) / name, target / name)
     (folder / "results.json").write_text(json.dumps(merged, indent=2))
     (folder / "results.md").write_text(results_markdown(merged))
+    print(f"published to {folder}")
+    if not readme:
+        return
     summary = demo_summary(merged)
     DEMO_SUMMARY.write_text(json.dumps(summary, indent=2) + "\n")
     readme = README.read_text()
     start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
     README.write_text(readme[:start] + "\n" + readme_table(summary, merged) + readme[end:])
-    print(f"published to {folder}, {DEMO_SUMMARY} and the results table of {README}")
+    print(f"published to {DEMO_SUMMARY} and the results table of {README}")
 
 
 def publish_conflict(folder: Path, budget: dict) -> str | None:

@@ -119,6 +119,12 @@ def test_publishing_one_transfer_keeps_the_others_published(tmp_path, monkeypatc
         "+0.020 [+0.010, +0.030] 2/0" + (" (3 seeds)" if k == first else " (2 seeds)") if k in (first, second)
         else "not run" for k in exp.TRANSFERS) + " |"]
 
+    before = readme.read_text(), (tmp_path / "summary.json").read_text()
+    exp.publish(tmp_path / "c", tmp_path / "sweep", dict(budget, seeds=[0, 1], methods=methods, transfers={
+        first: _compared_transfer(exp, tmp_path / "c", first)}), readme=False)  # as recipe_sweep.py publishes
+    assert (readme.read_text(), (tmp_path / "summary.json").read_text()) == before
+    assert list(json.loads((tmp_path / "sweep" / "results.json").read_text())["transfers"]) == [first]
+
 
 def test_publishing_another_budget_beside_published_results_is_refused(tmp_path):
     """Results of another budget (epochs, iterations) would mix in one table: the script refuses in
@@ -133,3 +139,26 @@ def test_publishing_another_budget_beside_published_results_is_refused(tmp_path)
     assert "another budget (epochs 6 there, 3 here): run with its budget, or publish into another folder" in proc.stderr
     assert not (tmp_path / "out").exists()
     assert json.loads((published / "results.json").read_text())["epochs"] == 6
+
+
+def test_the_recipe_sweep_compares_every_variant_against_the_trainers_recipe():
+    """experiments/recipe_sweep.py: each base trainer's recipe variants form one comparison group
+    whose baseline is the base at the trainers' own recipe (lr 1e-2, every patch on foreground),
+    and each variant's trainer carries the recipe its name says."""
+    exp = _experiment()
+    spec = importlib.util.spec_from_file_location("recipe_sweep", TESTS_DIR.parent / "experiments" / "recipe_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    grouped = [m for _, members, _ in sweep.SWEEP_GROUPS for m in members]
+    assert sorted(grouped) == sorted(sweep.SWEEP_METHODS)  # every variant compared, once
+    recipes = sys.modules["acnorm_recipe_trainers"]
+    for base, members, baseline in sweep.SWEEP_GROUPS:
+        assert baseline in members and all(m.startswith(f"{base}@") for m in members)
+        main_trainer = recipes.BASES[base]  # the trainer the main experiment runs for this method
+        assert main_trainer.__name__ == exp.METHODS[base][0]
+        current = recipes.TRAINERS[sweep.SWEEP_METHODS[baseline][0]]
+        assert issubclass(current, main_trainer)
+        assert (current.finetune_initial_lr, current.finetune_oversample_foreground, current.warmup_fraction) == (
+            main_trainer.finetune_initial_lr, main_trainer.finetune_oversample_foreground, main_trainer.warmup_fraction)
+        old = recipes.TRAINERS[sweep.SWEEP_METHODS[f"{base}@lr1e-3_fg33"][0]]
+        assert (old.finetune_initial_lr, old.finetune_oversample_foreground) == (1e-3, 0.33)

@@ -3,9 +3,7 @@
 Each variant changes one or two class attributes of the demo-schedule trainers, so that a sweep
 compares recipes under ``nnUNetv2_train`` with everything else equal.
 """
-import torch
-
-from nnunet_acnorm.demo.demo_trainers import (nnUNetTrainerACNorm_tau1_acnormDemo,
+from nnunet_acnorm.demo.demo_trainers import (nnUNetTrainerACNorm_acnormDemo, nnUNetTrainerACNorm_tau1_acnormDemo,
                                               nnUNetTrainerFinetune_acnormDemo)
 
 
@@ -18,19 +16,11 @@ class _Lr1e3:
 
 
 class _Fg100:
-    # nnU-Net records the constructor's arguments by name: the signature must be nnU-Net's
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.oversample_foreground_percent = 1.0
+    finetune_oversample_foreground = 1.0
 
 
 class _Fg33:
-    # nnU-Net records the constructor's arguments by name: the signature must be nnU-Net's
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.oversample_foreground_percent = 0.33
+    finetune_oversample_foreground = 0.33
 
 
 class _NoWarmup:
@@ -44,7 +34,8 @@ VARIANTS = {
     "lr1e-2_fg100": (_Lr1e2, _Fg100),
     "lr1e-2_fg100_nowarmup": (_Lr1e2, _Fg100, _NoWarmup),
 }
-BASES = {"vanilla": nnUNetTrainerFinetune_acnormDemo, "acnorm_tau1": nnUNetTrainerACNorm_tau1_acnormDemo}
+BASES = {"vanilla": nnUNetTrainerFinetune_acnormDemo, "acnorm": nnUNetTrainerACNorm_acnormDemo,
+         "acnorm_tau1": nnUNetTrainerACNorm_tau1_acnormDemo}
 
 
 def trainer_name(method: str, variant: str) -> str:
