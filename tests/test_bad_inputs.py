@@ -864,6 +864,24 @@ def test_one_training_per_fold(model, tmp_path):
     assert not (fold / "acnorm_train.lock").exists()
 
 
+def test_a_refused_run_never_removes_another_runs_log(tmp_path):
+    """nnU-Net names a run's log by the second it started. A second run of the fold started in that
+    second, refused because the first holds the fold, removed the log it thought its own: the first
+    run's. Each run now claims a log file of its own before writing (the name taken: the next free
+    ``_<n>``), and removes only that one."""
+    from nnunet_acnorm.nnunet.pretrained import claim_log_file, remove_run_output
+    fold = tmp_path / "results" / "fold_0"
+    fold.mkdir(parents=True)
+    first = fold / "training_log_2026_12_7_14_13_13.txt"
+    assert claim_log_file(str(first)) == str(first) and first.read_text() == ""  # free: the name itself
+    first.write_text("the first run's log\n")
+    mine = claim_log_file(str(first))
+    assert mine == str(fold / "training_log_2026_12_7_14_13_13_1.txt")
+    assert claim_log_file(str(first)) == str(fold / "training_log_2026_12_7_14_13_13_2.txt")
+    remove_run_output(mine, str(fold), str(tmp_path / "results"))
+    assert first.read_text() == "the first run's log\n" and not Path(mine).exists()
+
+
 def test_stock_predict_of_a_folded_model_loads_weights_only(model, folded, tmp_path):
     """The safe paths the docs offer for untrusted models (issue 31 bad 8, item 6): the safe predict
     (nnUNetv2_acnorm_predict_from_modelfolder) predicts an intact AC-Norm model; the fold command writes

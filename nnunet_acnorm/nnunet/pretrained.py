@@ -327,6 +327,24 @@ def describe_missing_sources(fname: str, missing: list[str], n_layers: int, trai
             "it (only -pretrained_weights takes plain checkpoints)")
 
 
+def claim_log_file(log_file: str) -> str:
+    """``log_file`` if this process creates it now, else the first free ``<name>_<n>.txt`` beside it.
+
+    nnU-Net names a run's log by the second it started: a second ``nnUNetv2_train`` of the same fold
+    started in that second would write into, and when refused remove, the first run's log. The
+    file is created atomically (``O_EXCL``), so each run owns the log it may later remove.
+    """
+    base, ext = os.path.splitext(log_file)
+    candidate, n = log_file, 0
+    while True:
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = f"{base}_{n}{ext}"
+
+
 def remove_run_output(log_file: str | None, output_folder: str | None, stop_at: str | None) -> None:
     """Undo what a refused start wrote: its log file, then the folders it created if they are
     now empty, up to (not including) ``stop_at`` (nnUNet_results)."""

@@ -32,7 +32,7 @@ from nnunet_acnorm.networks.parts import encoder_prefixes, is_encoder_key
 from nnunet_acnorm.norms import AUTO_TAU, acnorm_modules, acnorm_sync_batchnorm, convert_to_acnorm
 from nnunet_acnorm.norms.conversion import is_feature_norm, not_applicable
 from nnunet_acnorm.norms.modules import SOURCE_KEYS, describe_temperatures
-from nnunet_acnorm.nnunet.pretrained import (NnunetCheckpointError, PretrainedWeightsError,
+from nnunet_acnorm.nnunet.pretrained import (NnunetCheckpointError, PretrainedWeightsError, claim_log_file,
                                                      continue_training_from_argv,
                                                      describe_missing_sources, load_nnunet_checkpoint,
                                                      missing_source_layers, pretrained_weights_from_argv,
@@ -126,6 +126,12 @@ class nnUNetTrainerFinetune(nnUNetTrainer):
             check_command_line(self.output_folder)
         except TrainingStartError as e:
             self._refuse(str(e))
+
+    def print_to_log_file(self, *args, also_print_to_console: bool = True, add_timestamp: bool = True):
+        if getattr(self, "local_rank", 0) == 0 and not getattr(self, "_log_file_claimed", False):
+            self.log_file = claim_log_file(self.log_file)  # never another run's log of the same second
+            self._log_file_claimed = True
+        super().print_to_log_file(*args, also_print_to_console=also_print_to_console, add_timestamp=add_timestamp)
 
     @property
     def warmup_epochs(self) -> int:
