@@ -301,8 +301,8 @@ def _label_dice(model_folder: Path, label: int) -> float:
 
 def main(argv: list[str] | None = None, methods_table: dict[str, tuple[str, str | None]] = METHODS,
          trainer_folders: tuple[str, ...] = (), description: str = __doc__.split("\n\n")[0],
-         groups: list[tuple[str, list[str], str]] = GROUPS, readme: bool = True) -> None:
-    """The experiment over ``methods_table``, compared per group of ``groups``; ``readme``: whether
+         groups: list[tuple[str, list[str], str]] = GROUPS, to_readme: bool = True) -> None:
+    """The experiment over ``methods_table``, compared per group of ``groups``; ``to_readme``: whether
     --publish also writes the README's results block and the demo's summary (this script's methods)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--output", required=True, type=Path)
@@ -352,14 +352,14 @@ def main(argv: list[str] | None = None, methods_table: dict[str, tuple[str, str 
     (exp.out / "results.md").write_text(results_markdown(results))
     print(results_markdown(results))
     if args.publish:
-        publish(exp.out, args.publish, results, readme)
+        publish(args.publish, results, to_readme)
 
 
-def publish(out: Path, folder: Path, results: dict, readme: bool = True) -> None:
+def publish(folder: Path, results: dict, to_readme: bool = True) -> None:
     """Publish the transfers of ``results`` into ``folder`` (e.g. experiments/results/finetune): their
     comparison folders (tables, JSON, plots) replace the earlier ones of the same transfers; the other
     transfers already published there stay, each with the commit and packages that compared it. With
-    ``readme``, then the README's results table and the demo's summary, from all published transfers."""
+    ``to_readme``, then the README's results table and the demo's summary, from all published transfers."""
     folder.mkdir(parents=True, exist_ok=True)
     merged = merged_results(results, folder / "results.json")
     current = {Path(comp["folder"]).name for res in merged["transfers"].values() for comp in res["comparisons"]}
@@ -375,7 +375,7 @@ def publish(out: Path, folder: Path, results: dict, readme: bool = True) -> None
     (folder / "results.json").write_text(json.dumps(merged, indent=2))
     (folder / "results.md").write_text(results_markdown(merged))
     print(f"published to {folder}")
-    if not readme:
+    if not to_readme:
         return
     summary = demo_summary(merged)
     DEMO_SUMMARY.write_text(json.dumps(summary, indent=2) + "\n")

@@ -30,4 +30,4 @@ SWEEP_GROUPS = [(base, [f"{base}@{variant}" for variant in VARIANTS], f"{base}@{
 if __name__ == "__main__":
     # --publish writes experiments/results/recipe/ only: the README's table is the main experiment's
     main(methods_table=SWEEP_METHODS, trainer_folders=(str(HERE / "recipe_trainers"),),
-         description=__doc__.split("\n\n")[0], groups=SWEEP_GROUPS, readme=False)
+         description=__doc__.split("\n\n")[0], groups=SWEEP_GROUPS, to_readme=False)

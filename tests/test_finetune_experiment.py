@@ -99,10 +99,10 @@ def test_publishing_one_transfer_keeps_the_others_published(tmp_path, monkeypatc
     published = tmp_path / "published"
     methods = {m: exp.METHODS[m][0] for m in ("vanilla", "acnorm")}
     budget = {"epochs": 6, "pretrain_epochs": 8, "iterations": 25}
-    exp.publish(tmp_path / "a", published, dict(budget, seeds=[0, 1], methods=methods, transfers={
+    exp.publish(published, dict(budget, seeds=[0, 1], methods=methods, transfers={
         second: _compared_transfer(exp, tmp_path / "a", second)}))
     (published / f"compare_{first}_IN_9seeds").mkdir()  # a stale folder of the transfer published next
-    exp.publish(tmp_path / "b", published, dict(budget, seeds=[0, 1, 2], methods=methods, transfers={
+    exp.publish(published, dict(budget, seeds=[0, 1, 2], methods=methods, transfers={
         first: _compared_transfer(exp, tmp_path / "b", first, seeds=(0, 1, 2))}))
 
     results = json.loads((published / "results.json").read_text())
@@ -120,8 +120,8 @@ def test_publishing_one_transfer_keeps_the_others_published(tmp_path, monkeypatc
         else "not run" for k in exp.TRANSFERS) + " |"]
 
     before = readme.read_text(), (tmp_path / "summary.json").read_text()
-    exp.publish(tmp_path / "c", tmp_path / "sweep", dict(budget, seeds=[0, 1], methods=methods, transfers={
-        first: _compared_transfer(exp, tmp_path / "c", first)}), readme=False)  # as recipe_sweep.py publishes
+    exp.publish(tmp_path / "sweep", dict(budget, seeds=[0, 1], methods=methods, transfers={
+        first: _compared_transfer(exp, tmp_path / "c", first)}), to_readme=False)  # as recipe_sweep.py publishes
     assert (readme.read_text(), (tmp_path / "summary.json").read_text()) == before
     assert list(json.loads((tmp_path / "sweep" / "results.json").read_text())["transfers"]) == [first]
 
