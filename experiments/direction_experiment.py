@@ -58,7 +58,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from finetune_experiment import CONFIG, PLANS, Experiment, _parse_seeds  # noqa: E402
+from finetune_experiment import CONFIG, PLANS, Experiment, _parse_seeds, budget_differences  # noqa: E402
 
 from nnunet_acnorm.demo.datasets import (CT_ORGANS, CT_PELVIS, DATA_DIR, MR_ORGANS, SlabTask,  # noqa: E402
                                          write_holdout_split, write_raw_dataset)
@@ -372,6 +372,18 @@ class DirectionExperiment(Experiment):
                             values[column][source][seed] = float(value)
         return values, status
 
+    def step_settings(self, targets: list[str], seeds: list[int]) -> list[dict]:
+        """The learning rate and temperature of the ranking command's steps, as its ranking.json files record them
+        (one entry per distinct setting; one entry when every run used the same)."""
+        found = []
+        for key, seed, run in ((k, seed, run) for k in targets for seed in seeds for run in RANK_RUNS):
+            file = self.rank_folder(key, run, seed) / "ranking.json"
+            if file.exists():
+                done = json.loads(file.read_text())
+                setting = {"lr": done["lr"], "tau": done["tau"], "trainer_defaults": done["trainer_defaults"]}
+                found += [setting] if setting not in found else []
+        return found
+
 
 def foreground_dice(model_folder: Path) -> float:
     """nnU-Net's mean foreground Dice over the validation cases of fold 0 (summary.json)."""
@@ -582,8 +594,20 @@ def analyse(exp: DirectionExperiment, targets: list[str], sources: dict[str, lis
             "correlations": {c: {"ranked": correlation(dice, values[c], ranked, n_boot),
                                  "all": correlation(dice, values[c], [s.key for s in zoo], n_boot)}
                              for c in ESTIMATOR_COLUMNS}}
+    results["step_settings"] = exp.step_settings(targets, seeds)
     results["decision"] = decide(results)
     return results
+
+
+def wall_minutes(out: Path, minutes: float | None) -> float:
+    """The wall minutes of every invocation that trained or ranked into ``out`` (a resumed run adds its own),
+    kept in ``out/wall_minutes.json``; ``minutes`` None (``--analyse-only``) adds nothing."""
+    file = out / "wall_minutes.json"
+    spent = json.loads(file.read_text()) if file.exists() else []
+    if minutes is not None:
+        spent.append(minutes)
+        file.write_text(json.dumps(spent) + "\n")
+    return sum(spent)
 
 
 def write_outputs(results: dict, folder: Path) -> None:
@@ -607,7 +631,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--targets", default=None, help=f"comma-separated, of {', '.join(TARGETS)} (default all)")
     parser.add_argument("--sources", default=None, help="comma-separated source keys (default the whole zoo)")
     parser.add_argument("--seeds", default=None, help="e.g. 0-2 (default 0-2)")
-    parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 20)")
+    parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 10)")
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="source pretraining epochs (default 25)")
     parser.add_argument("--iterations", type=int, default=None, help="iterations per epoch (default 40)")
     parser.add_argument("--finetune-trainer", default=FINETUNE_TRAINER)
@@ -630,13 +654,20 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown source(s) {sorted(set(wanted) - known)}; known: {', '.join(sorted(known))}")
     sources = {t: [s for s in SOURCES[t] if wanted is None or s.key in wanted] for t in targets}
     seeds = _parse_seeds(args.seeds or ("0" if smoke else "0-2"))
-    epochs = args.epochs or (1 if smoke else 20)
+    epochs = args.epochs or (1 if smoke else 10)
     pretrain_epochs = args.pretrain_epochs or (1 if smoke else 25)
     iterations = args.iterations or (2 if smoke else 40)
     n_boot = args.bootstrap or (200 if smoke else 2000)
     if args.publish and smoke:
         parser.error("--publish: a smoke run is a test of the machinery, not results; run without --smoke")
+    budget = {"epochs": epochs, "pretrain_epochs": pretrain_epochs, "iterations": iterations}
+    differ = budget_differences(args.output / "budget.json", budget)
+    if differ:  # finished steps are skipped: runs of another budget would be analysed as this one's
+        parser.error(f"{args.output} holds runs of another budget ({'; '.join(differ)}): resume with its budget, "
+                     "or use another --output")
     exp = DirectionExperiment(args.output, epochs, pretrain_epochs, iterations, args.finetune_trainer)
+    if not args.analyse_only:
+        (exp.out / "budget.json").write_text(json.dumps(budget) + "\n")
     t0 = time.time()
     if not args.analyse_only:
         for key in targets:
@@ -655,7 +686,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(line, flush=True)
         print(f"training and ranking done in {(time.time() - t0) / 60:.1f} min", flush=True)
     results = analyse(exp, targets, sources, seeds, n_boot, smoke)
-    results["minutes"] = (time.time() - t0) / 60
+    results["minutes"] = wall_minutes(exp.out, None if args.analyse_only else (time.time() - t0) / 60)
     write_outputs(results, exp.out)
     print(results_markdown(results))
     print(f"outputs: {', '.join(str(exp.out / f) for f in OUTPUT_FILES)}")

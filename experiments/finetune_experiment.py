@@ -385,14 +385,17 @@ def publish(folder: Path, results: dict, to_readme: bool = True) -> None:
     print(f"published to {DEMO_SUMMARY} and the results table of {README}")
 
 
+def budget_differences(file: Path, budget: dict) -> list[str]:
+    """``["epochs 6 there, 3 here", ...]``: where ``budget`` differs from the one recorded in the JSON ``file``
+    (none where there is no such file)."""
+    earlier = json.loads(file.read_text()) if file.is_file() else budget
+    return [f"{key} {earlier.get(key)} there, {value} here" for key, value in budget.items() if earlier.get(key) != value]
+
+
 def publish_conflict(folder: Path, budget: dict) -> str | None:
     """Why the results of ``budget`` cannot join those published in ``folder`` (None if they can)."""
     published = folder / "results.json"
-    if not published.is_file():
-        return None
-    earlier = json.loads(published.read_text())
-    differ = [f"{key} {earlier.get(key)} there, {value} here"
-              for key, value in budget.items() if earlier.get(key) != value]
+    differ = budget_differences(published, budget)
     if differ:
         return (f"{published} holds results of another budget ({'; '.join(differ)}): run with its budget, "
                 "or publish into another folder")
