@@ -143,6 +143,8 @@ ESTIMATOR_COLUMNS = {"ac_corr_1step": ("steps1", "ac_corr"), "ac_corr_all_1step"
 DIRECTION_FIELDS = {"ac_corr_1step": ("ac_corr", "deepest", 1), "ac_corr_all_1step": ("ac_corr_all", "all", 1),
                     "ac_corr_10steps": ("ac_corr", "deepest", 10), "ac_corr_all_10steps": ("ac_corr_all", "all", 10),
                     "logme": ("logme", "deepest", None), "hscore": ("hscore", "deepest", None)}
+#: AC-Corr before the step (ranking.json's ac_corr_at_start of the 1-step run): shown, not an estimator
+START_COLUMN = "ac_corr_step0"
 #: a fine-tuning "failed" below this mean foreground Dice
 FAILED_DICE = 0.1
 
@@ -353,7 +355,8 @@ class DirectionExperiment(Experiment):
     def estimates(self, key: str, sources: list[Source], seeds: list[int]) -> tuple[dict, dict]:
         """column -> source -> {seed: value}; and source -> status in the 1-step ranking (ranked/excluded)."""
         by_path = {str(self.source_checkpoint(key, s)): s.key for s in sources}
-        values: dict[str, dict[str, dict[int, float]]] = {c: {s.key: {} for s in sources} for c in ESTIMATOR_COLUMNS}
+        values: dict[str, dict[str, dict[int, float]]] = {c: {s.key: {} for s in sources}
+                                                          for c in (*ESTIMATOR_COLUMNS, START_COLUMN)}
         status: dict[str, str] = {}
         for seed in seeds:
             for run in RANK_RUNS:
@@ -366,6 +369,8 @@ class DirectionExperiment(Experiment):
                         continue
                     if run == "steps1" and status.get(source) != "ranked":  # ranked at any seed: ranked
                         status[source] = cand["status"]
+                    if run == "steps1" and cand.get("ac_corr_at_start") is not None:
+                        values[START_COLUMN][source][seed] = float(cand["ac_corr_at_start"])
                     for column, (r, est) in ESTIMATOR_COLUMNS.items():
                         value = cand.get("scores", {}).get(est)
                         if r == run and value is not None:
@@ -481,16 +486,18 @@ def results_markdown(results: dict) -> str:
              f"fine-tuning {results['epochs']} epochs x {results['iterations']} iterations with "
              f"`{results['finetune_trainer']}`, sources pretrained {results['pretrain_epochs']} epochs "
              f"(short: 1/5), seeds {results['seeds']}; bootstrap {results['n_boot']} resamples of sources and "
-             "seeds. Dice: nnU-Net's mean foreground Dice on the held-out slabs.", ""]
+             f"seeds. Dice: nnU-Net's mean foreground Dice on the held-out slabs. {START_COLUMN}: the 1-step run's "
+             "AC-Corr before its step (shown, not an estimator).", ""]
     for key, res in results["targets"].items():
         lines += [f"## Target {key} ({TARGETS[key].folder_name})", "",
                   "| source | description | status in the ranking | fine-tuned Dice mean ± sd | " +
-                  " | ".join(ESTIMATOR_COLUMNS) + " |", "|---|---|---|---|" + "---|" * len(ESTIMATOR_COLUMNS)]
+                  " | ".join((*ESTIMATOR_COLUMNS, START_COLUMN)) + " |",
+                  "|---|---|---|---|" + "---|" * (len(ESTIMATOR_COLUMNS) + 1)]
         for s in res["sources"]:
             row = res["per_source"][s]
             lines.append(f"| {s} | {row['description']} | {row['status']} | {_f(row['dice_mean'])} ± "
                          f"{_f(row['dice_sd'])} | " + " | ".join(_f(row["estimators"].get(c), 4)
-                                                                 for c in ESTIMATOR_COLUMNS) + " |")
+                                                                 for c in (*ESTIMATOR_COLUMNS, START_COLUMN)) + " |")
         lines += ["", f"Failed fine-tunings (Dice < {FAILED_DICE}): {res['failed_runs']} of {res['runs']}; "
                   f"random init reaches {_f(res['random_init_dice'])}; sources above it: "
                   f"{', '.join(res['above_random_init']) or 'none'}.", "",
@@ -514,13 +521,14 @@ def results_markdown(results: dict) -> str:
 def write_csv(results: dict, path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["target", "source", "description", "status", "seeds", "dice_mean", "dice_sd", *ESTIMATOR_COLUMNS])
+        w.writerow(["target", "source", "description", "status", "seeds", "dice_mean", "dice_sd", *ESTIMATOR_COLUMNS,
+                    START_COLUMN])
         for key, res in results["targets"].items():
             for s in res["sources"]:
                 row = res["per_source"][s]
                 w.writerow([key, s, row["description"], row["status"], len(row["dice_per_seed"]),
                             _f(row["dice_mean"], 4), _f(row["dice_sd"], 4),
-                            *[_f(row["estimators"].get(c), 6) for c in ESTIMATOR_COLUMNS]])
+                            *[_f(row["estimators"].get(c), 6) for c in (*ESTIMATOR_COLUMNS, START_COLUMN)]])
 
 
 def plot(results: dict, path: Path) -> None:
@@ -582,7 +590,7 @@ def analyse(exp: DirectionExperiment, targets: list[str], sources: dict[str, lis
                 "pretrain_epochs": exp.pretrain_epochs_of(s), "dice_per_seed": {str(k): v for k, v in dice[s.key].items()},
                 "dice_mean": statistics.fmean(d) if d else None, "dice_sd": statistics.stdev(d) if len(d) > 1 else 0.0,
                 "estimators": {c: statistics.fmean(values[c][s.key].values()) if values[c][s.key] else None
-                               for c in ESTIMATOR_COLUMNS},
+                               for c in (*ESTIMATOR_COLUMNS, START_COLUMN)},
                 "estimators_per_seed": {c: {str(k): v for k, v in values[c][s.key].items()} for c in ESTIMATOR_COLUMNS}}
         random_dice = per_source.get("random_init", {}).get("dice_mean")
         all_runs = [v for s in zoo for v in dice[s.key].values()]
