@@ -31,9 +31,8 @@ console script in a subprocess (the machinery of ``experiments/finetune_experime
    (untrained candidates are excluded there) and over all sources; and the decision record for
    ``nnunet_acnorm/ranking/direction.py`` the numbers support (``decision`` in direction.json).
 
-The results in ``experiments/results/direction/`` were made before issue 28, on the datasets of
-that time (6 mm in-plane slabs that nnU-Net's planner transposed into 4 x 64-pixel strips); they
-have not been re-run on the current axial 4 mm datasets (docs/ranking.md).
+The results in ``experiments/results/direction/`` were made by this script with its defaults on the
+axial 4 mm datasets (2d networks on 80 x 96 slices); docs/ranking.md reads them.
 
 Outputs in ``--output``: direction.json, direction.csv, direction.md, direction.png (and every run's
 files, logs under logs/); ``--publish DIR`` copies the four into DIR. Finished steps are skipped, so

@@ -389,7 +389,8 @@ def budget_differences(file: Path, budget: dict) -> list[str]:
     """``["epochs 6 there, 3 here", ...]``: where ``budget`` differs from the one recorded in the JSON ``file``
     (none where there is no such file)."""
     earlier = json.loads(file.read_text()) if file.is_file() else budget
-    return [f"{key} {earlier.get(key)} there, {value} here" for key, value in budget.items() if earlier.get(key) != value]
+    return [f"{key} {earlier.get(key)} there, {value} here"
+            for key, value in budget.items() if earlier.get(key) != value]
 
 
 def publish_conflict(folder: Path, budget: dict) -> str | None:

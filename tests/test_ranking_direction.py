@@ -39,3 +39,19 @@ def test_the_record_is_the_published_experiments_decision():
     decision = json.loads(PUBLISHED.read_text())["decision"]
     assert {k: DIRECTION[k] for k in FIELDS} == {k: decision[k] for k in FIELDS}
     assert DIRECTION["experiment"] == "experiments/direction_experiment.py"
+
+
+def test_the_records_step_settings_are_the_published_experiments():
+    """DIRECTION_STEP_SETTINGS (what the command prints as the settings of the evidence) must be the one
+    setting every ranking run of the published experiment recorded (step_settings in direction.json)."""
+    if not PUBLISHED.exists():
+        return
+    published = json.loads(PUBLISHED.read_text()).get("step_settings")
+    assert published is not None, "re-publish the direction experiment: its direction.json has no step_settings"
+    assert [{k: s[k] for k in ("lr", "tau")} for s in published] == [direction.DIRECTION_STEP_SETTINGS]
+
+
+@pytest.mark.parametrize("lr, tau, text", [(0.01, "auto", "lr 0.01, temperature calibrated per layer"),
+                                            (1e-3, 1.0, "lr 0.001, temperature 1")])
+def test_step_settings_are_named_as_the_command_names_them(lr, tau, text):
+    assert direction.step_settings_text(lr, tau) == text

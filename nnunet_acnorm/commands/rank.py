@@ -15,7 +15,7 @@ from nnunet_acnorm.commands._cli import run_command
 from nnunet_acnorm.errors import InputError
 from nnunet_acnorm.outputs import check_output
 from nnunet_acnorm.ranking.direction import (DIRECTION, DIRECTION_STEP_SETTINGS, ESTIMATORS, UnknownEstimator,
-                                             parse_estimators)
+                                             parse_estimators, step_settings_text)
 
 PROG = "nnUNetv2_acnorm_rank"
 
@@ -50,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the batches and the fresh heads (default 0)")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate of the steps (default: nnUNetTrainerACNorm's peak lr, 1e-2; the direction "
-                        f"experiment's record was measured with {DIRECTION_STEP_SETTINGS['lr']:g})")
+                        f"experiment's record was measured with {step_settings_text(**DIRECTION_STEP_SETTINGS)})")
     p.add_argument("--tau", type=float, default=None,
                    help="temperature of the steps and of S (default: nnUNetTrainerACNorm's, calibrated per layer; "
-                        f"1 is the paper's AC-Corr; the direction experiment's record: {DIRECTION_STEP_SETTINGS['tau']:g})")
+                        "1 is the paper's AC-Corr)")
     p.add_argument("--estimators", default="ac_corr",
                    help="comma-separated estimators, computed in one run on the same batches: "
                         f"{', '.join(ESTIMATORS)} (default ac_corr)")
@@ -214,9 +214,8 @@ def step_settings(ranking) -> str:
     tau = "calibrated per layer" if ranking.tau == "auto" else f"{ranking.tau:g}"
     tau = f"temperature {tau}" + (" (nnUNetTrainerACNorm's; --tau 1 for the paper's AC-Corr)"
                                   if "tau" in ranking.trainer_defaults else " (--tau)")
-    record = DIRECTION_STEP_SETTINGS
-    return (f"Steps: {lr}, {tau}. The direction experiment's record was measured with --lr {record['lr']:g} "
-            f"--tau {record['tau']:g}.")
+    return (f"Steps: {lr}, {tau}. The direction experiment's record was measured with "
+            f"{step_settings_text(**DIRECTION_STEP_SETTINGS)}.")
 
 
 def rank_entry(argv: list[str] | None = None) -> None:

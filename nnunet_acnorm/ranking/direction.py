@@ -38,21 +38,26 @@ DIRECTION = {
     "layers": "deepest",
     "steps": 1,
     "evidence": ("experiments/direction_experiment.py (sources per target: mr_organs 9, ct_pelvis 8; seeds [0, 1, 2], "
-                 "fine-tuning 20 x 40 iterations with nnUNetTrainerACNorm_acnormDemo): no estimator's Kendall tau inte"
-                 "rval excludes 0 with one sign on every target (mr_organs: ac_corr_1step tau +0.29 [-0.26, +0.79] ove"
-                 "r 8 sources, ac_corr_all_1step tau +0.21 [-0.36, +0.78] over 8 sources, ac_corr_10steps tau +0.29 [-"
-                 "0.43, +0.71] over 8 sources, ac_corr_all_10steps tau +0.29 [-0.36, +0.70] over 8 sources, logme tau "
-                 "-0.07 [-0.57, +0.62] over 8 sources, hscore tau +0.36 [-0.43, +0.71] over 8 sources; ct_pelvis: ac_c"
-                 "orr_1step tau -0.33 [-0.81, +0.33] over 7 sources, ac_corr_all_1step tau +0.81 [-0.30, +0.81] over 7"
-                 " sources, ac_corr_10steps tau -0.14 [-0.80, +0.43] over 7 sources, ac_corr_all_10steps tau +0.81 [-0"
-                 ".60, +0.80] over 7 sources, logme tau +0.52 [-0.43, +0.62] over 7 sources, hscore tau -0.05 [-0.43, "
+                 "fine-tuning 10 x 40 iterations with nnUNetTrainerACNorm_acnormDemo): no estimator's Kendall tau inte"
+                 "rval excludes 0 with one sign on every target (mr_organs: ac_corr_1step tau +0.14 [-0.33, +0.70] ove"
+                 "r 8 sources, ac_corr_all_1step tau +0.21 [-0.33, +0.71] over 8 sources, ac_corr_10steps tau +0.21 [-"
+                 "0.33, +0.71] over 8 sources, ac_corr_all_10steps tau +0.21 [-0.36, +0.70] over 8 sources, logme tau "
+                 "+0.36 [-0.57, +0.57] over 8 sources, hscore tau -0.14 [-0.70, +0.50] over 8 sources; ct_pelvis: ac_c"
+                 "orr_1step tau -0.24 [-0.90, +0.33] over 7 sources, ac_corr_all_1step tau -0.05 [-0.90, +0.50] over 7"
+                 " sources, ac_corr_10steps tau +0.05 [-0.81, +0.52] over 7 sources, ac_corr_all_10steps tau -0.05 [-0"
+                 ".81, +0.52] over 7 sources, logme tau +0.05 [-0.50, +0.81] over 7 sources, hscore tau -0.24 [-0.62, "
                  "+0.71] over 7 sources)"),
     "experiment": "experiments/direction_experiment.py",
 }
 
-#: the step settings DIRECTION's evidence was measured with: the ranking's defaults when the experiment
-#: ran (it now takes nnUNetTrainerACNorm's lr and temperature unless told otherwise)
-DIRECTION_STEP_SETTINGS = {"lr": 1e-3, "tau": 1.0}
+#: the step settings DIRECTION's evidence was measured with, as the experiment's ranking runs recorded them
+#: (``step_settings`` in its direction.json; a test checks that they agree); ``tau`` "auto": calibrated per layer
+DIRECTION_STEP_SETTINGS = {"lr": 0.01, "tau": "auto"}
+
+
+def step_settings_text(lr: float, tau: float | str) -> str:
+    """``lr 0.01, temperature calibrated per layer`` / ``lr 0.001, temperature 1``: how the command names settings."""
+    return f"lr {lr:g}, temperature {'calibrated per layer' if tau == 'auto' else f'{tau:g}'}"
 
 
 class UnknownEstimator(InputError):
