@@ -144,6 +144,8 @@ DIRECTION_FIELDS = {"ac_corr_1step": ("ac_corr", "deepest", 1), "ac_corr_all_1st
                     "logme": ("logme", "deepest", None), "hscore": ("hscore", "deepest", None)}
 #: AC-Corr before the step (ranking.json's ac_corr_at_start of the 1-step run): shown, not an estimator
 START_COLUMN = "ac_corr_step0"
+#: the columns of the tables: the estimators, then AC-Corr before the step
+SHOWN_COLUMNS = (*ESTIMATOR_COLUMNS, START_COLUMN)
 #: a fine-tuning "failed" below this mean foreground Dice
 FAILED_DICE = 0.1
 
@@ -354,38 +356,38 @@ class DirectionExperiment(Experiment):
     def estimates(self, key: str, sources: list[Source], seeds: list[int]) -> tuple[dict, dict]:
         """column -> source -> {seed: value}; and source -> status in the 1-step ranking (ranked/excluded)."""
         by_path = {str(self.source_checkpoint(key, s)): s.key for s in sources}
-        values: dict[str, dict[str, dict[int, float]]] = {c: {s.key: {} for s in sources}
-                                                          for c in (*ESTIMATOR_COLUMNS, START_COLUMN)}
+        values: dict[str, dict[str, dict[int, float]]] = {c: {s.key: {} for s in sources} for c in SHOWN_COLUMNS}
         status: dict[str, str] = {}
+        for seed, run, ranking in self.rankings(key, seeds):
+            for cand in ranking["candidates"]:
+                source = by_path.get(cand["path"])
+                if source is None:
+                    continue
+                if run == "steps1" and status.get(source) != "ranked":  # ranked at any seed: ranked
+                    status[source] = cand["status"]
+                if run == "steps1" and cand.get("ac_corr_at_start") is not None:
+                    values[START_COLUMN][source][seed] = float(cand["ac_corr_at_start"])
+                for column, (r, est) in ESTIMATOR_COLUMNS.items():
+                    value = cand.get("scores", {}).get(est)
+                    if r == run and value is not None:
+                        values[column][source][seed] = float(value)
+        return values, status
+
+    def rankings(self, key: str, seeds: list[int]):
+        """(seed, run, ranking.json) of every ranking run of ``key`` that wrote its results."""
         for seed in seeds:
             for run in RANK_RUNS:
                 file = self.rank_folder(key, run, seed) / "ranking.json"
-                if not file.exists():
-                    continue
-                for cand in json.loads(file.read_text())["candidates"]:
-                    source = by_path.get(cand["path"])
-                    if source is None:
-                        continue
-                    if run == "steps1" and status.get(source) != "ranked":  # ranked at any seed: ranked
-                        status[source] = cand["status"]
-                    if run == "steps1" and cand.get("ac_corr_at_start") is not None:
-                        values[START_COLUMN][source][seed] = float(cand["ac_corr_at_start"])
-                    for column, (r, est) in ESTIMATOR_COLUMNS.items():
-                        value = cand.get("scores", {}).get(est)
-                        if r == run and value is not None:
-                            values[column][source][seed] = float(value)
-        return values, status
+                if file.exists():
+                    yield seed, run, json.loads(file.read_text())
 
     def step_settings(self, targets: list[str], seeds: list[int]) -> list[dict]:
         """The learning rate and temperature of the ranking command's steps, as its ranking.json files record them
         (one entry per distinct setting; one entry when every run used the same)."""
         found = []
-        for key, seed, run in ((k, seed, run) for k in targets for seed in seeds for run in RANK_RUNS):
-            file = self.rank_folder(key, run, seed) / "ranking.json"
-            if file.exists():
-                done = json.loads(file.read_text())
-                setting = {"lr": done["lr"], "tau": done["tau"], "trainer_defaults": done["trainer_defaults"]}
-                found += [setting] if setting not in found else []
+        for ranking in (r for key in targets for _, _, r in self.rankings(key, seeds)):
+            setting = {"lr": ranking["lr"], "tau": ranking["tau"], "trainer_defaults": ranking["trainer_defaults"]}
+            found += [setting] if setting not in found else []
         return found
 
 
@@ -490,13 +492,12 @@ def results_markdown(results: dict) -> str:
     for key, res in results["targets"].items():
         lines += [f"## Target {key} ({TARGETS[key].folder_name})", "",
                   "| source | description | status in the ranking | fine-tuned Dice mean ± sd | " +
-                  " | ".join((*ESTIMATOR_COLUMNS, START_COLUMN)) + " |",
-                  "|---|---|---|---|" + "---|" * (len(ESTIMATOR_COLUMNS) + 1)]
+                  " | ".join(SHOWN_COLUMNS) + " |", "|---|---|---|---|" + "---|" * len(SHOWN_COLUMNS)]
         for s in res["sources"]:
             row = res["per_source"][s]
             lines.append(f"| {s} | {row['description']} | {row['status']} | {_f(row['dice_mean'])} ± "
                          f"{_f(row['dice_sd'])} | " + " | ".join(_f(row["estimators"].get(c), 4)
-                                                                 for c in (*ESTIMATOR_COLUMNS, START_COLUMN)) + " |")
+                                                                 for c in SHOWN_COLUMNS) + " |")
         lines += ["", f"Failed fine-tunings (Dice < {FAILED_DICE}): {res['failed_runs']} of {res['runs']}; "
                   f"random init reaches {_f(res['random_init_dice'])}; sources above it: "
                   f"{', '.join(res['above_random_init']) or 'none'}.", "",
@@ -520,14 +521,13 @@ def results_markdown(results: dict) -> str:
 def write_csv(results: dict, path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["target", "source", "description", "status", "seeds", "dice_mean", "dice_sd", *ESTIMATOR_COLUMNS,
-                    START_COLUMN])
+        w.writerow(["target", "source", "description", "status", "seeds", "dice_mean", "dice_sd", *SHOWN_COLUMNS])
         for key, res in results["targets"].items():
             for s in res["sources"]:
                 row = res["per_source"][s]
                 w.writerow([key, s, row["description"], row["status"], len(row["dice_per_seed"]),
                             _f(row["dice_mean"], 4), _f(row["dice_sd"], 4),
-                            *[_f(row["estimators"].get(c), 6) for c in (*ESTIMATOR_COLUMNS, START_COLUMN)]])
+                            *[_f(row["estimators"].get(c), 6) for c in SHOWN_COLUMNS]])
 
 
 def plot(results: dict, path: Path) -> None:
@@ -589,7 +589,7 @@ def analyse(exp: DirectionExperiment, targets: list[str], sources: dict[str, lis
                 "pretrain_epochs": exp.pretrain_epochs_of(s), "dice_per_seed": {str(k): v for k, v in dice[s.key].items()},
                 "dice_mean": statistics.fmean(d) if d else None, "dice_sd": statistics.stdev(d) if len(d) > 1 else 0.0,
                 "estimators": {c: statistics.fmean(values[c][s.key].values()) if values[c][s.key] else None
-                               for c in (*ESTIMATOR_COLUMNS, START_COLUMN)},
+                               for c in SHOWN_COLUMNS},
                 "estimators_per_seed": {c: {str(k): v for k, v in values[c][s.key].items()} for c in ESTIMATOR_COLUMNS}}
         random_dice = per_source.get("random_init", {}).get("dice_mean")
         all_runs = [v for s in zoo for v in dice[s.key].values()]
@@ -673,10 +673,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{args.output} holds runs of another budget ({'; '.join(differ)}): resume with its budget, "
                      "or use another --output")
     exp = DirectionExperiment(args.output, epochs, pretrain_epochs, iterations, args.finetune_trainer)
-    if not args.analyse_only:
-        (exp.out / "budget.json").write_text(json.dumps(budget) + "\n")
     t0 = time.time()
     if not args.analyse_only:
+        (exp.out / "budget.json").write_text(json.dumps(budget) + "\n")
         for key in targets:
             exp.prepare_target(key)
             for source in sources[key]:

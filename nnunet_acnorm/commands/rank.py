@@ -15,7 +15,7 @@ from nnunet_acnorm.commands._cli import run_command
 from nnunet_acnorm.errors import InputError
 from nnunet_acnorm.outputs import check_output
 from nnunet_acnorm.ranking.direction import (DIRECTION, DIRECTION_STEP_SETTINGS, ESTIMATORS, UnknownEstimator,
-                                             parse_estimators, step_settings_text)
+                                             parse_estimators, step_settings_text, temperature_text)
 
 PROG = "nnUNetv2_acnorm_rank"
 
@@ -211,9 +211,8 @@ def step_settings(ranking) -> str:
     """The learning rate and temperature of the steps, and whose defaults they are."""
     lr = f"lr {ranking.lr:g}" + (" (nnUNetTrainerACNorm's peak lr; --lr to change)" if "lr" in ranking.trainer_defaults
                                  else " (--lr)")
-    tau = "calibrated per layer" if ranking.tau == "auto" else f"{ranking.tau:g}"
-    tau = f"temperature {tau}" + (" (nnUNetTrainerACNorm's; --tau 1 for the paper's AC-Corr)"
-                                  if "tau" in ranking.trainer_defaults else " (--tau)")
+    tau = f"temperature {temperature_text(ranking.tau)}" + (" (nnUNetTrainerACNorm's; --tau 1 for the paper's AC-Corr)"
+                                                            if "tau" in ranking.trainer_defaults else " (--tau)")
     return (f"Steps: {lr}, {tau}. The direction experiment's record was measured with "
             f"{step_settings_text(**DIRECTION_STEP_SETTINGS)}.")
 

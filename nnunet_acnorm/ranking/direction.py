@@ -55,9 +55,14 @@ DIRECTION = {
 DIRECTION_STEP_SETTINGS = {"lr": 0.01, "tau": "auto"}
 
 
+def temperature_text(tau: float | str) -> str:
+    """``calibrated per layer`` for ``"auto"``, else the number: how the command names a temperature."""
+    return "calibrated per layer" if tau == "auto" else f"{tau:g}"
+
+
 def step_settings_text(lr: float, tau: float | str) -> str:
     """``lr 0.01, temperature calibrated per layer`` / ``lr 0.001, temperature 1``: how the command names settings."""
-    return f"lr {lr:g}, temperature {'calibrated per layer' if tau == 'auto' else f'{tau:g}'}"
+    return f"lr {lr:g}, temperature {temperature_text(tau)}"
 
 
 class UnknownEstimator(InputError):
